@@ -1,0 +1,55 @@
+"""Canonical JSON and content hashes: the identity of a message everywhere in preheat."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import xxhash
+
+
+def canonical_json(obj: Any) -> bytes:
+    """One byte string per JSON value: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def content_hash(obj: Any) -> str:
+    """xxh3-128 of the canonical JSON, as 32 hex digits."""
+    return xxhash.xxh3_128_hexdigest(canonical_json(obj))
+
+
+def message_text(message: dict) -> str:
+    """The text of a chat message's content, whether a string or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def message_key(message: dict) -> str:
+    """A hash of what a message says, ignoring how a client happened to spell it.
+
+    An assistant answer comes back from the server as {'role', 'content', 'refusal': None,
+    'tool_calls': [...]} and is re-sent by the agent in its own shape (no refusal, content None
+    instead of "", extra fields). Session linking compares messages by this key.
+    """
+    if "role" not in message:  # a Responses API item: function_call, function_call_output
+        item = {k: v for k, v in message.items() if k not in ("id", "status")}
+        return xxhash.xxh3_64_hexdigest(canonical_json(item))
+    calls = []
+    for call in message.get("tool_calls") or []:
+        if isinstance(call, dict):
+            fn = call.get("function") or {}
+            calls.append([call.get("id"), fn.get("name"), fn.get("arguments")])
+    key = [
+        message.get("role"),
+        message_text(message),
+        calls,
+        message.get("tool_call_id"),
+        message.get("name") if message.get("role") != "assistant" else None,
+    ]
+    return xxhash.xxh3_64_hexdigest(canonical_json(key))

@@ -1,0 +1,237 @@
+"""The `preheat` command: serve the proxy, and read what it captured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from proxy.config import Settings, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except CliError as exc:
+        print(f"preheat: {exc}", file=sys.stderr)
+        return 2
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preheat",
+        description="A transparent caching proxy for LLM agents.",
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the proxy",
+        epilog="Environment: " + ", ".join(name for name, _, _ in options()),
+    )
+    serve.add_argument("--upstream", help="OpenAI-compatible server to forward to")
+    serve.add_argument("--model", help="model for the embedded vLLM engine")
+    serve.add_argument(
+        "--engine-arg", action="append", dest="engine_args", metavar="ARG",
+        help="extra vLLM flag (repeatable), e.g. --engine-arg=--max-model-len=4096",
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--db", help="capture store URL (default sqlite:///preheat.db)")
+    serve.add_argument("--no-capture", dest="capture", action="store_false", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    sessions = sub.add_parser("sessions", help="list captured sessions")
+    sessions.add_argument("--db")
+    sessions.add_argument("--json", action="store_true")
+    sessions.add_argument("--limit", type=int, default=100)
+    sessions.set_defaults(func=cmd_sessions)
+
+    show = sub.add_parser("show", help="show one exchange or session")
+    show.add_argument("id")
+    show.add_argument("--db")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+    tiny = sub.add_parser("tiny-model", help="build an offline random-weight model")
+    tiny.add_argument("dir")
+    tiny.add_argument("--hidden", type=int, default=256)
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.set_defaults(func=cmd_tiny_model)
+
+    for module in ("proxy.cli_learn",):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
+        register(sub)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **flags) -> Settings:
+    try:
+        return Settings.from_env(db=getattr(args, "db", None), **flags)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        upstream=args.upstream,
+        model=args.model,
+        engine_args=tuple(args.engine_args) if args.engine_args else None,
+        host=args.host,
+        port=args.port,
+        capture=args.capture,
+    )
+    if settings.upstream and settings.model:
+        raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from proxy.server import run
+
+    try:
+        run(settings)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    except Exception as exc:
+        if type(exc).__name__ in ("EngineError", "StoreError"):
+            raise CliError(str(exc)) from None
+        raise
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from storage.store import Store, StoreError
+
+    try:
+        return Store(_settings(args).db)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    store = _store(args)
+    found = store.sessions(limit=args.limit)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print("no sessions captured yet")
+        return 0
+    print(f"{'session':<40} {'source':<24} {'calls':>5}  {'first':<19}  {'last':<19}")
+    for s in found:
+        print(f"{s['id'][:40]:<40} {s['source'][:24]:<24} {len(s['exchanges']):>5}  "
+              f"{_when(s['first_at'])}  {_when(s['last_at'])}")
+    return 0
+
+
+def exchange_summary(ex) -> dict:
+    """An exchange as plain JSON (the CLI's and admin page's shared view)."""
+    return {
+        "id": ex.id,
+        "method": ex.method,
+        "path": ex.path,
+        "status": ex.status,
+        "started_at": ex.started_at,
+        "session_id": ex.session_id,
+        "session_source": ex.session_source,
+        "parent_id": ex.parent_id,
+        "tenant": ex.tenant,
+        "model": ex.model,
+        "stream": ex.stream,
+        "timings": {
+            "upstream_sent": ex.t_upstream_sent,
+            "upstream_headers": ex.t_upstream_headers,
+            "first_token": ex.t_first_token,
+            "done": ex.t_done,
+        },
+        "request": ex.request_json,
+        "request_error": ex.request_error,
+        "answer": ex.answer,
+        "usage": ex.usage,
+        "events": ex.events,
+        "error": ex.error,
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    ex = store.exchange(args.id)
+    if ex is not None:
+        data = exchange_summary(ex)
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            _print_exchange(data)
+        return 0
+    session = store.session(args.id)
+    if session is None:
+        raise CliError(f"no exchange or session with id {args.id!r}")
+    if args.json:
+        session["calls"] = [exchange_summary(e) for e in store.exchanges(session_id=args.id)]
+        print(json.dumps(session, indent=2))
+        return 0
+    print(f"session {session['id']} ({session['source']}), {len(session['exchanges'])} calls")
+    for e in store.exchanges(session_id=args.id):
+        msgs = e.messages
+        print(f"  {e.id}  {_when(e.started_at)}  {e.path}  {e.status}  "
+              f"{len(msgs)} messages  {(e.t_done or 0) * 1000:.0f} ms")
+    return 0
+
+
+def _print_exchange(d: dict) -> None:
+    print(f"exchange {d['id']}: {d['method']} {d['path']} -> {d['status']}")
+    print(f"  session {d['session_id']} ({d['session_source']}), model {d['model']}")
+    t = d["timings"]
+    if t["done"] is not None:
+        ft = t["first_token"]
+        print(f"  done in {t['done'] * 1000:.1f} ms" +
+              (f", first token at {ft * 1000:.1f} ms" if ft is not None else ""))
+    if d["request_error"]:
+        print(f"  request not parsed: {d['request_error']}")
+    request = d["request"] if isinstance(d["request"], dict) else {}
+    for m in request.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else m
+        print(f"  [{m.get('role', '?') if isinstance(m, dict) else '?'}] {str(content)[:200]}")
+    if d["answer"]:
+        print(f"  [answer] {str(d['answer'].get('content'))[:200]}")
+        for call in d["answer"].get("tool_calls") or []:
+            fn = call.get("function") or {}
+            print(f"  [tool call] {fn.get('name')}({str(fn.get('arguments'))[:150]})")
+    if d["usage"]:
+        print(f"  usage {json.dumps(d['usage'])}")
+    if d["error"]:
+        print(f"  error: {d['error']}")
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    try:
+        from engine.model import build_tiny_model
+    except ImportError as exc:
+        raise CliError(f"the engine extra is not installed ({exc}); run `make engine`") from None
+    path = build_tiny_model(args.dir, hidden=args.hidden, layers=args.layers)
+    print(f"built a random-weight model in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

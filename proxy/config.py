@@ -1,0 +1,97 @@
+"""preheat's configuration, declared once.
+
+Every option is a field of `Settings` with a default and help text. Each can be set by the
+environment as `PREHEAT_<NAME>` and most by a `preheat serve` flag; flags win. The README's
+configuration table is checked against this list by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "PREHEAT_"
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str | None = _opt(
+        None, "Base URL of an OpenAI-compatible server to forward to (e.g. http://127.0.0.1:8000). "
+        "When unset preheat runs its own vLLM engine."
+    )
+    model: str | None = _opt(
+        None, "Model for the embedded vLLM engine (path or name). Unset with no upstream: an "
+        "offline random-weight demo model."
+    )
+    engine_args: tuple[str, ...] = _opt((), "Extra flags passed to the vLLM engine verbatim.")
+    host: str = _opt("127.0.0.1", "Address to listen on. Loopback unless told otherwise.")
+    port: int = _opt(8080, "Port to listen on.")
+    db: str = _opt("sqlite:///preheat.db", "Capture store URL (SQLite file, or PostgreSQL).")
+    capture: bool = _opt(True, "Capture exchanges on the chat, completions and responses routes.")
+    max_body_bytes: int = _opt(
+        64 * 1024 * 1024, "Largest request body accepted; larger ones get 413."
+    )
+    capture_max_bytes: int = _opt(
+        16 * 1024 * 1024, "Largest request or response body kept by capture (the rest is relayed, "
+        "not stored)."
+    )
+    capture_queue: int = _opt(
+        10_000, "Exchanges waiting to be written before new captures are dropped (and counted)."
+    )
+    connect_timeout: float = _opt(10.0, "Seconds to wait for a connection to the upstream.")
+    read_timeout: float = _opt(
+        600.0, "Seconds to wait for the upstream's next byte before answering 504."
+    )
+    upstream_connections: int = _opt(1000, "Most connections held open to the upstream.")
+    session_window: int = _opt(
+        200_000, "Conversation prefixes remembered for session inference (oldest forgotten)."
+    )
+    log_level: str = _opt("INFO", "Logging level.")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then `PREHEAT_*` variables, then `overrides` (flags) that are not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("tuple"):
+            return tuple(raw.split())
+    except ValueError:
+        raise ValueError(
+            f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.split(' ')[0]}"
+        ) from None
+    return raw
+
+
+def options() -> list[tuple[str, str, str]]:
+    """(environment variable, default, help) for every option, for docs and `--help`."""
+    return [
+        (ENV_PREFIX + f.name.upper(), repr(f.default), f.metadata["help"])
+        for f in dataclasses.fields(Settings)
+    ]

@@ -1,0 +1,43 @@
+"""Running preheat's own vLLM engine inside the proxy's lifetime (aiohttp cleanup_ctx)."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+log = logging.getLogger("preheat.engine")
+
+DEMO_NOTICE = (
+    "No --model given: serving an offline demo model with RANDOM weights (its text is noise). "
+    "It exists to try preheat; name a real model with --model, e.g. "
+    "`preheat serve --model Qwen/Qwen2.5-0.5B-Instruct`."
+)
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    from engine.supervisor import Engine
+    from proxy.server import ENGINE, SETTINGS
+
+    settings = app[SETTINGS]
+    model = settings.model
+    if model is None:
+        from engine.model import ensure_default_model
+
+        log.warning(DEMO_NOTICE)
+        model = str(await _in_thread(ensure_default_model))
+    engine = Engine(model, engine_args=list(settings.engine_args))
+    await engine.start()
+    app[ENGINE] = engine
+    log.info("engine ready at %s (model %s)", engine.base_url, model)
+    try:
+        yield
+    finally:
+        await engine.stop()
+
+
+async def _in_thread(fn):
+    import asyncio
+
+    return await asyncio.to_thread(fn)

@@ -1,0 +1,277 @@
+"""The one object that carries a call through preheat.
+
+An `Exchange` is created when a request arrives, filled in by the hot path (raw bytes and
+timings only), then `analyze()`d off the hot path: the request body parsed, the response
+(or its SSE stream) reassembled into one assistant message with tool calls and usage. The
+proxy stages, the capture store, `learn/`, the admin page and replay all read this object.
+
+This module is pure: no aiohttp, no SQLAlchemy, so `learn/` and the CLI can use it freely.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.sse import parse_sse, reassemble_stream
+
+# Bumped whenever the stored form of an exchange changes; storage keeps converters from
+# older versions so old captures still load.
+EXCHANGE_VERSION = 1
+
+# Routes whose traffic is captured and learned from. Everything else is only relayed.
+CAPTURED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+def new_id() -> str:
+    """A sortable exchange id: milliseconds since the epoch, then random bits."""
+    return f"{int(time.time() * 1000):011x}{uuid.uuid4().hex[:13]}"
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One proxied call. Hot-path fields are raw; `analyze()` derives the rest."""
+
+    method: str
+    path: str
+    query: str = ""
+    request_headers: list[tuple[str, str]] = field(default_factory=list)
+    request_body: bytes = b""
+    request_truncated: bool = False
+    """True when the body was larger than the capture limit and only its head was kept."""
+
+    id: str = field(default_factory=new_id)
+    started_at: float = field(default_factory=time.time)
+    """Wall-clock time the request arrived (seconds since the epoch)."""
+
+    # Timings: seconds since arrival, from a monotonic clock. None when it never happened.
+    t_upstream_sent: float | None = None
+    t_upstream_headers: float | None = None
+    t_first_byte: float | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+
+    status: int | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    """Response body exactly as relayed, as (seconds since arrival, bytes) pieces."""
+    response_truncated: bool = False
+    error: str | None = None
+    error_type: str | None = None
+
+    # Decisions made by stages.
+    session_id: str | None = None
+    session_source: str | None = None
+    parent_id: str | None = None
+    """The exchange this call continues, when its session was inferred by prefix."""
+    tenant: str | None = None
+    cache: str | None = None
+    """'HIT' or 'MISS' from the prompt cache; None when the cache did not look."""
+    added_latency: float | None = None
+    """Seconds the proxy itself added before the upstream saw the request and after it answered."""
+
+    # Derived off the hot path by analyze().
+    analyzed: bool = False
+    request_json: Any = None
+    request_error: str | None = None
+    """Why the request body could not be understood (it was still forwarded verbatim)."""
+    response_json: Any = None
+    stream: bool = False
+    events: list[dict] = field(default_factory=list)
+    """For streams: each SSE event as {'t': seconds, 'event': name or None, 'data': text}."""
+    answer: dict | None = None
+    """The assistant message the upstream produced (reassembled for streams)."""
+    usage: dict | None = None
+    model: str | None = None
+    response_id: str | None = None
+    response_error: str | None = None
+
+    # -- convenience views -------------------------------------------------------------
+
+    @property
+    def captured(self) -> bool:
+        return self.path in CAPTURED_PATHS
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        for k, v in self.request_headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def response_header(self, name: str) -> str | None:
+        lname = name.lower()
+        for k, v in self.response_headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    @property
+    def response_body(self) -> bytes:
+        return b"".join(c for _, c in self.response_chunks)
+
+    @property
+    def messages(self) -> list[dict]:
+        """The prompt as chat messages (chat: `messages`; responses: `input` items)."""
+        body = self.request_json
+        if not isinstance(body, dict):
+            return []
+        if self.path == "/v1/chat/completions":
+            msgs = body.get("messages")
+            return [m for m in msgs if isinstance(m, dict)] if isinstance(msgs, list) else []
+        if self.path == "/v1/responses":
+            out: list[dict] = []
+            if isinstance(body.get("instructions"), str):
+                out.append({"role": "system", "content": body["instructions"]})
+            inp = body.get("input")
+            if isinstance(inp, str):
+                out.append({"role": "user", "content": inp})
+            elif isinstance(inp, list):
+                out.extend(m for m in inp if isinstance(m, dict))
+            return out
+        if self.path == "/v1/completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, str):
+                return [{"role": "prompt", "content": prompt}]
+        return []
+
+    @property
+    def tools(self) -> list:
+        body = self.request_json
+        tools = body.get("tools") if isinstance(body, dict) else None
+        return tools if isinstance(tools, list) else []
+
+    @property
+    def cached_tokens(self) -> int | None:
+        usage = self.usage or {}
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        value = details.get("cached_tokens") if isinstance(details, dict) else None
+        return value if isinstance(value, int) else None
+
+    # -- analysis (off the hot path) ---------------------------------------------------
+
+    def analyze(self) -> "Exchange":
+        """Parse the request and reassemble the response. Idempotent; never raises."""
+        if self.analyzed:
+            return self
+        self.analyzed = True
+        self._analyze_request()
+        try:
+            self._analyze_response()
+        except Exception as exc:  # a response we cannot read is recorded, not fatal
+            self.response_error = f"unreadable response: {exc!r}"[:500]
+        return self
+
+    def _analyze_request(self) -> None:
+        if self.request_truncated:
+            self.request_error = "body larger than the capture limit; only its head was kept"
+            return
+        if not self.request_body:
+            self.request_error = "empty body" if self.method not in ("GET", "HEAD") else None
+            return
+        ctype = (self.header("content-type") or "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            self.request_error = f"content type {ctype!r} is not JSON"
+            return
+        try:
+            text = self.request_body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.request_error = f"body is not valid UTF-8 (byte {exc.start})"
+            return
+        try:
+            self.request_json = json.loads(text)
+        except ValueError as exc:
+            self.request_error = f"body is not valid JSON: {exc}"
+            return
+        if isinstance(self.request_json, dict):
+            self.stream = bool(self.request_json.get("stream"))
+            model = self.request_json.get("model")
+            self.model = model if isinstance(model, str) else None
+
+    def _analyze_response(self) -> None:
+        if self.response_truncated or not self.response_chunks:
+            return
+        body = _decode_content(self.response_body, self.response_header("content-encoding"))
+        ctype = (self.response_header("content-type") or "").lower()
+        if "text/event-stream" in ctype:
+            self.stream = True
+            self.events = parse_sse(self.response_chunks)
+            result = reassemble_stream(self.path, self.events)
+            self.answer, self.usage = result.answer, result.usage
+            self.response_id = result.response_id
+            self.model = result.model or self.model
+            if result.first_token_at is not None and self.t_first_token is None:
+                self.t_first_token = result.first_token_at
+            if result.error:
+                self.response_error = result.error
+            return
+        if "json" not in ctype:
+            return
+        self.response_json = json.loads(body)
+        if not isinstance(self.response_json, dict):
+            return
+        resp = self.response_json
+        self.usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else None
+        self.response_id = resp.get("id") if isinstance(resp.get("id"), str) else None
+        self.model = resp.get("model") if isinstance(resp.get("model"), str) else self.model
+        self.answer = _answer_of(self.path, resp)
+        if self.t_first_token is None and self.t_done is not None and self.status == 200:
+            self.t_first_token = self.t_done
+
+
+def _decode_content(body: bytes, encoding: str | None) -> bytes:
+    enc = (encoding or "identity").strip().lower()
+    if enc == "gzip":
+        return gzip.decompress(body)
+    if enc == "deflate":
+        return zlib.decompress(body)
+    if enc in ("identity", ""):
+        return body
+    raise ValueError(f"content encoding {enc!r} is not supported for capture")
+
+
+def _answer_of(path: str, resp: dict) -> dict | None:
+    """The assistant message of a non-streamed response, in chat-message form."""
+    if path == "/v1/chat/completions":
+        choices = resp.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            msg = choices[0].get("message")
+            return msg if isinstance(msg, dict) else None
+    elif path == "/v1/completions":
+        choices = resp.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            return {"role": "assistant", "content": choices[0].get("text") or ""}
+    elif path == "/v1/responses":
+        return _responses_answer(resp.get("output"))
+    return None
+
+
+def _responses_answer(output: Any) -> dict | None:
+    if not isinstance(output, list):
+        return None
+    text: list[str] = []
+    calls: list[dict] = []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    text.append(part["text"])
+        elif item.get("type") == "function_call":
+            calls.append(
+                {
+                    "id": item.get("call_id"),
+                    "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+                }
+            )
+    answer: dict = {"role": "assistant", "content": "".join(text)}
+    if calls:
+        answer["tool_calls"] = calls
+    return answer

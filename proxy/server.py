@@ -1,0 +1,290 @@
+"""The aiohttp server: pass-through of every route, SSE relay, the stage pipeline.
+
+A call's hot path is: build the `Exchange`, run the `request` hooks, forward through the one
+upstream seam, relay the response bytes as they arrive, run the `done` hooks. Parsing,
+capture and learning happen in the observer thread (proxy/observe.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from proxy.config import Settings
+from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, error_body
+from proxy.exchange import Exchange
+from proxy.metrics import Metrics
+from proxy.observe import Observer
+from proxy.stages import Pipeline, Reply, default_stages
+from proxy.upstream import Upstream, forward_headers, relay_headers
+
+log = logging.getLogger("preheat.proxy")
+
+SETTINGS = web.AppKey("settings", Settings)
+UPSTREAM = web.AppKey("upstream", Upstream)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+METRICS = web.AppKey("metrics", Metrics)
+OBSERVER = web.AppKey("observer", Observer)
+ENGINE = web.AppKey("engine", object)
+"""The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
+
+# Bodies up to this size are read whole (and forwarded with their Content-Length);
+# larger ones stream through as they arrive.
+INLINE_BODY = 1024 * 1024
+SERVER_KWARGS = {"handler_cancellation": True, "auto_decompress": False}
+"""Runner options the proxy needs: a client that hangs up cancels its upstream request,
+and request bodies are forwarded as sent, compressed or not."""
+
+
+def build_app(settings: Settings, observer: Observer | None = None) -> web.Application:
+    """The proxy application. Without an `observer`, one is made from `settings.db`."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics = Metrics()
+    app.cleanup_ctx.append(_observer_ctx(observer))
+    if settings.upstream is None:
+        from proxy.embedded import engine_ctx  # the engine is an optional extra
+
+        app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_route("*", "/{tail:.*}", proxy_call)
+    metrics.counter(
+        "preheat_captures_dropped_total", "Captures lost (queue full, store failure).",
+        lambda: dict(app[OBSERVER].dropped) if OBSERVER in app else {},
+    )
+    metrics.gauge(
+        "preheat_capture_queue_depth", "Exchanges waiting to be written.",
+        lambda: app[OBSERVER].depth if OBSERVER in app else 0,
+    )
+    metrics.gauge(
+        "preheat_captures_written_total", "Exchanges written to the store.",
+        lambda: app[OBSERVER].written if OBSERVER in app else 0,
+    )
+    return app
+
+
+def _observer_ctx(given: Observer | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        observer = given
+        if observer is None and settings.capture:
+            from storage.store import Store
+
+            store = await asyncio.to_thread(Store, settings.db)
+            observer = Observer(store, maxsize=settings.capture_queue)
+            observer.linker.window = settings.session_window
+        if observer is not None:
+            app[OBSERVER] = observer
+            if not observer._thread.is_alive():
+                observer.start()
+        app[PIPELINE] = Pipeline(default_stages(app[METRICS], observer))
+        yield
+        if observer is not None and given is None:
+            await asyncio.to_thread(observer.close)
+            if observer.store is not None:
+                observer.store.close()
+
+    return ctx
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if ENGINE in app:
+        engine = app[ENGINE]
+        base = lambda: engine.base_url  # noqa: E731 (follows the engine across restarts)
+    else:
+        base = settings.upstream
+    upstream = Upstream(
+        base, settings.connect_timeout, settings.read_timeout, settings.upstream_connections
+    )
+    await upstream.start()
+    app[UPSTREAM] = upstream
+    yield
+    await upstream.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    engine = app.get(ENGINE)
+    body = {"status": "ok", "upstream": app[UPSTREAM].base_url}
+    if engine is not None:
+        body["engine"] = engine.state
+        if not engine.ready:
+            body["status"] = "engine " + engine.state
+            return web.json_response(body, status=503)
+    return web.json_response(body)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(
+        text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8"
+    )
+
+
+async def proxy_call(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    t0 = time.perf_counter()
+    settings = app[SETTINGS]
+    ex = Exchange(
+        method=request.method,
+        path=request.path,
+        query=request.query_string,
+        request_headers=list(request.headers.items()),
+    )
+    pipeline = app[PIPELINE]
+    try:
+        return await _forward(request, ex, t0, settings)
+    except asyncio.CancelledError:
+        ex.error, ex.error_type = "the client disconnected", "client_disconnected"
+        raise
+    except PreheatError as exc:
+        ex.status, ex.error, ex.error_type = exc.status, str(exc), exc.code
+        return _error_response(exc)
+    except ConnectionError as exc:
+        ex.error, ex.error_type = f"the client connection failed: {exc}", "client_disconnected"
+        raise
+    finally:
+        ex.t_done = time.perf_counter() - t0
+        pipeline.done(ex)
+
+
+async def _forward(
+    request: web.Request, ex: Exchange, t0: float, settings: Settings
+) -> web.StreamResponse:
+    app = request.app
+    engine = app.get(ENGINE)
+    if engine is not None and not engine.ready:
+        raise EngineUnavailable(
+            f"the inference engine is {engine.state}; retry in a few seconds"
+        )
+    limit = settings.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+    keep = settings.capture and ex.captured
+    body: bytes | AsyncIterator[bytes]
+    if length is not None and length <= INLINE_BODY:
+        body = await request.read()
+        if keep:
+            ex.request_body = body
+    else:
+        body = _stream_body(request, ex, limit, settings.capture_max_bytes if keep else 0)
+
+    reply = app[PIPELINE].request(ex)
+    if reply is not None:
+        return await _send_reply(request, ex, reply, t0)
+
+    headers = forward_headers(request.headers)
+    ex.t_upstream_sent = time.perf_counter() - t0
+    upstream = app[UPSTREAM]
+    try:
+        resp = await upstream.send(request.method, request.path_qs, headers, body)
+    except PreheatError as exc:
+        cause = exc.__cause__
+        while cause is not None:  # our own 413 raised inside the body stream
+            if isinstance(cause, BodyTooLarge):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+    async with resp:
+        t_headers = time.perf_counter()
+        ex.t_upstream_headers = t_headers - t0
+        ex.status = resp.status
+        ex.response_headers = list(resp.headers.items())
+        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        for k, v in relay_headers(resp.headers):
+            out.headers.add(k, v)
+        if resp.content_length is not None:
+            out.content_length = resp.content_length
+        await out.prepare(request)
+        ex.added_latency = ex.t_upstream_sent + (time.perf_counter() - t_headers)
+        cap = settings.capture_max_bytes if keep else 0
+        kept = 0
+        chunks = ex.response_chunks
+        try:
+            async for chunk in resp.content.iter_any():
+                if ex.t_first_byte is None:
+                    ex.t_first_byte = time.perf_counter() - t0
+                if kept + len(chunk) <= cap:
+                    chunks.append((time.perf_counter() - t0, chunk))
+                    kept += len(chunk)
+                elif keep:
+                    ex.response_truncated = True
+                await out.write(chunk)
+        except asyncio.TimeoutError:
+            ex.error, ex.error_type = "the upstream stopped sending mid-response", "upstream_timeout"
+            log.warning("upstream timed out mid-response on %s %s", ex.method, ex.path)
+            request.transport and request.transport.close()  # type: ignore[func-returns-value]
+            return out
+        except Exception as exc:  # the upstream hung up mid-body: cut the client off too
+            if isinstance(exc, ConnectionError) and request.transport is None:
+                raise
+            ex.error, ex.error_type = f"the upstream closed mid-response: {exc!r}", "upstream_closed"
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        await out.write_eof()
+        return out
+
+
+async def _stream_body(
+    request: web.Request, ex: Exchange, limit: int, cap: int
+) -> AsyncIterator[bytes]:
+    """Yield the request body as it arrives, keeping its head for capture, enforcing `limit`."""
+    seen = 0
+    head: list[bytes] = []
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        if cap and seen <= cap:
+            head.append(chunk)
+        elif cap:
+            ex.request_truncated = True
+        yield chunk
+    if cap:
+        ex.request_body = b"".join(head)
+
+
+async def _send_reply(
+    request: web.Request, ex: Exchange, reply: Reply, t0: float
+) -> web.StreamResponse:
+    ex.status = reply.status
+    ex.response_headers = list(reply.headers)
+    out = web.StreamResponse(status=reply.status)
+    for k, v in reply.headers:
+        out.headers.add(k, v)
+    await out.prepare(request)
+    ex.added_latency = time.perf_counter() - t0
+    for chunk in reply.chunks:
+        if ex.t_first_byte is None:
+            ex.t_first_byte = time.perf_counter() - t0
+        ex.response_chunks.append((time.perf_counter() - t0, chunk))
+        await out.write(chunk)
+    await out.write_eof()
+    return out
+
+
+def _error_response(exc: PreheatError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT; then finish in-flight calls and flush captures."""
+    web.run_app(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=lambda *_: log.info(
+            "preheat listening on http://%s:%s", settings.host, settings.port
+        ),
+        access_log=None,
+        shutdown_timeout=30.0,
+        **SERVER_KWARGS,
+    )

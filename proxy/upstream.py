@@ -1,0 +1,127 @@
+"""The one seam to the upstream server.
+
+Every forwarded call goes through `Upstream.send()`, which maps aiohttp's exceptions to
+preheat's own (proxy/errors.py) with `raise ... from exc`. Nothing is added to the request:
+aiohttp's automatic headers (User-Agent, Accept-Encoding, ...) are suppressed and responses
+are not decompressed, so bytes pass through exactly as sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterable, Callable
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+
+# RFC 9110 7.6.1: connection-specific headers are not forwarded by a proxy.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def forward_headers(headers: Any) -> list[tuple[str, str]]:
+    """Request headers to send upstream: all but hop-by-hop ones and Host."""
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() != "host"]
+
+
+def relay_headers(headers: Any) -> list[tuple[str, str]]:
+    """Response headers to return to the client: all but hop-by-hop ones."""
+    drop = HOP_BY_HOP | _connection_tokens(headers) | {"content-length"}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def _connection_tokens(headers: Any) -> set[str]:
+    value = headers.get("Connection") or ""
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+class Upstream:
+    """A pooled HTTP client for one upstream base URL (which may change, e.g. on restart)."""
+
+    def __init__(
+        self,
+        base_url: str | Callable[[], str],
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+        max_connections: int = 1000,
+    ) -> None:
+        self._base = base_url
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._base() if callable(self._base) else self._base
+
+    def url(self, path_qs: str) -> URL:
+        """The upstream URL for a request path; a base ending in /v1 does not double it."""
+        base = URL(self.base_url)
+        prefix = base.path.rstrip("/")
+        if prefix.endswith("/v1") and (path_qs == "/v1" or path_qs.startswith(("/v1/", "/v1?"))):
+            prefix = prefix[:-3]
+        return URL(str(base.origin()) + prefix + path_qs, encoded=True)
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self,
+        method: str,
+        path_qs: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; the caller reads and releases the response."""
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        url = self.url(path_qs)
+        try:
+            return await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False,
+                compress=None, chunked=None,
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"the upstream at {self.base_url} did not answer within {self.read_timeout:g} s"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"cannot connect to the upstream at {self.base_url}: {exc.os_error or exc}"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(
+                f"the upstream at {self.base_url} failed before replying: {exc!r}"
+            ) from exc

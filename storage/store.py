@@ -1,0 +1,331 @@
+"""The capture store: one writer, many readers.
+
+`Store.write()` is synchronous and is called from a single writer thread only (the proxy's
+observer; see proxy/observe.py), so writes never block the event loop and SQLite never sees
+two writers. Readers (CLI, admin page) open their own `Store` or call the read methods from a
+worker thread. Stored rows convert back into `Exchange` objects: `load()` knows every
+`EXCHANGE_VERSION` that was ever written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from typing import Iterator, Sequence
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
+
+from learn.canonical import canonical_json, content_hash
+from proxy.exchange import EXCHANGE_VERSION, Exchange
+from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Session
+
+
+class StoreError(Exception):
+    """The store could not be opened or written; the message says why."""
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers never wait for the writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = make_engine(url)
+            Base.metadata.create_all(self.engine)
+            self._tenant_key = self._meta_value("tenant_key", lambda: secrets.token_hex(32))
+            self._meta_value("schema_version", lambda: str(EXCHANGE_VERSION))
+        except Exception as exc:
+            raise StoreError(f"cannot open the store at {url}: {exc}") from exc
+
+    @property
+    def tenant_key(self) -> bytes:
+        """The key of the keyed hash that turns an API key into a tenant id."""
+        return bytes.fromhex(self._tenant_key)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _meta_value(self, key: str, make) -> str:
+        with OrmSession(self.engine) as db:
+            row = db.get(Meta, key)
+            if row is None:
+                row = Meta(key=key, value=make())
+                db.add(row)
+                db.commit()
+            return row.value
+
+    # -- writing (single writer thread) --------------------------------------------------
+
+    def write(self, items: Sequence[Exchange]) -> None:
+        """Store analysed exchanges and their sessions in one transaction."""
+        messages: dict[str, dict] = {}
+        rows: list[dict] = []
+        sessions: dict[str, dict] = {}
+        for ex in items:
+            rows.append(_row_of(ex, messages))
+            if ex.session_id:
+                s = sessions.setdefault(
+                    ex.session_id,
+                    {"id": ex.session_id, "source": ex.session_source or "new", "tenant": ex.tenant,
+                     "first_at": ex.started_at, "last_at": ex.started_at, "exchanges": 0},
+                )
+                s["first_at"] = min(s["first_at"], ex.started_at)
+                s["last_at"] = max(s["last_at"], ex.started_at)
+                s["exchanges"] += 1
+        with self.engine.begin() as conn:
+            if messages:
+                conn.execute(_insert_ignore(Message, self.engine), list(messages.values()))
+            for s in sessions.values():
+                self._upsert_session(conn, s)
+            conn.execute(ExchangeRow.__table__.insert(), rows)
+
+    def _upsert_session(self, conn, s: dict) -> None:
+        table = Session.__table__
+        current = conn.execute(select(table).where(table.c.id == s["id"])).first()
+        if current is None:
+            conn.execute(table.insert(), [s])
+            return
+        conn.execute(
+            table.update()
+            .where(table.c.id == s["id"])
+            .values(
+                first_at=min(current.first_at, s["first_at"]),
+                last_at=max(current.last_at, s["last_at"]),
+                exchanges=current.exchanges + s["exchanges"],
+            )
+        )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def sessions(self, limit: int = 1000) -> list[dict]:
+        """Sessions, newest first, each with its ordered exchange ids."""
+        with OrmSession(self.engine) as db:
+            found = db.scalars(select(Session).order_by(Session.last_at.desc()).limit(limit)).all()
+            ids = [s.id for s in found]
+            members: dict[str, list[str]] = {i: [] for i in ids}
+            if ids:
+                q = (
+                    select(ExchangeRow.session_id, ExchangeRow.id)
+                    .where(ExchangeRow.session_id.in_(ids))
+                    .order_by(ExchangeRow.started_at, ExchangeRow.id)
+                )
+                for sid, eid in db.execute(q):
+                    members[sid].append(eid)
+            return [
+                {"id": s.id, "source": s.source, "tenant": s.tenant, "first_at": s.first_at,
+                 "last_at": s.last_at, "exchanges": members[s.id]}
+                for s in found
+            ]
+
+    def session(self, session_id: str) -> dict | None:
+        with OrmSession(self.engine) as db:
+            s = db.get(Session, session_id)
+            if s is None:
+                return None
+            ids = db.scalars(
+                select(ExchangeRow.id)
+                .where(ExchangeRow.session_id == session_id)
+                .order_by(ExchangeRow.started_at, ExchangeRow.id)
+            ).all()
+            return {"id": s.id, "source": s.source, "tenant": s.tenant, "first_at": s.first_at,
+                    "last_at": s.last_at, "exchanges": list(ids)}
+
+    def exchange(self, exchange_id: str) -> Exchange | None:
+        with OrmSession(self.engine) as db:
+            row = db.get(ExchangeRow, exchange_id)
+            return None if row is None else self._load(db, [row])[0]
+
+    def exchanges(
+        self, session_id: str | None = None, batch: int = 500
+    ) -> Iterator[Exchange]:
+        """Stored exchanges in arrival order (of one session, or all)."""
+        q = select(ExchangeRow).order_by(ExchangeRow.started_at, ExchangeRow.id)
+        if session_id is not None:
+            q = q.where(ExchangeRow.session_id == session_id)
+        with OrmSession(self.engine) as db:
+            page: list[ExchangeRow] = []
+            for row in db.scalars(q.execution_options(yield_per=batch)):
+                page.append(row)
+                if len(page) >= batch:
+                    yield from self._load(db, page)
+                    page = []
+            if page:
+                yield from self._load(db, page)
+
+    def count(self) -> dict:
+        with OrmSession(self.engine) as db:
+            return {
+                "exchanges": db.scalar(select(func.count()).select_from(ExchangeRow)),
+                "sessions": db.scalar(select(func.count()).select_from(Session)),
+                "messages": db.scalar(select(func.count()).select_from(Message)),
+            }
+
+    def _load(self, db: OrmSession, rows: list[ExchangeRow]) -> list[Exchange]:
+        wanted = {h for r in rows for h in (r.message_hashes or [])}
+        wanted |= {r.answer_hash for r in rows if r.answer_hash}
+        found: dict[str, dict] = {}
+        wanted_list = list(wanted)
+        for i in range(0, len(wanted_list), 500):
+            q = select(Message.hash, Message.data).where(Message.hash.in_(wanted_list[i : i + 500]))
+            found.update({h: json.loads(d) for h, d in db.execute(q)})
+        return [load(_row_dict(r), found) for r in rows]
+
+
+def _insert_ignore(model, engine: Engine):
+    table = model.__table__
+    if engine.dialect.name == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    return table.insert().prefix_with("IGNORE")
+
+
+def _row_dict(row: ExchangeRow) -> dict:
+    return {c.name: getattr(row, c.key) for c in ExchangeRow.__table__.columns}
+
+
+def _add_message(msg: dict, messages: dict[str, dict]) -> str:
+    h = content_hash(msg)
+    if h not in messages:
+        data = canonical_json(msg).decode()
+        role = msg.get("role") or msg.get("type")
+        messages[h] = {"hash": h, "role": str(role)[:32] if role else None, "data": data,
+                       "size": len(data)}
+    return h
+
+
+def _row_of(ex: Exchange, messages: dict[str, dict]) -> dict:
+    ex.analyze()
+    request = None
+    hashes = None
+    prompt_field = None
+    body = ex.request_json
+    if isinstance(body, dict):
+        request = dict(body)
+        for name in ("messages", "input"):
+            value = body.get(name)
+            if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+                hashes = [_add_message(m, messages) for m in value]
+                prompt_field = name
+                del request[name]
+                break
+    raw = None
+    if body is None and ex.request_body:
+        raw = ex.request_body
+    elif body is not None and not isinstance(body, dict):
+        raw = ex.request_body
+    response = ex.response_json if not ex.stream else None
+    response_raw = None
+    if not ex.stream and response is None and ex.response_chunks:
+        response_raw = ex.response_body
+    return {
+        "id": ex.id,
+        "version": EXCHANGE_VERSION,
+        "method": ex.method,
+        "path": ex.path,
+        "query": ex.query,
+        "headers": [[k, v] for k, v in ex.request_headers if k.lower() in KEPT_HEADERS],
+        "started_at": ex.started_at,
+        "t_upstream_sent": ex.t_upstream_sent,
+        "t_upstream_headers": ex.t_upstream_headers,
+        "t_first_byte": ex.t_first_byte,
+        "t_first_token": ex.t_first_token,
+        "t_done": ex.t_done,
+        "added_latency": ex.added_latency,
+        "request": request,
+        "message_hashes": hashes,
+        "prompt_field": prompt_field,
+        "request_raw": raw,
+        "request_error": ex.request_error,
+        "status": ex.status,
+        "response_headers": [[k, v] for k, v in ex.response_headers if k.lower() != "set-cookie"],
+        "stream": ex.stream,
+        "response": response if isinstance(response, (dict, list)) else None,
+        "response_raw": response_raw,
+        "events": ex.events if ex.stream else None,
+        "answer_hash": _add_message(ex.answer, messages) if ex.answer else None,
+        "usage": ex.usage,
+        "cached_tokens": ex.cached_tokens,
+        "model": ex.model,
+        "response_id": ex.response_id,
+        "error": ex.error or ex.response_error,
+        "error_type": ex.error_type,
+        "truncated": ex.request_truncated or ex.response_truncated,
+        "tenant": ex.tenant,
+        "session_id": ex.session_id,
+        "session_source": ex.session_source,
+        "parent_id": ex.parent_id,
+        "cache": ex.cache,
+    }
+
+
+def load(row: dict, messages: dict[str, dict]) -> Exchange:
+    """An `Exchange` from a stored row of any version, its messages resolved by hash."""
+    version = row.get("version") or 1
+    if version > EXCHANGE_VERSION:
+        raise StoreError(
+            f"exchange {row['id']} was written by a newer preheat (format {version}); upgrade"
+        )
+    request = copy.deepcopy(row["request"]) if row["request"] is not None else None
+    if isinstance(request, dict) and row["prompt_field"]:
+        request[row["prompt_field"]] = [messages.get(h, {"missing": h}) for h in row["message_hashes"]]
+    ex = Exchange(
+        method=row["method"],
+        path=row["path"],
+        query=row["query"] or "",
+        request_headers=[(k, v) for k, v in row["headers"] or []],
+        id=row["id"],
+        started_at=row["started_at"],
+        t_upstream_sent=row["t_upstream_sent"],
+        t_upstream_headers=row["t_upstream_headers"],
+        t_first_byte=row["t_first_byte"],
+        t_first_token=row["t_first_token"],
+        t_done=row["t_done"],
+        status=row["status"],
+        response_headers=[(k, v) for k, v in row["response_headers"] or []],
+        error=row["error"],
+        error_type=row["error_type"],
+        session_id=row["session_id"],
+        session_source=row["session_source"],
+        tenant=row["tenant"],
+        cache=row["cache"],
+        added_latency=row["added_latency"],
+    )
+    ex.analyzed = True
+    ex.request_json = request
+    ex.request_error = row["request_error"]
+    if row["request_raw"] is not None:
+        ex.request_body = row["request_raw"]
+    elif request is not None:
+        ex.request_body = json.dumps(request).encode()
+    ex.response_json = row["response"]
+    if row["response_raw"] is not None:
+        ex.response_chunks = [(row["t_done"] or 0.0, row["response_raw"])]
+    ex.stream = bool(row["stream"])
+    ex.events = row["events"] or []
+    ex.answer = messages.get(row["answer_hash"]) if row["answer_hash"] else None
+    ex.usage = row["usage"]
+    ex.model = row["model"]
+    ex.response_id = row["response_id"]
+    ex.parent_id = row.get("parent_id")
+    return ex

@@ -1,0 +1,262 @@
+"""An in-process fake OpenAI-compatible server (aiohttp, port 0) for fast proxy tests.
+
+Answers are a pure function of the request, so the same request sent directly and through
+the proxy gets byte-identical answers. Behaviour is steered by request headers:
+
+    x-fake-delay: SECONDS     wait between stream events (and before a non-stream reply)
+    x-fake-status: CODE       answer with this HTTP status and an OpenAI error body
+    x-fake-hang: 1            never answer
+    x-fake-cut: N             close the connection after N stream events
+    x-fake-events: N          number of content events in a stream (default 5)
+    x-fake-size: BYTES        pad a non-stream reply's content to about this size
+
+`/echo` answers with what arrived (method, path, query, headers, body digest and length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+
+from aiohttp import web
+
+CREATED = 1_700_000_000
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:24]
+
+
+def _words(body: bytes, n: int) -> list[str]:
+    h = hashlib.sha256(body).hexdigest()
+    return [f"w{h[i % 60:i % 60 + 4]} " for i in range(n)]
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.app = web.Application(client_max_size=1024**3)
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/responses", self.responses)
+        self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_route("*", "/echo{tail:.*}", self.echo)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.requests = 0
+        self.cancelled = 0
+        self.last_headers: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> "FakeUpstream":
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        site = web.SockSite(self.runner, sock)
+        await site.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _prologue(self, request: web.Request) -> tuple[bytes, dict | None, web.Response | None]:
+        self.requests += 1
+        self.last_headers = dict(request.headers)
+        body = await request.read()
+        if request.headers.get("x-fake-hang"):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        status = int(request.headers.get("x-fake-status", "200"))
+        if status != 200:
+            err = {"error": {"message": f"fake failure {status}", "type": "fake", "code": status}}
+            return body, None, web.json_response(err, status=status)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            err = {"error": {"message": "body is not JSON", "type": "invalid_request_error",
+                             "code": None}}
+            return body, None, web.json_response(err, status=400)
+        if not isinstance(parsed, dict):
+            err = {"error": {"message": "body must be an object", "type": "invalid_request_error",
+                             "code": None}}
+            return body, None, web.json_response(err, status=400)
+        return body, parsed, None
+
+    async def _sse(self, request: web.Request, events: list[str]) -> web.StreamResponse:
+        delay = float(request.headers.get("x-fake-delay", "0"))
+        cut = int(request.headers.get("x-fake-cut", "-1"))
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                          "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        try:
+            for i, ev in enumerate(events):
+                if i == cut:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return out
+                if delay and i:
+                    await asyncio.sleep(delay)
+                await out.write(ev.encode())
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        await out.write_eof()
+        return out
+
+    def _usage(self, body: bytes, n: int) -> dict:
+        return {"prompt_tokens": len(body) // 4, "completion_tokens": n,
+                "total_tokens": len(body) // 4 + n,
+                "prompt_tokens_details": {"cached_tokens": 0}}
+
+    # -- routes --------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, req, err = await self._prologue(request)
+        if err is not None:
+            return err
+        assert req is not None
+        n = int(request.headers.get("x-fake-events", "5"))
+        words = _words(body, n)
+        cid = "chatcmpl-" + _digest(body)
+        model = req.get("model", "fake")
+        tool = (req.get("tools") or [None])[0]
+        if not req.get("stream"):
+            await asyncio.sleep(float(request.headers.get("x-fake-delay", "0")))
+            content = "".join(words)
+            size = int(request.headers.get("x-fake-size", "0"))
+            if size:
+                content = (content * (size // max(len(content), 1) + 1))[:size]
+            message: dict = {"role": "assistant", "content": content, "refusal": None}
+            if tool:
+                message["content"] = None
+                message["tool_calls"] = [{
+                    "id": "call_" + _digest(body)[:8], "type": "function",
+                    "function": {"name": tool["function"]["name"], "arguments": '{"q": "x"}'},
+                }]
+            return web.json_response({
+                "id": cid, "object": "chat.completion", "created": CREATED, "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "tool_calls" if tool else "stop"}],
+                "usage": self._usage(body, n),
+            })
+
+        def chunk(delta: dict, finish=None, usage=None) -> str:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": CREATED,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish}]}
+            if usage is not None:
+                obj["choices"] = []
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj)}\n\n"
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        if tool:
+            name = tool["function"]["name"]
+            events.append(chunk({"tool_calls": [{"index": 0, "id": "call_" + _digest(body)[:8],
+                                                 "type": "function",
+                                                 "function": {"name": name, "arguments": ""}}]}))
+            for piece in ('{"q"', ': "x"}'):
+                events.append(chunk({"tool_calls": [{"index": 0,
+                                                     "function": {"arguments": piece}}]}))
+            events.append(chunk({}, "tool_calls"))
+        else:
+            events += [chunk({"content": w}) for w in words]
+            events.append(chunk({}, "stop"))
+        if (req.get("stream_options") or {}).get("include_usage"):
+            events.append(chunk({}, usage=self._usage(body, n)))
+        events.append("data: [DONE]\n\n")
+        return await self._sse(request, events)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, req, err = await self._prologue(request)
+        if err is not None:
+            return err
+        assert req is not None
+        n = int(request.headers.get("x-fake-events", "5"))
+        words = _words(body, n)
+        cid = "cmpl-" + _digest(body)
+        model = req.get("model", "fake")
+        if not req.get("stream"):
+            return web.json_response({
+                "id": cid, "object": "text_completion", "created": CREATED, "model": model,
+                "choices": [{"index": 0, "text": "".join(words), "logprobs": None,
+                             "finish_reason": "length"}],
+                "usage": self._usage(body, n)})
+        events = [
+            "data: " + json.dumps({"id": cid, "object": "text_completion", "created": CREATED,
+                                   "model": model, "choices": [{"index": 0, "text": w,
+                                                                "finish_reason": None}]}) + "\n\n"
+            for w in words
+        ] + ["data: [DONE]\n\n"]
+        return await self._sse(request, events)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body, req, err = await self._prologue(request)
+        if err is not None:
+            return err
+        assert req is not None
+        n = int(request.headers.get("x-fake-events", "5"))
+        words = _words(body, n)
+        rid = "resp_" + _digest(body)
+        final = {
+            "id": rid, "object": "response", "created_at": CREATED, "status": "completed",
+            "model": req.get("model", "fake"),
+            "output": [{"type": "message", "id": "msg_" + _digest(body)[:8], "role": "assistant",
+                        "status": "completed",
+                        "content": [{"type": "output_text", "text": "".join(words),
+                                     "annotations": []}]}],
+            "usage": {"input_tokens": len(body) // 4, "output_tokens": n,
+                      "total_tokens": len(body) // 4 + n,
+                      "input_tokens_details": {"cached_tokens": 0}},
+        }
+        if not req.get("stream"):
+            return web.json_response(final)
+        created = dict(final, status="in_progress", output=[])
+        events = [f"event: response.created\ndata: {json.dumps({'type': 'response.created', 'response': created})}\n\n"]
+        for w in words:
+            ev = {"type": "response.output_text.delta", "item_id": "msg", "output_index": 0,
+                  "content_index": 0, "delta": w}
+            events.append(f"event: response.output_text.delta\ndata: {json.dumps(ev)}\n\n")
+        events.append(
+            f"event: response.completed\ndata: {json.dumps({'type': 'response.completed', 'response': final})}\n\n"
+        )
+        return await self._sse(request, events)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, req, err = await self._prologue(request)
+        if err is not None:
+            return err
+        vec = [int(c, 16) / 15 for c in _digest(body)[:8]]
+        return web.json_response({"object": "list", "model": "fake-embed",
+                                  "data": [{"object": "embedding", "index": 0, "embedding": vec}],
+                                  "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        return web.json_response({"object": "list", "data": [
+            {"id": "fake", "object": "model", "created": CREATED, "owned_by": "preheat-tests"}]})
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        body = await request.read()
+        status = int(request.headers.get("x-fake-status", "200"))
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length")}
+        return web.json_response(
+            {"method": request.method, "path": request.path, "query": request.query_string,
+             "headers": headers, "length": len(body), "digest": _digest(body)},
+            status=status, headers={"X-Echo": "1", "Set-Cookie": "fake=1"},
+        )
