@@ -1,0 +1,154 @@
+"""Failures: each ends in a clear OpenAI-style error, and none disturbs other clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from proxy.config import Settings
+from tests.conftest import start_proxy
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _assert_openai_error(r: httpx.Response, status: int, code: str, words: str) -> None:
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert err["type"]
+    assert words in err["message"]
+
+
+async def test_unreachable_upstream_is_502(tmp_path):
+    proxy = await start_proxy(
+        Settings(upstream=f"http://127.0.0.1:{_free_port()}", db=f"sqlite:///{tmp_path}/p.db")
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(proxy.url + "/v1/chat/completions", json=CHAT)
+        _assert_openai_error(r, 502, "upstream_unreachable", "cannot connect")
+        store = proxy.store()
+        [ex] = list(store.exchanges())
+        assert ex.status == 502 and ex.error_type == "upstream_unreachable"
+    finally:
+        await proxy.runner.cleanup()
+
+
+async def test_hanging_upstream_is_504_and_others_still_flow(upstream, tmp_path):
+    proxy = await start_proxy(
+        Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db", read_timeout=0.5)
+    )
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            hung = asyncio.create_task(client.post(
+                proxy.url + "/v1/chat/completions", json=CHAT, headers={"x-fake-hang": "1"}))
+            ok = await client.post(proxy.url + "/v1/chat/completions", json=CHAT)
+            assert ok.status_code == 200
+            _assert_openai_error(await hung, 504, "upstream_timeout", "did not answer")
+    finally:
+        await proxy.runner.cleanup()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_over_limit_is_413(upstream, tmp_path, chunked):
+    proxy = await start_proxy(
+        Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                 max_body_bytes=2 * 1024 * 1024)
+    )
+    body = b"x" * (3 * 1024 * 1024)
+
+    async def gen():
+        for i in range(0, len(body), 256 * 1024):
+            yield body[i : i + 256 * 1024]
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(proxy.url + "/echo", content=gen() if chunked else body)
+            _assert_openai_error(r, 413, "request_too_large", "over the limit")
+            # The proxy is fine afterwards.
+            assert (await client.post(proxy.url + "/echo", content=b"ok")).status_code == 200
+    finally:
+        await proxy.runner.cleanup()
+
+
+async def test_upstream_closing_mid_stream_cuts_the_client_and_is_recorded(upstream, proxy):
+    async with httpx.AsyncClient(timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream(
+                "POST", proxy.url + "/v1/chat/completions",
+                json={**CHAT, "stream": True}, headers={"x-fake-cut": "3"},
+            ) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_bytes():
+                    pass
+        # Other traffic is unaffected.
+        assert (await client.post(proxy.url + "/v1/chat/completions", json=CHAT)).status_code == 200
+    [cut, ok] = list(proxy.store().exchanges())
+    assert cut.error_type == "upstream_closed"
+    assert cut.stream and len(cut.events) == 3  # what did arrive is kept
+    assert ok.error is None
+
+
+async def test_client_disconnect_cancels_upstream(upstream, proxy):
+    async with httpx.AsyncClient(timeout=0.3) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                              headers={"x-fake-hang": "1"})
+    for _ in range(100):
+        if upstream.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.cancelled == 1
+    [ex] = list(proxy.store().exchanges())
+    assert ex.error_type == "client_disconnected"
+
+
+async def test_client_disconnect_mid_stream_cancels_upstream(upstream, proxy):
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream(
+            "POST", proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+            headers={"x-fake-delay": "0.2", "x-fake-events": "50"},
+        ) as r:
+            async for _ in r.aiter_bytes():
+                break
+    for _ in range(100):
+        if upstream.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.cancelled == 1
+
+
+BAD_BODIES = [
+    ("malformed-json", b'{"model": "m", "messages": [', "application/json", "not valid JSON"),
+    ("empty", b"", "application/json", "empty body"),
+    ("invalid-utf8", b'{"a": "\xff\xfe"}', "application/json", "not valid UTF-8"),
+    ("wrong-type", b"model=m", "application/x-www-form-urlencoded", "is not JSON"),
+]
+
+
+@pytest.mark.parametrize("name,body,ctype,reason", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+async def test_bad_input_is_forwarded_and_captured_as_unparsed(
+    upstream, proxy, name, body, ctype, reason
+):
+    async with httpx.AsyncClient() as client:
+        r = await client.post(proxy.url + "/v1/chat/completions", content=body,
+                              headers={"content-type": ctype})
+        assert r.status_code == 400  # the upstream decided
+        assert upstream.requests == 1
+        good = await client.post(proxy.url + "/v1/chat/completions", json=CHAT)
+        assert good.status_code == 200
+    [bad, ok] = list(proxy.store().exchanges())
+    assert reason in bad.request_error
+    assert bad.request_body == body
+    assert ok.request_error is None and ok.messages == CHAT["messages"]

@@ -1,0 +1,88 @@
+"""`preheat serve` as users run it: a real process, stopped with SIGTERM mid-traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+
+import httpx
+
+from storage.store import Store
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process, str]:
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream_url,
+        "--port", str(port), "--db", db,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                if (await client.get(url + "/healthz")).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError((await proc.stdout.read()).decode())
+
+
+async def test_sigterm_finishes_in_flight_calls_and_loses_no_capture(upstream, tmp_path):
+    db = f"sqlite:///{tmp_path}/shutdown.db"
+    proc, url = await _start(upstream.url, db)
+
+    async def slow_stream(client: httpx.AsyncClient, i: int) -> int:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": f"s{i}"}]}
+        r = await client.post(url + "/v1/chat/completions", json=body,
+                              headers={"x-fake-delay": "0.1", "x-fake-events": "8"})
+        return r.text.count("data: ")
+
+    async def quick(client: httpx.AsyncClient, i: int) -> int:
+        r = await client.post(url + "/v1/chat/completions",
+                              json={"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]})
+        return r.status_code
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        quick_results = await asyncio.gather(*(quick(client, i) for i in range(30)))
+        streams = [asyncio.create_task(slow_stream(client, i)) for i in range(20)]
+        await asyncio.sleep(0.3)  # the streams are mid-flight now
+        proc.send_signal(signal.SIGTERM)
+        stream_results = await asyncio.gather(*streams)
+    output = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+    assert await asyncio.wait_for(proc.wait(), 30) == 0, output
+    assert quick_results == [200] * 30
+    assert stream_results == [11] * 20  # every in-flight stream finished whole
+    store = Store(db)
+    assert store.count()["exchanges"] == 50
+    assert all(ex.error is None for ex in store.exchanges())
+
+
+async def test_port_in_use_is_one_clear_line(upstream, tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream.url,
+            "--port", str(port), "--db", f"sqlite:///{tmp_path}/x.db",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        sock.close()
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in err.decode()
+    assert "Traceback" not in err.decode()

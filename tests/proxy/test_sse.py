@@ -1,0 +1,54 @@
+"""SSE splitting and stream reassembly, on awkward byte boundaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.sse import parse_sse, reassemble_stream
+
+STREAM = (
+    b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\r\n\r\n'
+    b': keep-alive comment\n\n'
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"lo \xe2\x9c\x93"}}]}\n\n'
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t1","function":{"name":"f","arguments":"{\\"a\\""}}]}}]}\n\n'
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":": 1}"}}]}}]}\n\n'
+    b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(STREAM)])
+def test_split_anywhere_gives_the_same_events(size):
+    chunks = [(i / 1000, STREAM[i : i + size]) for i in range(0, len(STREAM), size)]
+    events = parse_sse(chunks)
+    assert len(events) == 7
+    assert events[-1]["data"] == "[DONE]"
+    result = reassemble_stream("/v1/chat/completions", events)
+    assert result.answer["content"] == "Hello ✓"
+    assert result.answer["tool_calls"] == [
+        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    assert result.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert result.response_id == "c1" and result.model == "m"
+    assert result.first_token_at is not None
+
+
+def test_multiline_data_named_events_and_a_cut_stream():
+    raw = b"event: one\ndata: a\ndata: b\n\nevent: two\ndata: {\"x\": 1}"
+    events = parse_sse([(0.5, raw)])
+    assert [(e["event"], e["data"]) for e in events] == [("one", "a\nb"), (None, '{"x": 1}')] or \
+        [(e["event"], e["data"]) for e in events] == [("one", "a\nb"), ("two", '{"x": 1}')]
+
+
+def test_responses_stream_reassembles_text_and_usage():
+    final = {"id": "r1", "model": "m", "output": [{"type": "message", "content": [
+        {"type": "output_text", "text": "Hi there"}]}], "usage": {"input_tokens": 2}}
+    raw = "".join([
+        f"event: response.output_text.delta\ndata: {json.dumps({'type': 'response.output_text.delta', 'delta': 'Hi'})}\n\n",
+        f"event: response.completed\ndata: {json.dumps({'type': 'response.completed', 'response': final})}\n\n",
+    ]).encode()
+    result = reassemble_stream("/v1/responses", parse_sse([(0.1, raw)]))
+    assert result.answer == {"role": "assistant", "content": "Hi there"}
+    assert result.usage == {"input_tokens": 2} and result.response_id == "r1"

@@ -1,0 +1,30 @@
+"""Configuration is declared once, and the README documents every option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Settings, options
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_option_is_in_the_readme():
+    text = README.read_text()
+    missing = [name for name, _, _ in options() if name not in text]
+    assert not missing, f"options missing from README.md: {missing}"
+
+
+def test_environment_then_flags():
+    env = {"PREHEAT_PORT": "9000", "PREHEAT_CAPTURE": "off", "PREHEAT_READ_TIMEOUT": "2.5",
+           "PREHEAT_ENGINE_ARGS": "--a --b"}
+    s = Settings.from_env(env, port=9100)
+    assert s.port == 9100 and s.capture is False and s.read_timeout == 2.5
+    assert s.engine_args == ("--a", "--b")
+
+
+def test_bad_value_says_which_variable():
+    with pytest.raises(ValueError, match="PREHEAT_PORT='eighty' is not a valid int"):
+        Settings.from_env({"PREHEAT_PORT": "eighty"})
