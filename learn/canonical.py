@@ -5,12 +5,32 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import xxhash
 
 
 def canonical_json(obj: Any) -> bytes:
     """One byte string per JSON value: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers past 64 bits, non-string keys: the slow, general path
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON text (for storage columns)."""
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(data: str | bytes) -> Any:
+    """Parse JSON; raises ValueError with the position when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)  # the standard parser's error message, or its wider ints
 
 
 def content_hash(obj: Any) -> str:
@@ -52,4 +72,14 @@ def message_key(message: dict) -> str:
         message.get("tool_call_id"),
         message.get("name") if message.get("role") != "assistant" else None,
     ]
+    others = _non_text_parts(message)
+    if others:  # two messages with different images must not look alike
+        key.append(others)
     return xxhash.xxh3_64_hexdigest(canonical_json(key))
+
+
+def _non_text_parts(message: dict) -> list:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [p for p in content if not (isinstance(p, dict) and isinstance(p.get("text"), str))]

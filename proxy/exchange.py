@@ -11,13 +11,14 @@ This module is pure: no aiohttp, no SQLAlchemy, so `learn/` and the CLI can use 
 from __future__ import annotations
 
 import gzip
-import json
+import itertools
+import os
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from learn.canonical import loads
 from proxy.sse import parse_sse, reassemble_stream
 
 # Bumped whenever the stored form of an exchange changes; storage keeps converters from
@@ -28,9 +29,16 @@ EXCHANGE_VERSION = 1
 CAPTURED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
+_PROCESS = os.urandom(4).hex()
+_COUNTER = itertools.count()
+
+
 def new_id() -> str:
-    """A sortable exchange id: milliseconds since the epoch, then random bits."""
-    return f"{int(time.time() * 1000):011x}{uuid.uuid4().hex[:13]}"
+    """A sortable, unique exchange id: milliseconds since the epoch, process, counter.
+
+    24 hex digits; cheaper than uuid4 (no system call) on the hot path.
+    """
+    return f"{int(time.time() * 1000):011x}{_PROCESS[:7]}{next(_COUNTER) % 0xFFFFFF:06x}"
 
 
 @dataclass(eq=False)
@@ -184,7 +192,7 @@ class Exchange:
             self.request_error = f"body is not valid UTF-8 (byte {exc.start})"
             return
         try:
-            self.request_json = json.loads(text)
+            self.request_json = loads(text)
         except ValueError as exc:
             self.request_error = f"body is not valid JSON: {exc}"
             return
@@ -212,7 +220,7 @@ class Exchange:
             return
         if "json" not in ctype:
             return
-        self.response_json = json.loads(body)
+        self.response_json = loads(body)
         if not isinstance(self.response_json, dict):
             return
         resp = self.response_json

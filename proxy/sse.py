@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from learn.canonical import loads
+
 
 @dataclass(frozen=True)
 class StreamResult:
@@ -81,7 +83,7 @@ def _json_events(events: list[dict]) -> Iterable[tuple[float, Any]]:
         if not data or data == "[DONE]":
             continue
         try:
-            yield ev["t"], json.loads(data)
+            yield ev["t"], loads(data)
         except ValueError:
             continue
 

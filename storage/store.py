@@ -19,7 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as OrmSession
 
-from learn.canonical import canonical_json, content_hash
+from learn.canonical import canonical_json, content_hash, dumps, loads
 from proxy.exchange import EXCHANGE_VERSION, Exchange
 from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Session
 
@@ -30,7 +30,10 @@ class StoreError(Exception):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30},
+            json_serializer=dumps, json_deserializer=loads,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers never wait for the writer
@@ -41,7 +44,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, json_serializer=dumps, json_deserializer=loads)
 
 
 class Store:
@@ -93,25 +96,9 @@ class Store:
         with self.engine.begin() as conn:
             if messages:
                 conn.execute(_insert_ignore(Message, self.engine), list(messages.values()))
-            for s in sessions.values():
-                self._upsert_session(conn, s)
+            if sessions:
+                conn.execute(_upsert_sessions(self.engine), list(sessions.values()))
             conn.execute(ExchangeRow.__table__.insert(), rows)
-
-    def _upsert_session(self, conn, s: dict) -> None:
-        table = Session.__table__
-        current = conn.execute(select(table).where(table.c.id == s["id"])).first()
-        if current is None:
-            conn.execute(table.insert(), [s])
-            return
-        conn.execute(
-            table.update()
-            .where(table.c.id == s["id"])
-            .values(
-                first_at=min(current.first_at, s["first_at"]),
-                last_at=max(current.last_at, s["last_at"]),
-                exchanges=current.exchanges + s["exchanges"],
-            )
-        )
 
     # -- reading -------------------------------------------------------------------------
 
@@ -185,7 +172,7 @@ class Store:
         wanted_list = list(wanted)
         for i in range(0, len(wanted_list), 500):
             q = select(Message.hash, Message.data).where(Message.hash.in_(wanted_list[i : i + 500]))
-            found.update({h: json.loads(d) for h, d in db.execute(q)})
+            found.update({h: loads(d) for h, d in db.execute(q)})
         return [load(_row_dict(r), found) for r in rows]
 
 
@@ -198,6 +185,26 @@ def _insert_ignore(model, engine: Engine):
 
         return pg_insert(table).on_conflict_do_nothing()
     return table.insert().prefix_with("IGNORE")
+
+
+def _upsert_sessions(engine: Engine):
+    """Insert sessions, or widen the time span and add to the count of existing ones."""
+    table = Session.__table__
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+
+        least, greatest = func.least, func.greatest
+    else:  # SQLite's two-argument min/max are scalar
+        dialect_insert, least, greatest = sqlite_insert, func.min, func.max
+    stmt = dialect_insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c.id],
+        set_={
+            "first_at": least(table.c.first_at, stmt.excluded.first_at),
+            "last_at": greatest(table.c.last_at, stmt.excluded.last_at),
+            "exchanges": table.c.exchanges + stmt.excluded.exchanges,
+        },
+    )
 
 
 def _row_dict(row: ExchangeRow) -> dict:

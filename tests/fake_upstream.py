@@ -254,9 +254,22 @@ class FakeUpstream:
         body = await request.read()
         status = int(request.headers.get("x-fake-status", "200"))
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length")}
+                   if k.lower() not in ("host", "content-length", "connection")}
         return web.json_response(
             {"method": request.method, "path": request.path, "query": request.query_string,
              "headers": headers, "length": len(body), "digest": _digest(body)},
             status=status, headers={"X-Echo": "1", "Set-Cookie": "fake=1"},
         )
+
+
+def main() -> None:
+    """`python -m tests.fake_upstream PORT`: serve the fake on a port (benchmarks)."""
+    import sys
+
+    fake = FakeUpstream()
+    web.run_app(fake.app, host="127.0.0.1", port=int(sys.argv[1]), print=None,
+                access_log=None, handler_cancellation=True)
+
+
+if __name__ == "__main__":
+    main()
