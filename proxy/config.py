@@ -52,6 +52,11 @@ class Settings:
     session_window: int = _opt(
         200_000, "Conversation prefixes remembered for session inference (oldest forgotten)."
     )
+    prompt_cache: bool = _opt(
+        True, "Answer an identical deterministic request (temperature 0 or a seed) from memory."
+    )
+    prompt_cache_bytes: int = _opt(256 * 1024 * 1024, "Most bytes the prompt cache holds.")
+    prompt_cache_ttl: float = _opt(3600.0, "Seconds a prompt-cache entry stays valid.")
     log_level: str = _opt("INFO", "Logging level.")
 
     @classmethod

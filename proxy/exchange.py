@@ -80,6 +80,7 @@ class Exchange:
     tenant: str | None = None
     cache: str | None = None
     """'HIT' or 'MISS' from the prompt cache; None when the cache did not look."""
+    cache_key: str | None = None
     added_latency: float | None = None
     """Seconds the proxy itself added before the upstream saw the request and after it answered."""
 

@@ -19,7 +19,7 @@ class Metrics:
         self.latency_sum = 0.0
         self.latency_n = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self.counters: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {}
+        self.counters: dict[str, tuple[str, str, Callable[[], dict[str, float]]]] = {}
 
     def observe(self, ex: Exchange) -> None:
         route = ex.path if ex.path in KNOWN_ROUTES else "other"
@@ -37,9 +37,11 @@ class Metrics:
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help, read)
 
-    def counter(self, name: str, help: str, read: Callable[[], dict[str, float]]) -> None:
-        """A counter family read at render time: {label value of 'reason': count}."""
-        self.counters[name] = (help, read)
+    def counter(
+        self, name: str, help: str, read: Callable[[], dict[str, float]], label: str = "reason"
+    ) -> None:
+        """A counter family read at render time: {value of `label`: count}."""
+        self.counters[name] = (help, label, read)
 
     def render(self) -> str:
         out = [
@@ -63,8 +65,8 @@ class Metrics:
         out.append(f"preheat_added_latency_seconds_count {self.latency_n}")
         for name, (help, read) in sorted(self.gauges.items()):
             out += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {read()}"]
-        for name, (help, read) in sorted(self.counters.items()):
+        for name, (help, label, read) in sorted(self.counters.items()):
             out += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
-            for reason, n in sorted(read().items()):
-                out.append(f'{name}{{reason="{reason}"}} {n}')
+            for value, n in sorted(read().items()):
+                out.append(f'{name}{{{label}="{value}"}} {n}')
         return "\n".join(out) + "\n"

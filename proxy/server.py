@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
 from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, error_body
 from proxy.exchange import Exchange
@@ -30,6 +31,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
 OBSERVER = web.AppKey("observer", Observer)
+CACHE = web.AppKey("prompt_cache", PromptCache)
 ENGINE = web.AppKey("engine", object)
 """The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
 
@@ -59,6 +61,11 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
         "preheat_captures_dropped_total", "Captures lost (queue full, store failure).",
         lambda: dict(app[OBSERVER].dropped) if OBSERVER in app else {},
     )
+    metrics.counter(
+        "preheat_prompt_cache_total", "Prompt-cache lookups by result.",
+        lambda: {"hit": app[CACHE].hits, "miss": app[CACHE].misses} if CACHE in app else {},
+        label="result",
+    )
     metrics.gauge(
         "preheat_capture_queue_depth", "Exchanges waiting to be written.",
         lambda: app[OBSERVER].depth if OBSERVER in app else 0,
@@ -84,7 +91,11 @@ def _observer_ctx(given: Observer | None):
             app[OBSERVER] = observer
             if not observer._thread.is_alive():
                 observer.start()
-        app[PIPELINE] = Pipeline(default_stages(app[METRICS], observer))
+        cache = None
+        if settings.prompt_cache:
+            cache = PromptCache(settings.prompt_cache_bytes, settings.prompt_cache_ttl)
+            app[CACHE] = cache
+        app[PIPELINE] = Pipeline(default_stages(app[METRICS], observer, cache))
         yield
         if observer is not None and given is None:
             await asyncio.to_thread(observer.close)
@@ -173,9 +184,7 @@ async def _forward(
     if not request.body_exists:
         body = None
     elif length is not None and length <= INLINE_BODY:
-        body = await request.read()
-        if keep:
-            ex.request_body = body
+        body = ex.request_body = await request.read()
     else:
         body = _stream_body(request, ex, limit, settings.capture_max_bytes if keep else 0)
 
@@ -205,9 +214,11 @@ async def _forward(
             out.headers.add(k, v)
         if resp.content_length is not None:
             out.content_length = resp.content_length
+        if ex.cache is not None:
+            out.headers[HEADER] = ex.cache
         await out.prepare(request)
         ex.added_latency = ex.t_upstream_sent + (time.perf_counter() - t_headers)
-        cap = settings.capture_max_bytes if keep else 0
+        cap = settings.capture_max_bytes if keep or ex.cache == "MISS" else 0
         kept = 0
         chunks = ex.response_chunks
         try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from proxy.exchange import Exchange
 
 if TYPE_CHECKING:
+    from proxy.cache import PromptCache
     from proxy.metrics import Metrics
     from proxy.observe import Observer
 
@@ -94,8 +95,14 @@ class CaptureStage(Stage):
             self.observer.submit(ex)
 
 
-def default_stages(metrics: "Metrics", observer: "Observer | None") -> list[Stage]:
+def default_stages(
+    metrics: "Metrics", observer: "Observer | None", cache: "PromptCache | None" = None
+) -> list[Stage]:
     stages: list[Stage] = [MetricsStage(metrics)]
+    if cache is not None:
+        from proxy.cache import PromptCacheStage
+
+        stages.insert(0, PromptCacheStage(cache))
     if observer is not None:
         stages.append(CaptureStage(observer))
     return stages

@@ -1,0 +1,143 @@
+"""The global prompt cache: an identical deterministic request is answered from memory.
+
+A request is deterministic when it asks for greedy decoding (`temperature: 0`) or fixes a
+`seed`; the same request then gets the same answer, so the upstream need not compute it
+again. The stored answer is the exact bytes the upstream sent (a stream replays as the same
+event sequence). Entries are scoped per tenant (a keyed hash of the API key): one tenant
+never sees another's answers. The cache is bounded in bytes (least recently used entries go
+first) and in age. `Cache-Control: no-cache` (or `no-store`) skips it; the response header
+`X-Preheat-Cache` says HIT or MISS whenever the cache looked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import xxhash
+
+from learn.canonical import canonical_json, loads
+from proxy.exchange import CAPTURED_PATHS, Exchange
+from proxy.stages import Reply, Stage
+from proxy.upstream import HOP_BY_HOP
+
+HEADER = "X-Preheat-Cache"
+# Fields that do not change what the model generates.
+IGNORED_FIELDS = ("user", "metadata", "prompt_cache_key", "store", "service_tier")
+
+
+@dataclass(frozen=True)
+class Entry:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    chunks: tuple[bytes, ...]
+    size: int
+    stored_at: float
+
+
+class PromptCache:
+    """An LRU map from request key to a stored response, bounded in bytes and age."""
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024, ttl: float = 3600.0) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry.stored_at > self.ttl:
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> None:
+        if entry.size > self.max_bytes // 4:  # one huge answer must not flush everything
+            return
+        if key in self._entries:
+            self._remove(key)
+        self._entries[key] = entry
+        self.bytes += entry.size
+        while self.bytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: str) -> None:
+        self.bytes -= self._entries.pop(key).size
+
+
+def _tenant_secret(ex: Exchange) -> str:
+    secret = ex.header("authorization") or ex.header("api-key") or ex.header("x-api-key") or ""
+    return secret[7:].strip() if secret.lower().startswith("bearer ") else secret
+
+
+class PromptCacheStage(Stage):
+    name = "prompt_cache"
+
+    def __init__(self, cache: PromptCache) -> None:
+        self.cache = cache
+        self._key = os.urandom(16)  # entries live in memory only: a per-process key suffices
+
+    def key_of(self, ex: Exchange) -> str | None:
+        """The cache key of a deterministic request, or None when it must not be cached."""
+        body = ex.request_body
+        if ex.method != "POST" or ex.path not in CAPTURED_PATHS or not body:
+            return None
+        if b'"temperature"' not in body and b'"seed"' not in body:
+            return None  # cheap test before parsing: most agent calls are not deterministic
+        control = (ex.header("cache-control") or "").lower()
+        if "no-cache" in control or "no-store" in control:
+            return None
+        try:
+            request = loads(body)
+        except ValueError:
+            return None
+        if not isinstance(request, dict):
+            return None
+        temperature, seed = request.get("temperature"), request.get("seed")
+        greedy = isinstance(temperature, (int, float)) and temperature == 0
+        if not greedy and not (isinstance(seed, int) and not isinstance(seed, bool)):
+            return None
+        scoped = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
+        tenant = hashlib.blake2b(_tenant_secret(ex).encode(), key=self._key, digest_size=16)
+        return xxhash.xxh3_128_hexdigest(
+            tenant.digest() + ex.path.encode() + b"\0" + canonical_json(scoped)
+        )
+
+    def request(self, ex: Exchange) -> Reply | None:
+        key = self.key_of(ex)
+        if key is None:
+            return None
+        ex.cache_key = key
+        entry = self.cache.get(key)
+        if entry is None:
+            ex.cache = "MISS"
+            self.cache.misses += 1
+            return None
+        ex.cache = "HIT"
+        self.cache.hits += 1
+        return Reply(entry.status, list(entry.headers) + [(HEADER, "HIT")], list(entry.chunks))
+
+    def done(self, ex: Exchange) -> None:
+        if ex.cache != "MISS" or ex.cache_key is None:
+            return
+        if ex.status != 200 or ex.error or ex.response_truncated or not ex.response_chunks:
+            return
+        headers = tuple(
+            (k, v) for k, v in ex.response_headers
+            if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-length", "date",
+                                                                  "set-cookie", HEADER.lower())
+        )
+        chunks = tuple(c for _, c in ex.response_chunks)
+        size = sum(len(c) for c in chunks) + 200
+        self.cache.put(ex.cache_key, Entry(ex.status, headers, chunks, size, time.monotonic()))

@@ -1,0 +1,107 @@
+"""The prompt cache: same answer as pass-through, per tenant, bounded, skippable."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from proxy.cache import Entry, PromptCache
+from proxy.config import Settings
+from tests.conftest import start_proxy
+
+GREEDY = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "2+2?"}]}
+
+
+async def _post(client, url, body, headers=None):
+    return await client.post(url + "/v1/chat/completions", json=body, headers=headers or {})
+
+
+@pytest.mark.parametrize("body", [
+    GREEDY,
+    {**GREEDY, "stream": True, "stream_options": {"include_usage": True}},
+    {"model": "m", "seed": 7, "messages": [{"role": "user", "content": "pick"}]},
+    {"model": "m", "temperature": 0, "tools": [{"type": "function", "function": {"name": "f"}}],
+     "messages": [{"role": "user", "content": "call f"}]},
+], ids=["greedy", "greedy-stream", "seeded", "tool-call"])
+async def test_hit_replays_exactly_what_pass_through_answered(upstream, proxy, body):
+    async with httpx.AsyncClient() as client:
+        direct = await _post(client, upstream.url, body)
+        first = await _post(client, proxy.url, body)
+        second = await _post(client, proxy.url, body)
+    assert first.headers["X-Preheat-Cache"] == "MISS"
+    assert second.headers["X-Preheat-Cache"] == "HIT"
+    assert direct.content == first.content == second.content
+    assert second.headers["content-type"] == direct.headers["content-type"]
+    assert upstream.requests == 2  # direct + the miss; the hit never reached the upstream
+
+
+async def test_tenants_never_share_answers(upstream, proxy):
+    async with httpx.AsyncClient() as client:
+        a1 = await _post(client, proxy.url, GREEDY, {"Authorization": "Bearer sk-a"})
+        b1 = await _post(client, proxy.url, GREEDY, {"Authorization": "Bearer sk-b"})
+        a2 = await _post(client, proxy.url, GREEDY, {"Authorization": "Bearer sk-a"})
+    assert [r.headers["X-Preheat-Cache"] for r in (a1, b1, a2)] == ["MISS", "MISS", "HIT"]
+    assert upstream.requests == 2
+
+
+@pytest.mark.parametrize("body,headers", [
+    ({**GREEDY, "temperature": 0.7}, {}),
+    ({k: v for k, v in GREEDY.items() if k != "temperature"}, {}),
+    (GREEDY, {"Cache-Control": "no-cache"}),
+], ids=["sampled", "default-temperature", "no-cache"])
+async def test_not_cached(upstream, proxy, body, headers):
+    async with httpx.AsyncClient() as client:
+        for _ in range(2):
+            r = await _post(client, proxy.url, body, headers)
+            assert "X-Preheat-Cache" not in r.headers
+    assert upstream.requests == 2
+
+
+async def test_failures_are_not_cached(upstream, proxy):
+    async with httpx.AsyncClient() as client:
+        r1 = await _post(client, proxy.url, GREEDY, {"x-fake-status": "500"})
+        r2 = await _post(client, proxy.url, GREEDY)
+    assert r1.status_code == 500 and r2.status_code == 200
+    assert r2.headers["X-Preheat-Cache"] == "MISS"
+
+
+async def test_switch_off(upstream, tmp_path):
+    proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                                       prompt_cache=False))
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(2):
+                assert "X-Preheat-Cache" not in (await _post(client, proxy.url, GREEDY)).headers
+        assert upstream.requests == 2
+    finally:
+        await proxy.runner.cleanup()
+
+
+async def test_hits_are_captured_as_exchanges(upstream, proxy):
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            await _post(client, proxy.url, GREEDY)
+    stored = list(proxy.store().exchanges())
+    assert [e.cache for e in stored] == ["MISS", "HIT", "HIT"]
+    assert stored[2].answer == stored[0].answer
+
+
+def _entry(size: int, at: float = 0.0) -> Entry:
+    return Entry(200, (), (b"x" * size,), size, at)
+
+
+def test_bounded_by_bytes_least_recently_used_first():
+    cache = PromptCache(max_bytes=1000)
+    for k in "abc":
+        cache.put(k, _entry(200, at=1e12))
+    cache.get("a")  # a is now the most recently used
+    cache.put("d", _entry(240, at=1e12))
+    cache.put("e", _entry(240, at=1e12))
+    assert cache.get("b") is None and cache.get("a") is not None
+    assert cache.bytes <= 1000
+
+
+def test_bounded_by_age():
+    cache = PromptCache(ttl=10)
+    cache.put("old", _entry(10, at=-100.0))
+    assert cache.get("old") is None and len(cache) == 0
