@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--db", help="capture store URL (default sqlite:///preheat.db)")
     serve.add_argument("--no-capture", dest="capture", action="store_false", default=None)
+    serve.add_argument("--admin-token", help="token for the admin page (default: generated, logged)")
     serve.set_defaults(func=cmd_serve)
 
     sessions = sub.add_parser("sessions", help="list captured sessions")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=4)
     tiny.set_defaults(func=cmd_tiny_model)
 
-    for module in ("proxy.cli_learn",):
+    for module in ("proxy.cli_learn", "proxy.cli_replay"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:
@@ -96,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         capture=args.capture,
+        admin_token=args.admin_token,
     )
     if settings.upstream and settings.model:
         raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")

@@ -57,7 +57,23 @@ class Settings:
     )
     prompt_cache_bytes: int = _opt(256 * 1024 * 1024, "Most bytes the prompt cache holds.")
     prompt_cache_ttl: float = _opt(3600.0, "Seconds a prompt-cache entry stays valid.")
+    admission: bool = _opt(
+        True, "Cache-aware admission: keep the working set of the agent sessions being served "
+        "within the engine's KV cache (only acts when the cache is under pressure)."
+    )
+    admission_capacity_tokens: int = _opt(
+        0, "KV-cache size in tokens for admission; 0 reads it from the engine's /metrics "
+        "(vLLM), and without it admission stays off."
+    )
+    admission_fill: float = _opt(0.9, "Share of the KV cache admission lets the working set use.")
+    admission_max_wait: float = _opt(
+        10.0, "Longest a request waits for admission before it goes in regardless."
+    )
     log_level: str = _opt("INFO", "Logging level.")
+    admin_token: str | None = _opt(
+        None, "Token the admin page (/admin) asks for, as `Authorization: Bearer`, `?token=` or "
+        "its cookie. Unset: a random one is generated and logged at start."
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -81,6 +81,8 @@ class Exchange:
     cache: str | None = None
     """'HIT' or 'MISS' from the prompt cache; None when the cache did not look."""
     cache_key: str | None = None
+    ticket: Any = None
+    """The admission ticket (engine/admission.py) when admission looked at the call."""
     added_latency: float | None = None
     """Seconds the proxy itself added before the upstream saw the request and after it answered."""
 

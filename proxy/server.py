@@ -15,6 +15,8 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from engine.admission import Admission, capacity_from_metrics, prompt_chain
+from learn.canonical import loads
 from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
 from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, error_body
@@ -32,6 +34,8 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
 OBSERVER = web.AppKey("observer", Observer)
 CACHE = web.AppKey("prompt_cache", PromptCache)
+ADMISSION = web.AppKey("admission", Admission)
+ADMITTED_PATHS = ("/v1/chat/completions", "/v1/responses")
 ENGINE = web.AppKey("engine", object)
 """The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
 
@@ -54,6 +58,7 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
 
         app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_admission_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_route("*", "/{tail:.*}", proxy_call)
@@ -119,6 +124,70 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = upstream
     yield
     await upstream.close()
+
+
+async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.admission:
+        capacity = settings.admission_capacity_tokens or await _engine_capacity(app)
+        if capacity:
+            app[ADMISSION] = admission = Admission(
+                capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait
+            )
+            if OBSERVER in app:
+                app[OBSERVER].sinks.append(UsageFeedback(admission, asyncio.get_running_loop()))
+            log.info("admission on: KV cache of %d tokens", capacity)
+        else:
+            log.info("admission off: the upstream does not report its KV-cache size")
+    yield
+
+
+async def _engine_capacity(app: web.Application) -> int | None:
+    upstream = app[UPSTREAM]
+    try:
+        resp = await upstream.send("GET", "/metrics", [], None)
+        async with resp:
+            if resp.status != 200:
+                return None
+            return capacity_from_metrics(await resp.text())
+    except (PreheatError, UnicodeDecodeError):
+        return None
+
+
+class UsageFeedback:
+    """Observer sink: tell admission the true token counts once a call's usage is known."""
+
+    def __init__(self, admission: Admission, loop: asyncio.AbstractEventLoop) -> None:
+        self.admission = admission
+        self.loop = loop
+
+    def observe(self, ex: Exchange) -> None:
+        usage = ex.usage or {}
+        prompt, output = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if ex.ticket is None or not isinstance(prompt, int) or not isinstance(output, int):
+            return
+        chars = sum(ex.ticket.chars)
+        self.loop.call_soon_threadsafe(self._apply, ex.ticket.group, chars, prompt, output)
+
+    def _apply(self, group: str, chars: int, prompt: int, output: int) -> None:
+        self.admission.calibrate(chars, prompt)
+        self.admission.record_output(group, output)
+
+
+def _ticket(admission: Admission, ex: Exchange, body: bytes):
+    try:
+        request = loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    prompt = prompt_chain(request)
+    if prompt is None:
+        return None
+    session = None
+    for name in ("x-session-id", "x-claude-code-session-id", "helicone-session-id"):
+        session = session or ex.header(name)
+    return admission.ticket(prompt[0], prompt[1], session=session)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -192,9 +261,25 @@ async def _forward(
     if reply is not None:
         return await _send_reply(request, ex, reply, t0)
 
+    admission = app.get(ADMISSION)
+    if admission is not None and ex.path in ADMITTED_PATHS and isinstance(body, bytes):
+        ex.ticket = _ticket(admission, ex, body)
+        if ex.ticket is not None:
+            await admission.enter(ex.ticket)
+    try:
+        return await _relay(request, ex, t0, settings, body, keep)
+    finally:
+        if ex.ticket is not None:
+            admission.leave(ex.ticket)
+
+
+async def _relay(
+    request: web.Request, ex: Exchange, t0: float, settings: Settings,
+    body: bytes | AsyncIterator[bytes] | None, keep: bool,
+) -> web.StreamResponse:
     headers = forward_headers(request.headers)
     ex.t_upstream_sent = time.perf_counter() - t0
-    upstream = app[UPSTREAM]
+    upstream = request.app[UPSTREAM]
     try:
         resp = await upstream.send(request.method, request.path_qs, headers, body)
     except PreheatError as exc:

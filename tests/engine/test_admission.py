@@ -1,0 +1,153 @@
+"""Cache-aware admission, on plain data: who waits, who goes in, and that nothing starves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.admission import Admission, capacity_from_metrics, prompt_chain
+
+CPT = 1.0  # one character per token keeps the arithmetic readable
+
+
+def body(*contents: str, tools: bool = False) -> dict:
+    b: dict = {"messages": [{"role": "user", "content": c} for c in contents]}
+    if tools:
+        b["tools"] = [{"type": "function", "function": {"name": "f"}}]
+    return b
+
+
+def ticket(adm: Admission, b: dict, session: str | None = None):
+    chain, chars = prompt_chain(b)
+    return adm.ticket(chain, chars, session=session)
+
+
+def make(capacity: int | None, **kw) -> Admission:
+    adm = Admission(capacity, fill=1.0, **kw)
+    adm.chars_per_token = CPT
+    return adm
+
+
+async def test_without_capacity_everything_goes_straight_in():
+    adm = make(None)
+    tickets = [ticket(adm, body("x" * 10_000, str(i))) for i in range(20)]
+    await asyncio.gather(*(adm.enter(t) for t in tickets))
+    assert {t.how for t in tickets} == {"direct"}
+
+
+async def test_no_pressure_means_no_waiting():
+    adm = make(1_000_000)
+    tickets = [ticket(adm, body("system " * 100, f"task {i}")) for i in range(50)]
+    await asyncio.gather(*(adm.enter(t) for t in tickets))
+    assert {t.how for t in tickets} == {"fits"}
+    assert max(t.waited for t in tickets) < 0.01
+
+
+async def test_new_session_waits_while_resident_one_continues():
+    adm = make(1000, hold=0.3, max_wait=5)
+    a1 = ticket(adm, body("A" * 600))
+    await adm.enter(a1)
+    b1 = ticket(adm, body("B" * 600))
+    waiting = asyncio.create_task(adm.enter(b1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # A's history fills the cache
+    adm.leave(a1, 10)
+    # A comes back from its tool call: its continuation goes first, B still waits.
+    a2 = ticket(adm, body("A" * 600, "tool result"))
+    assert a2.group == a1.group
+    await asyncio.wait_for(adm.enter(a2), 1)
+    assert a2.how == "resident" and not waiting.done()
+    adm.leave(a2, 10)
+    # A's hold lapses (no further call), B goes in.
+    await asyncio.wait_for(waiting, 2)
+    assert b1.how == "waited" and 0.25 < b1.waited < 1.5
+
+
+async def test_shared_prefix_adds_little_and_is_preferred():
+    adm = make(1000, hold=5, max_wait=5)
+    doc = "D" * 700
+    first = ticket(adm, body(doc, "expert 1"))
+    await adm.enter(first)
+    other = ticket(adm, body("X" * 700, "unrelated"))
+    other_task = asyncio.create_task(adm.enter(other))
+    await asyncio.sleep(0.01)
+    sharing = ticket(adm, body(doc, "expert 2"))
+    sharing_task = asyncio.create_task(adm.enter(sharing))
+    await asyncio.sleep(0.01)
+    adm.leave(first, 0)  # a completion: the queue is looked at again
+    await asyncio.wait_for(sharing_task, 1)
+    assert sharing.how == "waited"  # the document is resident, only 8 tokens are new
+    assert not other_task.done()
+    other_task.cancel()
+
+
+async def test_every_wait_is_bounded():
+    adm = make(100, hold=60, max_wait=0.2)
+    a = ticket(adm, body("A" * 90))
+    await adm.enter(a)
+    b = ticket(adm, body("B" * 90))
+    start = time.monotonic()
+    await asyncio.wait_for(adm.enter(b), 2)
+    assert b.how == "timeout"
+    assert 0.18 < time.monotonic() - start < 0.6
+
+
+async def test_calls_of_one_session_keep_their_order():
+    adm = make(100, hold=0.05, max_wait=5)
+    blocker = ticket(adm, body("Z" * 90))
+    await adm.enter(blocker)
+    order: list[int] = []
+
+    async def call(i: int) -> None:
+        t = ticket(adm, body(f"same session call {i}" + "y" * (40 - i)), session="s1")
+        await adm.enter(t)
+        order.append(i)
+        adm.leave(t)
+
+    tasks = []
+    for i in range(5):
+        tasks.append(asyncio.create_task(call(i)))
+        await asyncio.sleep(0.005)
+    adm.leave(blocker)
+    await asyncio.wait_for(asyncio.gather(*tasks), 3)
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_cancelled_waiter_leaves_no_trace():
+    adm = make(100, hold=0.05, max_wait=5)
+    a = ticket(adm, body("A" * 90))
+    await adm.enter(a)
+    b = ticket(adm, body("B" * 90))
+    c = ticket(adm, body("C" * 90))
+    tb = asyncio.create_task(adm.enter(b))
+    tc = asyncio.create_task(adm.enter(c))
+    await asyncio.sleep(0.01)
+    tb.cancel()
+    adm.leave(a)
+    await asyncio.wait_for(tc, 2)
+    assert adm.stats().waiting == 0
+
+
+@pytest.mark.parametrize("b,n", [
+    (body("a", "b"), 2),
+    (body("a", tools=True), 2),
+    ({"input": "hello", "instructions": "be brief"}, 2),
+    ({"prompt": "raw"}, None),
+])
+def test_prompt_chain_shapes(b, n):
+    got = prompt_chain(b)
+    assert (got is None) if n is None else len(got[0]) == n
+
+
+def test_prompt_chain_is_prefix_stable():
+    short, _ = prompt_chain(body("sys", "user"))
+    long, _ = prompt_chain(body("sys", "user", "answer", "tool"))
+    assert long[: len(short)] == short
+
+
+def test_capacity_from_vllm_metrics():
+    text = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",num_gpu_blocks="512"} 1.0\n'
+    assert capacity_from_metrics(text) == 65536
+    assert capacity_from_metrics("nothing here") is None
