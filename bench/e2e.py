@@ -1,0 +1,293 @@
+"""End to end: agent workloads on the real vLLM, direct vs through preheat, side by side.
+
+Modes, in one run on the same engine (its prefix cache reset before each):
+    direct       the agents talk to vLLM (prefix caching on)
+    preheat-off  through preheat with every optimisation off (capture only)
+    preheat-on   through preheat with its optimisations on
+    oracle       a lower bound: the same workload on an engine without cache pressure, with
+                 every prompt already cached (the workload was run once just before)
+
+Workloads (bench/workloads.py): tau-bench airline agents replayed (prompts from the trace,
+outputs forced to the recorded length, lognormal tool gaps), map-reduce over a shared
+document, one agent at a time, and tau-bench under cache pressure (a KV cache about a
+third of the working set).
+
+    .venv/bin/python bench/e2e.py [--quick] [--out bench/results/e2e.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.workloads import Instance, map_reduce, tau_bench  # noqa: E402
+from engine.model import ensure_default_model  # noqa: E402
+from engine.supervisor import Engine  # noqa: E402
+
+TOKEN_BYTES = 4096  # KV bytes per token of the 512 x 8 model (notes/vllm-on-cpu.md)
+
+
+@dataclass
+class CallResult:
+    instance: str
+    key: str
+    start: float
+    ttft: float
+    latency: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
+                   t0: float) -> CallResult:
+    body = {"model": model, "messages": call.messages, "max_tokens": call.max_tokens,
+            "ignore_eos": True, "temperature": 0.8, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft = None
+    usage = {}
+    async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{inst.name}/{call.key}: {r.status_code} {await r.aread()!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            obj = json.loads(line[6:])
+            usage = obj.get("usage") or usage
+    latency = time.perf_counter() - start
+    details = usage.get("prompt_tokens_details") or {}
+    return CallResult(inst.name, call.key, start - t0, ttft or latency, latency,
+                      usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0)
+
+
+async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[float, list]:
+    await asyncio.sleep(max(0.0, t0 + inst.start - time.perf_counter()))
+    begun = time.perf_counter()
+    done: dict[str, asyncio.Event] = {c.key: asyncio.Event() for c in inst.calls}
+    results: list[CallResult] = []
+
+    async def one(call) -> None:
+        for dep in call.after:
+            await done[dep].wait()
+        await asyncio.sleep(call.gap)
+        results.append(await run_call(client, base, model, inst, call, t0))
+        done[call.key].set()
+
+    await asyncio.gather(*(one(c) for c in inst.calls))
+    return time.perf_counter() - begun, results
+
+
+async def run_workload(base: str, model: str, instances: list[Instance],
+                       sequential: bool = False) -> dict:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        if sequential:  # each instance starts when the one before it has finished
+            outs = []
+            for inst in instances:
+                outs.append(await run_instance(client, base, model, inst, time.perf_counter()
+                                               - inst.start))
+        else:
+            outs = await asyncio.gather(
+                *(run_instance(client, base, model, i, t0) for i in instances))
+        makespan = time.perf_counter() - t0
+    e2e = [o[0] for o in outs]
+    calls = [c for o in outs for c in o[1]]
+    prompt = sum(c.prompt_tokens for c in calls)
+    return {
+        "e2e_p50": statistics.median(e2e), "e2e_p90": _pct(e2e, 0.9), "makespan": makespan,
+        "ttft_p50": statistics.median(c.ttft for c in calls),
+        "ttft_p90": _pct([c.ttft for c in calls], 0.9),
+        "cached_share": sum(c.cached_tokens for c in calls) / prompt if prompt else 0.0,
+        "calls": len(calls), "prompt_tokens": prompt,
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Proxy:
+    """`preheat serve` in its own process, in front of the engine."""
+
+    def __init__(self, upstream: str, optimised: bool, capacity: int) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="preheat-e2e-")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL="WARNING",
+                   PREHEAT_ADMISSION="1" if optimised else "0",
+                   PREHEAT_PROMPT_CACHE="1" if optimised else "0",
+                   PREHEAT_ADMISSION_CAPACITY_TOKENS=str(capacity))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream,
+             "--port", str(self.port), "--db", f"sqlite:///{self.dir}/e2e.db"],
+            cwd=ROOT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def ready(self) -> "Proxy":
+        async with httpx.AsyncClient() as c:
+            for _ in range(400):
+                try:
+                    if (await c.get(self.url + "/healthz")).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError("preheat did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def reset_cache(engine: Engine) -> None:
+    async with httpx.AsyncClient(timeout=60) as c:
+        r = await c.post(engine.base_url + "/reset_prefix_cache")
+        r.raise_for_status()
+    await asyncio.sleep(0.5)
+
+
+async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
+                  instances: list[Instance], capacity: int,
+                  sequential: bool = False) -> dict[str, dict]:
+    model = engine.served_model_name
+    rows: dict[str, dict] = {}
+    for mode in ("direct", "preheat-off", "preheat-on"):
+        await reset_cache(engine)
+        proxy = None
+        base = engine.base_url
+        if mode != "direct":
+            proxy = await Proxy(engine.base_url, mode == "preheat-on", capacity).ready()
+            base = proxy.url
+        try:
+            rows[mode] = await run_workload(base, model, instances, sequential)
+        finally:
+            if proxy:
+                proxy.stop()
+        print(f"  {name:<22} {mode:<12} e2e p50 {rows[mode]['e2e_p50']:6.2f} s  "
+              f"makespan {rows[mode]['makespan']:6.2f} s  cached {rows[mode]['cached_share']:.2f}",
+              flush=True)
+    target = oracle_engine or engine
+    await reset_cache(target)
+    # The oracle: run once to fill the cache, then measure the same prompts again.
+    await run_workload(target.base_url, model, instances, sequential)
+    rows["oracle"] = await run_workload(target.base_url, model, instances, sequential)
+    print(f"  {name:<22} {'oracle':<12} e2e p50 {rows['oracle']['e2e_p50']:6.2f} s  "
+          f"makespan {rows['oracle']['makespan']:6.2f} s", flush=True)
+    return rows
+
+
+def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
+    lines = [
+        "# End to end on vLLM: direct vs through preheat",
+        "",
+        f"`{' '.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
+        f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; {engines}.",
+        "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
+        "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
+        "",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        for mode, r in rows.items():
+            lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
+                         f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
+                         f"{r['cached_share']:.2f} | {r['calls']} |")
+    lines += ["", "| workload | direct / on (e2e p50) | direct / off | on / oracle | headroom captured |",
+              "|---|---|---|---|---|"]
+    for name, rows in results.items():
+        d, off, on, o = (rows[m]["e2e_p50"] for m in ("direct", "preheat-off", "preheat-on", "oracle"))
+        head = (d - on) / (d - o) if d - o > 1e-9 else float("nan")
+        lines.append(f"| {name} | {d / on:.2f}x | {d / off:.2f}x | {on / o:.2f}x | {head:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args) -> None:
+    model = str(await asyncio.to_thread(ensure_default_model, args.hidden, args.layers))
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    q = args.quick
+    tau_runs = range(150, 150 + (4 if q else 8))
+    tau_calls = 4 if q else 6
+    workloads = {
+        f"tau-bench x{len(tau_runs)}": tau_bench(tau_runs, tau_calls, 1.0, seed=1),
+        "map-reduce 6 experts": map_reduce(2 if q else 4, 6, 3000, seed=2),
+        # The engine idle between calls: agents one after another, real tool gaps.
+        "one agent at a time": tau_bench(range(190, 192 if q else 193), tau_calls, 1.5, seed=3),
+    }
+    sequential = {"one agent at a time"}
+
+    big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
+    results: dict[str, dict] = {}
+    print(f"engine: {model}, {args.big_cache} MiB KV cache", flush=True)
+    await big.start()
+    await _warm_up(big)
+    try:
+        for name, instances in workloads.items():
+            results[name] = await compare(big, None, name, instances, 0,
+                                          sequential=name in sequential)
+        pressure = tau_bench(tau_runs, tau_calls, 1.0, seed=1)
+        small_mib = args.small_cache
+        small = Engine(model, kv_cache_bytes=small_mib << 20, env=env)
+        await small.start()
+        await _warm_up(small)
+        try:
+            name = f"tau-bench x{len(tau_runs)}, {small_mib} MiB cache"
+            results[name] = await compare(small, big, name, pressure, 0)
+        finally:
+            await small.stop()
+    finally:
+        await big.stop()
+    engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
+               f"{args.big_cache} MiB (pressure run: {args.small_cache} MiB)")
+    text = report(results, args, engines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=2))
+    print(text)
+
+
+async def _warm_up(engine: Engine) -> None:
+    """First requests on a fresh engine are slower; keep that out of every mode's figures."""
+    warm = tau_bench(range(100, 102), 2, 0.0, seed=9)
+    await run_workload(engine.base_url, engine.served_model_name, warm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer instances (a smoke run)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--big-cache", type=int, default=512, help="MiB")
+    parser.add_argument("--small-cache", type=int, default=40, help="MiB")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Agent workloads for the end-to-end benchmark, as plain data.
+
+An `Instance` is one agent task or one workflow run: calls with dependencies, each call's
+prompt, its forced output length, and the tool time before it. Outputs are placeholders of
+the recorded length, the same in every mode, so every mode sends exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "workloads"
+CHARS_PER_TOKEN = 3.6
+
+
+@dataclass
+class Call:
+    key: str
+    messages: list[dict]
+    max_tokens: int
+    after: tuple[str, ...] = ()
+    gap: float = 0.0
+    """Seconds of tool or think time between the last dependency's answer and this call."""
+
+
+@dataclass
+class Instance:
+    name: str
+    kind: str
+    calls: list[Call]
+    start: float = 0.0
+    """Seconds after the workload starts that this instance begins."""
+    meta: dict = field(default_factory=dict)
+
+
+def _text_of(message: dict) -> str:
+    content = message.get("content") or ""
+    if message.get("tool_calls"):
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                 for c in message["tool_calls"]]
+        content = (content + "\n" if content else "") + json.dumps(calls)
+    return content
+
+
+def _as_chat(message: dict) -> dict:
+    """The trace's message as plain chat text (the demo model's template renders text only)."""
+    role = message["role"]
+    if role == "tool":
+        return {"role": "user", "content": "[tool result] " + _text_of(message)}
+    return {"role": role, "content": _text_of(message)}
+
+
+def tau_bench(runs: range, max_calls: int, gap_median: float, seed: int,
+              stagger: float = 0.25, max_prompt_tokens: int = 6500) -> list[Instance]:
+    """Replays of the tau-bench airline agent: each assistant turn is one call."""
+    base = WORKLOADS / "tau-bench-airline"
+    data = json.loads((base / "gpt-4o-airline.json").read_text())
+    tools = json.loads((base / "tools.json").read_text())
+    rng = random.Random(seed)
+    out = []
+    for n, i in enumerate(runs):
+        traj = data[i]["traj"]
+        system = {"role": "system",
+                  "content": traj[0]["content"] + "\n\n# Tools\n" + json.dumps(tools)}
+        history = [system] + [_as_chat(m) for m in traj[1:]]
+        calls: list[Call] = []
+        for k, m in enumerate(traj):
+            if m["role"] != "assistant" or k == 0:
+                continue
+            prompt = history[:k]
+            if sum(len(p["content"]) for p in prompt) / CHARS_PER_TOKEN > max_prompt_tokens:
+                break
+            out_tokens = max(8, min(128, int(len(_text_of(m)) / CHARS_PER_TOKEN)))
+            history[k] = {"role": "assistant", "content": _placeholder(rng, out_tokens)}
+            gap = rng.lognormvariate(0, 0.5) * gap_median if calls else 0.0
+            after = (calls[-1].key,) if calls else ()
+            calls.append(Call(f"c{len(calls)}", prompt, out_tokens, after, gap))
+            if len(calls) >= max_calls:
+                break
+        out.append(Instance(f"tau-{i}", "tau-bench", calls, start=n * stagger))
+    return out
+
+
+def _placeholder(rng: random.Random, tokens: int) -> str:
+    """Stand-in text of about `tokens` tokens (the recorded answer's length)."""
+    words = ["flight", "booking", "reservation", "passenger", "baggage", "cabin", "refund",
+             "economy", "date", "payment", "certificate", "insurance", "upgrade", "cancel"]
+    return " ".join(rng.choice(words) for _ in range(int(tokens * 0.8)))
+
+
+def document(rng: random.Random, tokens: int) -> str:
+    vocab = [f"{a}{b}" for a in ("re", "con", "pro", "in", "ex", "de", "per", "trans")
+             for b in ("port", "tain", "duct", "vert", "form", "sist", "cede", "spect")]
+    return " ".join(rng.choice(vocab) for _ in range(int(tokens * 0.55)))
+
+
+def map_reduce(instances: int, experts: int, doc_tokens: int, seed: int,
+               reuse_every: int = 2, stagger: float = 4.0) -> list[Instance]:
+    """N experts answer over one shared document, then a summarizer reads their answers.
+
+    Every `reuse_every`-th instance re-uses the previous instance's document (a document
+    seen before). Prompt layout puts the shared text first, as a well-built app does.
+    """
+    rng = random.Random(seed)
+    system = {"role": "system", "content": "You are one of several analysts. " +
+              document(rng, 400)}
+    out = []
+    doc = document(rng, doc_tokens)
+    for i in range(instances):
+        if i % reuse_every == 0:  # otherwise: the previous instance's document again
+            doc = document(rng, doc_tokens)
+        calls = []
+        for e in range(experts):
+            calls.append(Call(f"e{e}", [system, {"role": "user", "content": doc},
+                                        {"role": "user", "content": f"As expert {e}, assess "
+                                         f"risk factor {rng.randint(1, 99)}."}], 48))
+        answers = " ".join(_placeholder(rng, 48) for _ in range(experts))
+        calls.append(Call("sum", [{"role": "system", "content": "Summarize the analysts."},
+                                  {"role": "user", "content": answers}], 64,
+                          after=tuple(f"e{e}" for e in range(experts)), gap=0.05))
+        out.append(Instance(f"mapreduce-{i}", "map-reduce", calls, start=i * stagger))
+    return out
