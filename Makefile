@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-core
 ENGINE := $(VENV)/.installed-engine
 
-.PHONY: run test engine venv bench clean
+.PHONY: run test engine venv bench clean browser
 
 venv: $(STAMP)
 
@@ -24,8 +24,17 @@ $(ENGINE): $(STAMP) engine/install.sh
 run: $(STAMP) $(ENGINE)
 	$(BIN)/preheat serve $(ARGS)
 
-test: $(STAMP) $(ENGINE)
+test: $(STAMP) $(ENGINE) browser
 	$(BIN)/python -m pytest $(ARGS)
+
+# Debian's Chromium for the admin page's browser tests (driven by Playwright; nothing downloads
+# a browser). Installed when missing and running as root; otherwise those tests skip.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      >/dev/null || echo "could not install chromium: the browser tests will be skipped"; \
+	  else echo "no /usr/bin/chromium: the browser tests will be skipped"; fi; }
 
 bench: $(STAMP) $(ENGINE)
 	$(BIN)/python bench/overhead.py

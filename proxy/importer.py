@@ -243,15 +243,23 @@ class ImportResult:
 
 def import_trace(trace: Trace, store, batch: int = 500) -> ImportResult:
     """Write a trace's exchanges through `Store.write`, skipping those already stored."""
-    todo = [ex for ex in trace.exchanges if store.exchange(ex.id) is None] \
-        if _any_present(trace, store) else list(trace.exchanges)
+    present = _stored_ids(store, [ex.id for ex in trace.exchanges])
+    todo = [ex for ex in trace.exchanges if ex.id not in present]
     for i in range(0, len(todo), batch):
         store.write(todo[i : i + batch])
     return ImportResult(trace.format, len(todo), len({ex.session_id for ex in todo}),
                         len(trace.exchanges) - len(todo))
 
 
-def _any_present(trace: Trace, store) -> bool:
-    """Cheap check: a re-import shows in the first and last exchange of the file."""
-    ends = trace.exchanges[:1] + trace.exchanges[-1:]
-    return any(store.exchange(ex.id) is not None for ex in ends)
+def _stored_ids(store, ids: list[str]) -> set[str]:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session as OrmSession
+
+    from storage.models import ExchangeRow
+
+    found: set[str] = set()
+    with OrmSession(store.engine) as db:
+        for i in range(0, len(ids), 500):
+            q = select(ExchangeRow.id).where(ExchangeRow.id.in_(ids[i : i + 500]))
+            found.update(db.scalars(q))
+    return found

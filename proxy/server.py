@@ -61,6 +61,9 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
     app.cleanup_ctx.append(_admission_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
+    from proxy.admin import setup_admin  # the admin page (proxy/admin/)
+
+    setup_admin(app)
     app.router.add_route("*", "/{tail:.*}", proxy_call)
     metrics.counter(
         "preheat_captures_dropped_total", "Captures lost (queue full, store failure).",

@@ -40,10 +40,10 @@ def resolve_token(configured: str | None) -> tuple[str, bool]:
 
 
 def announce(app: web.Application, host: str, port: int) -> None:
-    """Log where the admin page is, with the token when preheat made it up."""
-    shown = "0.0.0.0" not in host and "::" != host
-    where = f"http://{host if shown else '127.0.0.1'}:{port}/admin"
-    log.warning("admin page: %s?token=%s", where, app[ADMIN_TOKEN])
+    """Log where the admin page is, with the token preheat made up for it."""
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    log.warning("admin page: http://%s:%s/admin?token=%s (set PREHEAT_ADMIN_TOKEN to choose "
+                "the token)", reachable, port, app[ADMIN_TOKEN])
 
 
 def _presented(request: web.Request) -> tuple[str | None, bool]:
@@ -70,7 +70,8 @@ def require_token(handler: Handler) -> Handler:
             resp = _refused(request, given is not None)
         elif from_query and request.method == "GET" and not request.path.endswith(".json"):
             query = {k: v for k, v in request.query.items() if k != "token"}
-            resp = web.HTTPFound(request.rel_url.with_query(query))
+            resp = web.Response(status=302,
+                                headers={"Location": str(request.rel_url.with_query(query))})
             _set_cookie(resp, token, request)
         else:
             resp = await handler(request)

@@ -1,0 +1,138 @@
+"""The admin page over HTTP: the token, every page and its JSON twin, nothing proxied."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import httpx
+import pytest
+
+from proxy.admin import ADMIN_TOKEN
+from proxy.admin.graph import NODE_H, NODE_W, Edge, Node, layout, render
+from proxy.config import Settings
+from tests.conftest import start_proxy
+from tests.proxy.traffic import PAYLOAD, workload
+
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture
+def proxy_settings(upstream, tmp_path) -> Settings:
+    return Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/preheat.db", admin_token=TOKEN)
+
+
+async def _get(proxy, path: str, **kw) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.get(proxy.url + path, **kw)
+
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize("path", ["/admin", "/admin.json", "/admin/sessions", "/admin/templates.json"])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Cookie": "preheat_admin=wrong"}])
+async def test_without_the_token_every_page_is_refused(proxy, path, headers):
+    r = await _get(proxy, path, headers=headers)
+    assert r.status_code == 401
+    assert "WWW-Authenticate" in r.headers
+    if path.endswith(".json"):
+        assert r.json()["error"]["code"] == 401
+
+
+async def test_token_in_the_query_becomes_a_cookie(proxy):
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.get(proxy.url + f"/admin/sessions?token={TOKEN}")
+        assert r.status_code == 302 and r.headers["Location"] == "/admin/sessions"
+        cookie = r.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/admin" in cookie
+        r = await client.get(proxy.url + "/admin/sessions")  # the cookie alone lets it in
+        assert r.status_code == 200 and "text/html" in r.headers["Content-Type"]
+        assert "script-src" not in r.headers["Content-Security-Policy"]  # default-src 'none'
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+
+
+async def test_a_generated_token_is_logged(upstream, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="preheat.admin")
+    running = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db"))
+    try:
+        token = running.app[ADMIN_TOKEN]
+        assert len(token) >= 24
+        assert f"token={token}" in caplog.text
+        r = await _get(running, "/admin.json", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_every_page_and_its_json_twin(proxy, upstream):
+    await workload(proxy.url)
+    proxy.observer.flush()
+    before = proxy.store().count()["exchanges"]
+    seen_upstream = upstream.requests
+
+    overview = (await _get(proxy, "/admin.json", headers=BEARER)).json()
+    assert overview["counts"]["exchanges"] == before == 18
+    assert overview["tokens"]["prompt"] > 0 and overview["engine"] is None
+
+    sessions = (await _get(proxy, "/admin/sessions.json", headers=BEARER)).json()["sessions"]
+    assert sorted(s["calls"] for s in sessions) == [2, 3, 3, 3, 3, 4]
+    templates = (await _get(proxy, "/admin/templates.json", headers=BEARER)).json()
+    assert templates["templates"], "the learner found call templates"
+    flows = (await _get(proxy, "/admin/workflows.json", headers=BEARER)).json()["workflows"]
+    assert flows
+
+    session = (await _get(proxy, f"/admin/sessions/{sessions[0]['id']}.json", headers=BEARER)).json()
+    assert session["timed"] and all(c["end"] > c["start"] for c in session["calls"])
+    assert [c["gap_before"] is None for c in session["calls"]][0]
+    assert all(c["gap_before"] > 0 for c in session["calls"][1:])
+
+    pages = ["/admin", "/admin/templates", "/admin/workflows", "/admin/sessions",
+             f"/admin/templates/{templates['templates'][0]['id']}",
+             f"/admin/workflows/{flows[0]['id']}", f"/admin/sessions/{sessions[0]['id']}",
+             f"/admin/exchanges/{session['calls'][0]['id']}"]
+    for page in pages:
+        html = await _get(proxy, page, headers=BEARER)
+        data = await _get(proxy, page + ".json", headers=BEARER)
+        assert html.status_code == data.status_code == 200, page
+        assert html.text.startswith("<!doctype html>") and "<script" not in html.text.lower()
+        assert isinstance(data.json(), dict)
+
+    # None of it went upstream or into the store.
+    for path in ("/admin/nothing-here", "/admin/templates/nope", "/admin/exchanges/nope.json"):
+        assert (await _get(proxy, path, headers=BEARER)).status_code == 404
+    async with httpx.AsyncClient() as client:
+        r = await client.post(proxy.url + "/admin/sessions", headers=BEARER, json={})
+    assert r.status_code == 405
+    assert upstream.requests == seen_upstream
+    assert proxy.store().count()["exchanges"] == before
+
+
+async def test_captured_text_is_escaped(proxy):
+    await workload(proxy.url)
+    proxy.observer.flush()
+    sessions = (await _get(proxy, "/admin/sessions.json", headers=BEARER)).json()["sessions"]
+    hostile = next(s for s in sessions if s["calls"] == 2)
+    session = (await _get(proxy, f"/admin/sessions/{hostile['id']}.json", headers=BEARER)).json()
+    page = (await _get(proxy, f"/admin/exchanges/{session['calls'][-1]['id']}",
+                       headers=BEARER)).text
+    assert "&lt;script&gt;alert(&quot;xss&quot;)&lt;/script&gt;" in page
+    assert PAYLOAD not in page and "<img" not in page
+
+
+def test_graph_layout_of_26_nodes_has_no_overlaps():
+    nodes = [Node(f"t{i}", f"template {i}", entry=i == 0) for i in range(26)]
+    edges = [Edge(f"t{i // 3}", f"t{i}", "50%", 0.5) for i in range(1, 26)]
+    edges += [Edge("t20", "t1", "back", 0.3), Edge("t5", "t5", "loop", 0.4)]
+    lay = layout(nodes, edges)
+    boxes = list(lay.boxes.values())
+    assert len(boxes) == 26
+    for i, (x1, y1) in enumerate(boxes):
+        for x2, y2 in boxes[i + 1:]:
+            assert abs(x1 - x2) >= NODE_W or abs(y1 - y2) >= NODE_H
+        assert 0 <= x1 <= lay.width - NODE_W and 0 <= y1 <= lay.height - NODE_H
+    assert len(lay.routes) == len(edges)
+    svg = render(nodes, edges)
+    assert len(re.findall(r'<g class="g-node', svg)) == 26
+    assert svg.count('class="g-edge') == len(edges)
