@@ -1,0 +1,390 @@
+"""Run vLLM's OpenAI server as a child process and keep it alive.
+
+    engine = Engine("/path/to/model", kv_cache_bytes=64 << 20)
+    await engine.start()          # waits for /health; EngineError with advice on failure
+    engine.base_url               # http://127.0.0.1:PORT
+    ...
+    await engine.stop()           # SIGTERM, wait, SIGKILL
+
+The engine runs with prefix caching, per-request cached-token counts, priority scheduling and
+KV-cache events published over ZMQ to `kv_events_endpoint` (a `KVMirror` binds it; vLLM
+connects, so restarts need no new port). On machines with vLLM's CPU build it also gets
+bf16, eager mode and an in-process worker (notes/vllm-on-cpu.md). Extra flags pass through
+after ours, so they win.
+
+States: starting -> ready -> (restarting -> ready)* -> stopped; "failed" when a restart gave
+up. A watcher notices the child dying (or /health failing for long) and restarts it with
+exponential backoff. Listeners added with `add_listener` hear every state change; the KV
+mirror uses that to forget a dead engine's cache.
+
+Logs go to `<work_dir>/engine.log`; `last_log_lines(n)` reads its tail. `work_dir` also holds
+TMPDIR and vLLM's caches, and is deleted on stop when the engine made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from engine import process
+from engine.errors import EngineError, diagnose
+
+log = logging.getLogger(__name__)
+
+STATES = ("starting", "ready", "restarting", "stopped", "failed")
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The engine's KV cache, as its /metrics reports it."""
+
+    block_size: int  # tokens per block
+    num_blocks: int  # blocks in the cache
+
+KV_EVENTS_TOPIC = "kv-events"
+Listener = Callable[["Engine", str], None]
+
+
+class Engine:
+    """One supervised vLLM server. Not thread-safe: drive it from one event loop."""
+
+    def __init__(
+        self,
+        model: str,
+        engine_args: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        kv_cache_bytes: int | None = None,
+        max_model_len: int = 8192,
+        work_dir: Path | None = None,
+        health_timeout: float = 300,
+        *,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        max_restarts: int = 5,
+        stop_timeout: float = 15,
+    ) -> None:
+        self.model = str(model)
+        self.engine_args = tuple(engine_args)
+        self.host = host
+        self.kv_cache_bytes = kv_cache_bytes
+        self.max_model_len = max_model_len
+        self.health_timeout = health_timeout
+        self.python = python or sys.executable
+        self.extra_env = dict(env or {})
+        self.max_restarts = max_restarts
+        self.stop_timeout = stop_timeout
+        self._requested_port = port
+        self.port = port or 0
+        # Chosen now, so that a KV mirror can bind before the engine starts; kept across
+        # restarts, so that a restarted engine publishes where the mirror listens.
+        self._kv_port, self._replay_port = process.free_ports("127.0.0.1", 2)
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir else None
+        self._proc: process.Child | None = None
+        self._watcher: asyncio.Task | None = None
+        self._listeners: list[Listener] = []
+        self._state = "stopped"
+        self.restarts = 0
+        self.generation = 0  # incremented for each engine process started
+        self.cache: CacheInfo | None = None  # read from /metrics once the engine is healthy
+
+    # --- public contract -------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """One of "starting", "ready", "restarting", "stopped", "failed"."""
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "ready"
+
+    @property
+    def base_url(self) -> str:
+        """http://HOST:PORT of the engine's OpenAI server (no /v1)."""
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def kv_events_endpoint(self) -> str:
+        """ZMQ endpoint the engine publishes KV events to; the subscriber binds it."""
+        return f"tcp://127.0.0.1:{self._kv_port}"
+
+    @property
+    def kv_replay_endpoint(self) -> str:
+        """ZMQ ROUTER endpoint where missed KV-event batches can be asked for again."""
+        return f"tcp://127.0.0.1:{self._replay_port}"
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients put in "model" (vLLM's default: the --model argument)."""
+        args = list(self.engine_args)
+        for i, arg in enumerate(args):
+            if arg.startswith("--served-model-name="):
+                return arg.split("=", 1)[1]
+            if arg == "--served-model-name" and i + 1 < len(args):
+                return args[i + 1]
+        return self.model
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.alive() else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.work_dir / "engine.log" if self.work_dir else None
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(engine, state)` on every state change (from the event loop)."""
+        self._listeners.append(listener)
+
+    def last_log_lines(self, n: int = 20) -> list[str]:
+        """The last `n` lines the engine wrote (stdout and stderr), oldest first."""
+        return process.tail(self.log_path, n) if self.log_path else []
+
+    def command(self) -> list[str]:
+        """The argv the engine is started with (ports as chosen for the next start)."""
+        kv_config = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": self.kv_events_endpoint,
+            "replay_endpoint": self.kv_replay_endpoint,
+            "topic": KV_EVENTS_TOPIC,
+        }
+        argv = [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+            "--scheduling-policy", "priority",
+            "--kv-events-config", json.dumps(kv_config),
+            "--disable-uvicorn-access-log",
+        ]
+        if process.engine_flavour(self.python) == "cpu":
+            argv += ["--dtype", "bfloat16", "--enforce-eager"]
+        if self.kv_cache_bytes is not None:
+            argv += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+        return argv + list(self.engine_args)
+
+    async def start(self) -> None:
+        """Start the engine and wait until /health answers 200 (at most `health_timeout` s).
+
+        Raises EngineError, with what to do and the engine's last log lines, when the model
+        path does not exist, vLLM is not installed, the port is taken, or the engine exits or
+        stays unhealthy. Calling it on a running engine does nothing.
+        """
+        if self._state in ("starting", "ready", "restarting"):
+            return
+        self._preflight()
+        # Chosen once: a restarted engine keeps its URL.
+        self.port = self._requested_port or process.free_ports(self.host, 1)[0]
+        self.restarts = 0
+        self._set_state("starting")
+        try:
+            await self._launch()
+        except BaseException:
+            self._set_state("failed")
+            self._remove_work_dir()  # the error carries the log's last lines
+            raise
+        self._set_state("ready")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="engine-watch")
+
+    async def stop(self) -> None:
+        """Stop the engine: SIGTERM, wait up to `stop_timeout` s, then SIGKILL. Idempotent."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await self._terminate()
+        if self._state != "stopped":
+            self._set_state("stopped")
+        self._remove_work_dir()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _preflight(self) -> None:
+        if process.looks_like_path(self.model):
+            path = Path(self.model).expanduser()
+            if not path.is_dir() or not (path / "config.json").is_file():
+                what = "does not exist" if not path.exists() else "holds no config.json"
+                raise EngineError(
+                    f"Model path {self.model} {what}: build an offline model there with "
+                    f"`preheat tiny-model {self.model}` or name a real model "
+                    "(e.g. --model Qwen/Qwen2.5-0.5B-Instruct)."
+                )
+            self.model = str(path.absolute())
+            if process.is_random_weights(path):
+                log.warning(
+                    "model %s has random weights: it exists to try preheat and writes noise; "
+                    "name a real one with --model Qwen/Qwen2.5-0.5B-Instruct", self.model
+                )
+        if self._requested_port and not process.port_free(self.host, self._requested_port):
+            raise EngineError(
+                f"Port {self._requested_port} on {self.host} is already in use: stop what is "
+                "using it or choose another engine port (or leave it unset for a free one)."
+            )
+        if process.engine_flavour(self.python) is None:
+            raise EngineError(
+                "vLLM is not installed in this Python; install it with `make engine` "
+                f"(or `bash engine/install.sh {self.python}`)."
+            )
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="preheat-engine-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def _remove_work_dir(self) -> None:
+        if self._own_work_dir and self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+
+    async def _launch(self) -> None:
+        """Start one engine process and wait for its health; kill it if it never gets there."""
+        self.generation += 1
+        assert self.work_dir is not None
+        self._proc = process.Child.spawn(
+            self.command(), self.work_dir, self._env(), header=f"generation {self.generation}"
+        )
+        log.info("engine starting (pid %d, %s), log: %s", self._proc.pid, self.base_url,
+                 self.log_path)
+        try:
+            await self._wait_healthy()
+            self.cache = await self._read_cache_info()
+        except BaseException:
+            await self._terminate()
+            raise
+        log.info("engine ready at %s after %.1f s", self.base_url, self._proc.age())
+
+    async def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.health_timeout
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                code = self._proc.returncode()
+                if code is not None:
+                    raise diagnose(
+                        self.last_log_lines(400), code, self.port, self.last_log_lines(20)
+                    )
+                if await _healthy(client, self.base_url):
+                    return
+                if time.monotonic() > deadline:
+                    raise EngineError(
+                        f"The engine did not become healthy within {self.health_timeout:.0f} s: "
+                        "check the model and flags in its log below, or allow more time "
+                        "(health_timeout).",
+                        self.last_log_lines(20),
+                    )
+                await asyncio.sleep(0.25)
+
+    async def _read_cache_info(self) -> CacheInfo | None:
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                text = (await client.get(self.base_url + "/metrics")).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("vllm:cache_config_info{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                try:
+                    return CacheInfo(int(labels["block_size"]), int(labels["num_gpu_blocks"]))
+                except (KeyError, ValueError):
+                    return None
+        return None
+
+    async def _watch(self) -> None:
+        """Restart the engine when it dies; give up after `max_restarts` failed tries."""
+        unhealthy_since: float | None = None
+        last_probe = time.monotonic()
+        async with httpx.AsyncClient(timeout=10) as client:
+            while True:
+                await asyncio.sleep(0.5)
+                assert self._proc is not None
+                dead = self._proc.returncode() is not None
+                if not dead and time.monotonic() - last_probe >= 5:
+                    # A live process that stops answering /health for a minute is as dead.
+                    last_probe = time.monotonic()
+                    if await _healthy(client, self.base_url):
+                        unhealthy_since = None
+                    else:
+                        unhealthy_since = unhealthy_since or time.monotonic()
+                        dead = time.monotonic() - unhealthy_since > 60
+                if dead:
+                    unhealthy_since = None
+                    if not await self._restart():
+                        return
+
+    async def _restart(self) -> bool:
+        assert self._proc is not None
+        log.warning("engine died (exit %s); restarting", self._proc.returncode())
+        self._set_state("restarting")
+        await self._terminate()
+        backoff = 1.0
+        for attempt in range(1, self.max_restarts + 1):
+            self.restarts += 1
+            try:
+                await self._launch()
+            except EngineError as exc:
+                log.warning("engine restart %d failed: %s", attempt, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self._set_state("ready")
+            return True
+        log.error("engine gave up after %d restarts; see %s", self.max_restarts, self.log_path)
+        self._set_state("failed")
+        return False
+
+    async def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            await proc.terminate(self.stop_timeout)
+
+    def _env(self) -> dict[str, str]:
+        assert self.work_dir is not None
+        env = process.engine_env(self.work_dir, cpu=process.engine_flavour(self.python) == "cpu")
+        env.update(self.extra_env)
+        return env
+
+    def _set_state(self, state: str) -> None:
+        assert state in STATES
+        self._state = state
+        for listener in list(self._listeners):
+            try:
+                listener(self, state)
+            except Exception:  # a listener must never take the supervisor down
+                log.exception("engine state listener failed")
+
+
+async def _healthy(client: httpx.AsyncClient, base_url: str) -> bool:
+    try:
+        return (await client.get(base_url + "/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

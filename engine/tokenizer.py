@@ -1,0 +1,143 @@
+"""The engine's exact token ids for a prompt or a chat, through its `POST /tokenize`.
+
+    tok = EngineTokenizer.for_engine(engine)
+    ids = await tok.encode_chat(messages)          # chat template applied as the engine will
+    ids = await tok.encode_prompt("text")
+    ids = await tok.encode_request(chat_or_completion_body)
+
+Results are kept in an LRU keyed by the xxh3-128 hash of the canonical JSON of what was
+asked, and concurrent asks for the same content share one request. Each miss is an HTTP call
+to the engine (a millisecond or more), so this serves learning and warming, never the hot
+path of a proxied call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import xxhash
+
+from engine.errors import EngineRequestError
+
+if TYPE_CHECKING:
+    from engine.supervisor import Engine
+
+TokenIds = tuple[int, ...]
+# Fields of a chat request that change what the chat template renders.
+_CHAT_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt",
+                "continue_final_message", "documents", "chat_template")
+
+
+@dataclass(frozen=True)
+class TokenizerStats:
+    hits: int
+    misses: int
+    size: int
+
+
+def content_key(body: Mapping[str, Any]) -> bytes:
+    """xxh3-128 of the canonical JSON of `body`: equal content, equal key."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return xxhash.xxh3_128_digest(canonical.encode())
+
+
+class EngineTokenizer:
+    """Tokenize through one engine, cached. Safe to share within one event loop."""
+
+    def __init__(self, base_url: str, model: str, cache_size: int = 4096,
+                 timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.cache_size = cache_size
+        self._timeout = timeout
+        self._cache: OrderedDict[bytes, TokenIds] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[TokenIds]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._hits = self._misses = 0
+
+    @classmethod
+    def for_engine(cls, engine: Engine, **kw: Any) -> EngineTokenizer:
+        return cls(engine.base_url, engine.served_model_name, **kw)
+
+    async def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> TokenIds:
+        """Token ids of a completion prompt, as `/v1/completions` would see it."""
+        return await self._tokenize({"prompt": prompt, "add_special_tokens": add_special_tokens})
+
+    async def encode_chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> TokenIds:
+        """Token ids of a chat after the engine's chat template (with the generation prompt
+        unless `add_generation_prompt=False`). `options`: tools, chat_template_kwargs, ..."""
+        return await self._tokenize({"messages": list(messages), **options})
+
+    async def encode_request(self, body: Mapping[str, Any]) -> TokenIds:
+        """Token ids of the prompt of a chat-completions or completions request body."""
+        if "messages" in body:
+            options = {k: body[k] for k in _CHAT_FIELDS if body.get(k) is not None}
+            return await self.encode_chat(body["messages"], **options)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return await self.encode_prompt(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return tuple(prompt)
+        raise ValueError("the request has neither messages nor a single prompt to tokenize")
+
+    def stats(self) -> TokenizerStats:
+        return TokenizerStats(self._hits, self._misses, len(self._cache))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # --- internals --------------------------------------------------------------------------
+
+    async def _tokenize(self, body: dict[str, Any]) -> TokenIds:
+        key = content_key(body)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self._hits += 1
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self._hits += 1
+            return await asyncio.shield(pending)
+        self._misses += 1
+        future: asyncio.Future[TokenIds] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            ids = await self._post(body)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved here, so no "never retrieved" warning
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(ids)
+        self._cache[key] = ids
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return ids
+
+    async def _post(self, body: dict[str, Any]) -> TokenIds:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout)
+        try:
+            response = await self._client.post("/tokenize", json={"model": self.model, **body})
+        except httpx.HTTPError as exc:
+            raise EngineRequestError(
+                f"the engine could not be reached to tokenize: {exc!r}") from exc
+        if response.status_code != 200:
+            raise EngineRequestError(
+                f"the engine refused to tokenize ({response.status_code}): {response.text[:300]}",
+                response.status_code,
+            )
+        return tuple(response.json()["tokens"])

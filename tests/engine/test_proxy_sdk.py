@@ -1,0 +1,67 @@
+"""The official `openai` SDK through the preheat proxy in front of the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"),
+              pytest.mark.timeout(300)]
+
+server = pytest.importorskip("proxy.server", reason="the proxy is not built yet")
+config = pytest.importorskip("proxy.config")
+
+
+@pytest_asyncio.fixture(loop_scope="session")  # the loop the engine's tasks live on
+async def proxy_url(running, tmp_path):
+    settings = config.Settings(upstream=running.engine.base_url, db=f"sqlite:///{tmp_path}/p.db")
+    runner = web.AppRunner(server.build_app(settings), access_log=None,
+                           **getattr(server, "SERVER_KWARGS", {}))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
+def sync_calls(url: str, model: str) -> None:
+    client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+    try:
+        assert model in [m.id for m in client.models.list()]
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=5)
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 5
+        # A long prompt sent twice: the engine's prefix cache shows through the proxy.
+        prompt = [random.Random(10).randrange(100, 16000) for _ in range(400)]
+        hits = [client.completions.create(model=model, prompt=prompt, max_tokens=1)
+                .usage.prompt_tokens_details.cached_tokens for _ in range(2)]
+        assert hits == [0, 384]
+    finally:
+        client.close()
+
+
+async def test_sync_client_through_proxy(running, proxy_url):
+    # The proxy runs on this loop; the blocking client runs in a thread beside it.
+    await asyncio.to_thread(sync_calls, proxy_url, running.model)
+
+
+async def test_streaming_client_through_proxy(running, proxy_url):
+    client = openai.AsyncOpenAI(base_url=proxy_url, api_key="sk-test", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model=running.model, messages=[{"role": "user", "content": "Count to five"}],
+            max_tokens=8, stream=True, stream_options={"include_usage": True})
+        chunks, usage = 0, None
+        async for chunk in stream:
+            chunks += 1
+            usage = chunk.usage or usage
+        assert chunks >= 2 and usage is not None and 0 < usage.completion_tokens <= 8
+    finally:
+        await client.close()

@@ -1,0 +1,125 @@
+"""Bad input ends in one sentence of advice; a killed engine comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import sys
+
+import httpx
+import pytest
+
+from engine.errors import EngineError, diagnose
+from engine.supervisor import Engine
+
+async def start_error(engine: Engine) -> EngineError:
+    with pytest.raises(EngineError) as info:
+        await engine.start()
+    await engine.stop()
+    assert engine.pid is None
+    advice = info.value.advice  # one sentence: no traceback, no second line
+    assert "Traceback" not in advice and "\n" not in advice and advice.endswith(".")
+    return info.value
+
+
+async def test_model_path_that_does_not_exist(tmp_path):
+    error = await start_error(Engine(str(tmp_path / "nowhere")))
+    assert "does not exist" in error.advice and "preheat tiny-model" in error.advice
+
+
+async def test_model_folder_without_config(tmp_path):
+    error = await start_error(Engine(str(tmp_path)))
+    assert "holds no config.json" in error.advice
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """Enough of a model folder for the checks made before vLLM is started."""
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+async def test_port_in_use(model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        error = await start_error(Engine(str(model_dir), port=port))
+    assert f"Port {port}" in error.advice and "already in use" in error.advice
+
+
+async def test_vllm_not_installed(model_dir, tmp_path):
+    # The same interpreter without site-packages: no vLLM there.
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    bare.chmod(0o755)
+    error = await start_error(Engine(str(model_dir), python=str(bare)))
+    assert "not installed" in error.advice and "make engine" in error.advice
+
+
+@pytest.mark.parametrize(
+    ("log", "code", "expected"),
+    [
+        (["OSError: [Errno 98] Address already in use"], 1, "Port 8000 is already in use"),
+        (["ModuleNotFoundError: No module named 'vllm'"], 1, "not installed"),
+        (["ValueError: Invalid repository ID or local directory specified: 'x'"], 1,
+         "could not be found or downloaded"),
+        (["torch.OutOfMemoryError: CUDA out of memory."], 1, "ran out of memory"),
+        (["Transformers does not recognize this architecture"], 1, "cannot load"),
+        (["INFO starting", "RuntimeError: boom"], 1, "exited with code 1 during start-up "
+         "(RuntimeError: boom)"),
+        ([], -9, "was killed by signal 9"),
+    ],
+)
+def test_diagnose(log, code, expected):
+    error = diagnose(log, code, 8000, log[-1:])
+    assert expected in error.advice
+    assert str(error).startswith(error.advice)
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(120)
+async def test_engine_never_healthy(tiny_model):
+    error = await start_error(Engine(str(tiny_model), health_timeout=2))
+    assert "did not become healthy within 2 s" in error.advice
+    assert error.log_lines  # with the engine's last words
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(120)
+async def test_engine_exits_during_startup(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], '
+                                          '"model_type": "nosuch"}')
+    engine = Engine(str(tmp_path), health_timeout=100)
+    error = await start_error(engine)
+    assert "cannot load this model's architecture" in error.advice
+    assert engine.state == "stopped"
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.timeout(300)
+async def test_killed_engine_restarts_and_traffic_flows(running):
+    engine, mirror = running.engine, running.mirror
+    states: list[str] = []
+    engine.add_listener(lambda _, state: states.append(state))
+    generation, url = engine.generation, engine.base_url
+    os.kill(engine.pid, signal.SIGKILL)
+    for _ in range(600):
+        if states[-2:] == ["restarting", "ready"]:
+            break
+        await asyncio.sleep(0.2)
+    assert states[-2:] == ["restarting", "ready"] and engine.ready
+    assert engine.generation == generation + 1 and engine.base_url == url
+    assert mirror.known and mirror.stats().blocks == 0  # a new engine's cache is empty
+    prompt = [random.Random(9).randrange(100, 16000) for _ in range(300)]
+    async with httpx.AsyncClient(base_url=engine.base_url, timeout=60) as client:
+        for expected in (0, 256):
+            body = {"model": running.model, "prompt": prompt, "max_tokens": 1}
+            reply = (await client.post("/v1/completions", json=body)).json()
+            assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
+            await mirror.quiesce()
+    assert mirror.cached_prefix_tokens(prompt) == 256  # and the mirror follows the new one
