@@ -53,6 +53,7 @@ class CacheInfo:
     num_blocks: int  # blocks in the cache
 
 KV_EVENTS_TOPIC = "kv-events"
+CPU_DEFAULT_KV_BYTES = 1 << 30
 Listener = Callable[["Engine", str], None]
 
 
@@ -174,10 +175,17 @@ class Engine:
             "--kv-events-config", json.dumps(kv_config),
             "--disable-uvicorn-access-log",
         ]
+        kv_bytes = self.kv_cache_bytes
         if process.engine_flavour(self.python) == "cpu":
             argv += ["--dtype", "bfloat16", "--enforce-eager"]
-        if self.kv_cache_bytes is not None:
-            argv += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+            sized = any(a.startswith(("--kv-cache-memory", "--gpu-memory-utilization"))
+                        for a in self.engine_args)
+            if kv_bytes is None and not sized:
+                # The CPU build otherwise reserves 92% of the machine's memory for its cache
+                # and refuses to start beside anything else.
+                kv_bytes = CPU_DEFAULT_KV_BYTES
+        if kv_bytes is not None:
+            argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
         return argv + list(self.engine_args)
 
     async def start(self) -> None:

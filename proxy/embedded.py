@@ -17,8 +17,9 @@ DEMO_NOTICE = (
 
 
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    from engine.mirror import KVMirror
     from engine.supervisor import Engine
-    from proxy.server import ENGINE, SETTINGS
+    from proxy.server import ENGINE, MIRROR, SETTINGS
 
     settings = app[SETTINGS]
     model = settings.model
@@ -28,13 +29,17 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning(DEMO_NOTICE)
         model = str(await _in_thread(ensure_default_model))
     engine = Engine(model, engine_args=list(settings.engine_args))
-    await engine.start()
-    app[ENGINE] = engine
-    log.info("engine ready at %s (model %s)", engine.base_url, model)
+    mirror = KVMirror.for_engine(engine)
+    await mirror.start()  # before the engine, so its first events are seen
     try:
+        await engine.start()
+        app[ENGINE] = engine
+        app[MIRROR] = mirror
+        log.info("engine ready at %s (model %s)", engine.base_url, model)
         yield
     finally:
         await engine.stop()
+        await mirror.stop()
 
 
 async def _in_thread(fn):

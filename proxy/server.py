@@ -38,6 +38,8 @@ ADMISSION = web.AppKey("admission", Admission)
 ADMITTED_PATHS = ("/v1/chat/completions", "/v1/responses")
 ENGINE = web.AppKey("engine", object)
 """The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
+MIRROR = web.AppKey("kv_mirror", object)
+"""The mirror of the embedded engine's KV cache (engine/mirror.py)."""
 
 # Bodies up to this size are read whole (and forwarded with their Content-Length);
 # larger ones stream through as they arrive.
