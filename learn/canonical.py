@@ -61,10 +61,9 @@ def message_key(message: dict) -> str:
         item = {k: v for k, v in message.items() if k not in ("id", "status")}
         return xxhash.xxh3_64_hexdigest(canonical_json(item))
     calls = []
-    for call in message.get("tool_calls") or []:
-        if isinstance(call, dict):
-            fn = call.get("function") or {}
-            calls.append([call.get("id"), fn.get("name"), fn.get("arguments")])
+    for call in tool_calls_of(message):
+        fn = function_of(call)
+        calls.append([call.get("id"), fn.get("name"), fn.get("arguments")])
     key = [
         message.get("role"),
         message_text(message),
@@ -76,6 +75,18 @@ def message_key(message: dict) -> str:
     if others:  # two messages with different images must not look alike
         key.append(others)
     return xxhash.xxh3_64_hexdigest(canonical_json(key))
+
+
+def function_of(call: object) -> dict:
+    """The `function` of a tool call, or {} when a client sent something else there."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    return fn if isinstance(fn, dict) else {}
+
+
+def tool_calls_of(message: dict) -> list[dict]:
+    """A message's tool calls that are dicts (clients send odd things)."""
+    calls = message.get("tool_calls")
+    return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
 
 
 def _non_text_parts(message: dict) -> list:

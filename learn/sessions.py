@@ -6,12 +6,20 @@ case is inference: inside one agent loop each call's messages are the previous c
 messages, plus its answer, plus tool results. The linker remembers a hash chain of every
 (messages + answer) it has seen and links a new call to the longest one its messages start
 with. Time and memory are linear in the number of messages of the call.
+
+Some agents rewrite their history: SWE-agent replaces old tool output with "Old environment
+output: (N lines omitted)", so the prompt stops being an exact continuation. For those the
+linker also remembers, per conversation opening (the first two messages), the message keys of
+each session's latest conversation. A call whose exact link is missing or stale (answers in
+its prompt come after the linked conversation) is linked to the longest remembered
+conversation it extends position by position: same opening, every earlier answer at its
+place, most other messages equal. Such links say `rewritten=True`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Protocol
 
 import xxhash
@@ -49,9 +57,11 @@ class SessionLink:
     source: str
     """'header:<name>', 'body:<field>', 'prefix' (continues `parent`), or 'new'."""
     parent: str | None = None
-    """The exchange this call continues, when inferred by prefix."""
+    """The exchange this call continues, found by prefix (whatever gave the session id)."""
     continued: int = 0
     """How many of this call's messages the parent's messages and answer account for."""
+    rewritten: bool = False
+    """The agent rewrote part of that history (e.g. elided old tool output) before resending."""
 
 
 def prefix_chain(messages: Iterable[dict], start: str) -> list[str]:
@@ -60,36 +70,50 @@ def prefix_chain(messages: Iterable[dict], start: str) -> list[str]:
     `start` is the hash the chain continues from: `seed_hash(tenant)` for a whole prompt,
     or the last element of another chain to extend it.
     """
-    out: list[str] = []
-    h = start
-    for m in messages:
-        h = xxhash.xxh3_64_hexdigest((h + message_key(m)).encode())
-        out.append(h)
-    return out
+    return prefix_chain_keys((message_key(m) for m in messages), start)
 
 
 class SessionLinker:
     """Assigns each finished call to a session. Not thread-safe: one caller feeds it in order."""
 
-    def __init__(self, window: int = 200_000) -> None:
+    def __init__(self, window: int = 200_000, heads: int = 20_000, per_head: int = 16) -> None:
         self.window = window
+        self.heads = heads
+        self.per_head = per_head
         self._by_prefix: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._by_response: OrderedDict[str, str] = OrderedDict()
+        # opening hash -> session -> (call id, message keys of messages + answer)
+        self._by_head: OrderedDict[str, OrderedDict[str, tuple[str, tuple[str, ...]]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_prefix)
 
     def link(self, call: CallLike) -> SessionLink:
+        return self.link_keys(call, [message_key(m) for m in call.messages])
+
+    def link_keys(self, call: CallLike, keys: list[str]) -> SessionLink:
+        """`link` for a caller that already has the message keys of `call.messages`."""
         messages = call.messages
         start = seed_hash(call.tenant or "")
-        chain = prefix_chain(messages, start)
-        result = self._explicit(call) or self._continuation(chain) or SessionLink(
-            session_id="s-" + call.id, source="new"
-        )
+        chain = prefix_chain_keys(keys, start)
+        explicit = self._explicit(call)
+        found = self._continuation(chain)
+        if _stale(found, messages):
+            found = self._rewritten(chain, keys, messages) or found
+        if explicit is not None:
+            result = explicit
+            if found is not None:
+                result = replace(explicit, parent=found.parent, continued=found.continued,
+                                 rewritten=found.rewritten)
+        else:
+            result = found or SessionLink(session_id="s-" + call.id, source="new")
         if call.answer is not None:
             # What the next call of this conversation will start with: these messages + answer.
-            full = prefix_chain([call.answer], chain[-1] if chain else start)
+            answer_key = message_key(call.answer)
+            full = prefix_chain_keys([answer_key], chain[-1] if chain else start)
             self._remember(self._by_prefix, full[0], (result.session_id, call.id, len(messages) + 1))
+            if len(chain) >= 2:
+                self._remember_head(chain[1], result.session_id, call.id, (*keys, answer_key))
         if call.response_id:
             self._remember(self._by_response, call.response_id, result.session_id)
         return result
@@ -119,11 +143,65 @@ class SessionLinker:
                 return SessionLink(session_id, "prefix", parent=parent, continued=k + 1)
         return None
 
+    def _rewritten(self, chain: list[str], keys: list[str], messages: list[dict]) -> SessionLink | None:
+        """The longest remembered conversation this call extends despite rewritten messages."""
+        if len(chain) < 2:
+            return None
+        sessions = self._by_head.get(chain[1])
+        if not sessions:
+            return None
+        answers = {i for i, m in enumerate(messages) if m.get("role") == "assistant"}
+        best: tuple[int, int, str, str] | None = None
+        for session_id, (call_id, conv) in sessions.items():
+            n = len(conv)
+            if n >= len(keys) or keys[n - 1] != conv[n - 1]:
+                continue  # must extend it, with its answer re-sent in place
+            if any(keys[i] != conv[i] for i in answers if i < n):
+                continue  # earlier answers are never rewritten by the agents we know
+            same = sum(1 for a, b in zip(conv, keys) if a == b)
+            if same * 2 < n:
+                continue
+            if best is None or (n, same) > best[:2]:
+                best = (n, same, session_id, call_id)
+        if best is None:
+            return None
+        n, _, session_id, call_id = best
+        return SessionLink(session_id, "prefix", parent=call_id, continued=n, rewritten=True)
+
     def _remember(self, table: OrderedDict, key: str, value: object) -> None:
         table[key] = value
         table.move_to_end(key)
         while len(table) > self.window:
             table.popitem(last=False)
+
+    def _remember_head(self, head: str, session_id: str, call_id: str, conv: tuple[str, ...]) -> None:
+        sessions = self._by_head.get(head)
+        if sessions is None:
+            sessions = self._by_head[head] = OrderedDict()
+            while len(self._by_head) > self.heads:
+                self._by_head.popitem(last=False)
+        else:
+            self._by_head.move_to_end(head)
+        sessions[session_id] = (call_id, conv)
+        sessions.move_to_end(session_id)
+        while len(sessions) > self.per_head:
+            sessions.popitem(last=False)
+
+
+def _stale(found: SessionLink | None, messages: list[dict]) -> bool:
+    """No exact link, or one to an older step: answers follow the linked conversation."""
+    start = 0 if found is None else found.continued
+    return any(m.get("role") == "assistant" for m in messages[start:])
+
+
+def prefix_chain_keys(keys: Iterable[str], start: str) -> list[str]:
+    """`prefix_chain` over message keys already computed."""
+    out: list[str] = []
+    h = start
+    for k in keys:
+        h = xxhash.xxh3_64_hexdigest((h + k).encode())
+        out.append(h)
+    return out
 
 
 def seed_hash(seed: str) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session as OrmSession
 from learn.canonical import canonical_json, content_hash, dumps, loads
 from proxy.exchange import EXCHANGE_VERSION, Exchange
 from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Session
+import storage.learned  # noqa: F401  (registers its tables)
 
 
 class StoreError(Exception):

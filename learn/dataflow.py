@@ -1,0 +1,161 @@
+"""Data flow: which earlier answers a new prompt contains.
+
+Multi-agent workflows pass answers on by pasting them into the next agent's prompt (a
+summariser reads the experts, a debater reads the others, a crew agent reads a hand-off).
+Finding that by substring search against every recent answer would cost answers x prompt.
+Instead text is cut into content-defined chunks (lines, and sentences of long lines: cut at
+newlines, escaped newlines and ". "; at least `min_chunk` characters), each answer's chunks go
+into a hash index, and a prompt's chunks are looked up there: one dict lookup per sentence of
+new text. Cutting uses `str.split` only (a regex would cost 8x as much on a long prompt).
+
+An answer counts as a source when at least `min_share` of its indexed text is found in the
+prompt. Chunks an answer copied from its own prompt (a quoted sentence of a shared document)
+are not indexed: they are not the answer's own information and would link every later call
+that sees the same document. They are remembered, though: when a prompt contains answer B
+and B kept sentences of an earlier answer A (a revision keeps most of the draft), those
+sentences came through B, and do not make A a source as well. Chunks that many answers share
+(boilerplate) are dropped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+from learn.canonical import function_of, message_text, tool_calls_of
+
+_TRIM = " \t\r>*-#\"'`|:,.!?;"
+
+
+@dataclass(frozen=True)
+class FlowSource:
+    call: str
+    """The exchange whose answer the prompt contains."""
+    share: float
+    """Share of that answer's (indexed) text found in the prompt."""
+
+
+def chunks(text: str, min_chunk: int = 24, limit: int = 1_000_000) -> dict[int, int]:
+    """Content-defined chunks of a text: hash -> length. Short pieces are ignored."""
+    out: dict[int, int] = {}
+    for line in text[:limit].replace("\\n", "\n").split("\n"):
+        if len(line) < min_chunk:
+            continue
+        for piece in line.split(". ") if len(line) > 2 * min_chunk else (line,):
+            piece = piece.strip(_TRIM)
+            if len(piece) >= min_chunk:
+                out[hash(piece)] = len(piece)
+    return out
+
+
+def answer_text(answer: dict | None) -> str:
+    """An answer's text plus the arguments of its tool calls (hand-offs travel in both)."""
+    if not isinstance(answer, dict):
+        return ""
+    text = message_text(answer)
+    args = [str(function_of(c).get("arguments") or "") for c in tool_calls_of(answer)]
+    return "\n".join([text, *args]) if args else text
+
+
+class _Answer:
+    __slots__ = ("session", "ended", "chunks", "size", "copied")
+
+    def __init__(self, session: str, ended: float, chunks: dict[int, int], copied: frozenset) -> None:
+        self.session, self.ended, self.chunks, self.copied = session, ended, chunks, copied
+        self.size = sum(chunks.values())
+
+
+class FlowIndex:
+    """Recent answers, indexed by chunk. Not thread-safe; memory bounded by `window` answers."""
+
+    def __init__(self, window: int = 20_000, min_chunk: int = 24, min_share: float = 0.5,
+                 horizon: float = 6 * 3600.0, max_sharing: int = 8, cache: int = 50_000) -> None:
+        self.window = window
+        self.min_chunk = min_chunk
+        self.min_share = min_share
+        self.horizon = horizon
+        self.max_sharing = max_sharing
+        self._answers: OrderedDict[str, _Answer] = OrderedDict()
+        self._index: dict[int, list[str]] = {}
+        self._common: OrderedDict[int, None] = OrderedDict()
+        self._message_chunks: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def message_chunks(self, message: dict, key: str) -> dict[int, int]:
+        """Chunks of one prompt message, cached by its content key."""
+        hit = self._message_chunks.get(key)
+        if hit is not None:
+            self._message_chunks.move_to_end(key)
+            return hit
+        text = message_text(message)
+        if not text and "output" in message:  # a Responses API function_call_output
+            text = str(message.get("output"))
+        found = chunks(text, self.min_chunk)
+        self._message_chunks[key] = found
+        if len(self._message_chunks) > self._cache:
+            self._message_chunks.popitem(last=False)
+        return found
+
+    def sources(self, prompt: Iterable[dict[int, int]], session: str,
+                started: float) -> list[FlowSource]:
+        """Earlier answers (of other sessions, finished before `started`) this prompt contains."""
+        found: dict[str, list[tuple[int, int]]] = {}
+        for part in prompt:
+            for h, size in part.items():
+                for call in self._index.get(h, ()):
+                    found.setdefault(call, []).append((h, size))
+        live = {}
+        for call, hits in found.items():
+            ans = self._answers.get(call)
+            if ans is None or ans.session == session or ans.ended > started + 1e-3:
+                continue
+            if started - ans.ended <= self.horizon and sum(n for _, n in hits) >= self.min_share * ans.size:
+                live[call] = (ans, hits)
+        relayed = set().union(*(ans.copied for ans, _ in live.values())) if live else set()
+        out = []
+        for call, (ans, hits) in live.items():
+            own = sum(n for h, n in hits if h not in relayed or h in ans.copied)
+            share = min(1.0, own / ans.size)
+            if share >= self.min_share:
+                out.append(FlowSource(call, round(share, 3)))
+        out.sort(key=lambda s: (-s.share, s.call))
+        return out
+
+    def remember(self, call: str, session: str, ended: float, answer: dict | None,
+                 own_prompt: Iterable[dict[int, int]]) -> None:
+        """Index an answer, less whatever it copied from its own prompt."""
+        mine = chunks(answer_text(answer), self.min_chunk)
+        if not mine:
+            return
+        copied: set[int] = set()
+        for part in own_prompt:
+            for h in part.keys() & mine.keys():
+                del mine[h]
+                copied.add(h)
+        mine = {h: n for h, n in mine.items() if h not in self._common}
+        if not mine:
+            return
+        self._answers[call] = _Answer(session, ended, mine, frozenset(copied))
+        for h in mine:
+            bucket = self._index.setdefault(h, [])
+            bucket.append(call)
+            if len(bucket) > self.max_sharing:  # boilerplate: says nothing about who said it
+                del self._index[h]
+                self._common[h] = None
+                if len(self._common) > self.window:
+                    self._common.popitem(last=False)
+        while len(self._answers) > self.window:
+            old, ans = self._answers.popitem(last=False)
+            for h in ans.chunks:
+                bucket = self._index.get(h)
+                if bucket is not None and old in bucket:
+                    bucket.remove(old)
+                    if not bucket:
+                        del self._index[h]
+
+    def index_size(self) -> int:
+        return len(self._index)

@@ -1,0 +1,107 @@
+"""Data flow: which earlier answers a prompt contains."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from learn.dataflow import FlowIndex, chunks
+
+WORDS = "market revenue growth margin risk policy customer supply demand contract forecast quarter".split()
+
+
+def paragraph(rng: random.Random, sentences: int = 5) -> str:
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+                    for _ in range(sentences))
+
+
+def answer(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def prompt_chunks(flow: FlowIndex, *texts: str) -> list[dict[int, int]]:
+    return [flow.message_chunks({"role": "user", "content": t}, f"k{hash(t)}") for t in texts]
+
+
+@pytest.mark.parametrize("wrap", [
+    pytest.param(lambda a: f"The experts said:\n\n## expert\n{a}\n\nSummarize.", id="pasted"),
+    pytest.param(lambda a: "> " + a.replace("\n", "\n> "), id="quoted"),
+    pytest.param(lambda a: json.dumps({"handoff": a})[1:-1], id="json-escaped"),
+])
+def test_an_answer_pasted_into_a_prompt_is_found(wrap):
+    rng = random.Random(1)
+    flow = FlowIndex()
+    texts = [paragraph(rng).replace(". ", ".\n", 2) for _ in range(6)]
+    for i, text in enumerate(texts):
+        flow.remember(f"e{i}", f"s{i}", ended=10.0, answer=answer(text), own_prompt=[])
+    found = flow.sources(prompt_chunks(flow, wrap(texts[2]), wrap(texts[4])), session="sum", started=11.0)
+    assert {s.call for s in found} == {"e2", "e4"}
+    assert all(s.share >= 0.5 for s in found)
+
+
+@pytest.mark.parametrize("case", ["same_session", "not_yet_finished", "too_little_of_it"])
+def test_what_is_not_data_flow(case):
+    rng = random.Random(2)
+    flow = FlowIndex()
+    text = paragraph(rng, 6)
+    flow.remember("a", "s1", ended=10.0, answer=answer(text), own_prompt=[])
+    session, started, shown = "s2", 11.0, text
+    if case == "same_session":
+        session = "s1"  # a conversation contains its own answers: that is continuation
+    elif case == "not_yet_finished":
+        started = 9.0
+    else:
+        shown = text.split(". ")[0] + "."  # one sentence of six
+    assert flow.sources(prompt_chunks(flow, shown), session, started) == []
+
+
+def test_sentences_copied_from_the_own_prompt_are_not_indexed():
+    rng = random.Random(3)
+    flow = FlowIndex()
+    document = paragraph(rng, 8)
+    quote = document.split(". ")[3]
+    own = prompt_chunks(flow, "Document:\n" + document)
+    flow.remember("expert", "s1", 10.0, answer(f"{quote}.\nThe rest is mine alone here."), own)
+    # a later call that shows the same document (not the expert's answer) is not fed by it
+    assert flow.sources(prompt_chunks(flow, "Document:\n" + document), "s2", 20.0) == []
+
+
+def test_boilerplate_shared_by_many_answers_is_dropped():
+    rng = random.Random(4)
+    flow = FlowIndex(max_sharing=3)
+    boiler = "Let me know if there is anything else I can help you with today"
+    for i in range(6):
+        flow.remember(f"a{i}", f"s{i}", 1.0, answer(f"{paragraph(rng, 1)}\n{boiler}."), [])
+    assert flow.sources(prompt_chunks(flow, boiler), "x", 5.0) == []
+
+
+def test_window_bounds_memory():
+    rng = random.Random(5)
+    flow = FlowIndex(window=20)
+    for i in range(200):
+        flow.remember(f"a{i}", f"s{i}", 1.0, answer(paragraph(rng, 3)), [])
+    assert len(flow) == 20
+    assert flow.index_size() <= 20 * 3
+
+
+def test_chunks_skip_short_pieces():
+    assert chunks("ok.\nyes\nshort one") == {}
+    assert len(chunks("This sentence is certainly long enough. And so is this second one here.")) == 2
+
+
+def test_sentences_relayed_by_a_revision_credit_the_revision_only():
+    rng = random.Random(6)
+    flow = FlowIndex()
+    draft = [paragraph(rng, 1) for _ in range(6)]
+    flow.remember("draft", "s1", 10.0, answer("\n".join(draft)), [])
+    kept = draft[:4] + [paragraph(rng, 1) for _ in range(3)]  # the revision keeps most of the draft
+    flow.remember("revision", "s2", 20.0, answer("\n".join(kept)), prompt_chunks(flow, "\n".join(draft)))
+    found = flow.sources(prompt_chunks(flow, "Current version:\n" + "\n".join(kept)), "s3", 30.0)
+    assert [s.call for s in found] == ["revision"]
+    # another answer pasted beside the revision is still a source of its own
+    other = paragraph(rng, 4)
+    flow.remember("other", "s4", 25.0, answer(other), [])
+    both = prompt_chunks(flow, "\n".join(kept), other)
+    assert {s.call for s in flow.sources(both, "s3", 30.0)} == {"revision", "other"}

@@ -1,0 +1,91 @@
+"""Session linking: explicit ids, prefix continuation, and histories the agent rewrote."""
+
+from __future__ import annotations
+
+import pytest
+
+from learn.sessions import SessionLinker
+from tests.learn.helpers import chat, say, swe_steps, tool_call
+
+SYSTEM = {"role": "system", "content": "You are a careful coding agent."}
+TASK = {"role": "user", "content": "Fix the failing test in utils.py."}
+
+
+@pytest.mark.parametrize("headers, body, source", [
+    ([("X-Session-ID", "abc")], {}, "header:x-session-id"),
+    ([("x-claude-code-session-id", "abc")], {}, "header:x-claude-code-session-id"),
+    ([], {"prompt_cache_key": "abc"}, "body:prompt_cache_key"),
+    ([], {"user": "abc"}, "body:user"),
+])
+def test_explicit_ids_are_believed(headers, body, source):
+    link = SessionLinker().link(chat([SYSTEM, TASK], say("ok"), headers=headers, **body))
+    assert (link.session_id, link.source) == ("abc", source)
+
+
+def test_a_conversation_links_by_prefix_and_names_its_parent():
+    linker = SessionLinker()
+    first = chat([SYSTEM, TASK], tool_call("read", "c1"))
+    second = chat([SYSTEM, TASK, first.answer, {"role": "tool", "tool_call_id": "c1", "content": "..."}],
+                  say("done"))
+    a, b = linker.link(first), linker.link(second)
+    assert a.source == "new" and b.source == "prefix"
+    assert (b.session_id, b.parent, b.continued, b.rewritten) == (a.session_id, first.id, 3, False)
+
+
+def test_an_explicit_session_still_names_the_call_it_continues():
+    linker = SessionLinker()
+    first = chat([SYSTEM, TASK], say("which file?"), headers=[("X-Session-ID", "s")])
+    second = chat([SYSTEM, TASK, first.answer, {"role": "user", "content": "utils.py"}], say("ok"),
+                  headers=[("X-Session-ID", "s")])
+    linker.link(first)
+    link = linker.link(second)
+    assert (link.session_id, link.source, link.parent) == ("s", "header:x-session-id", first.id)
+
+
+def test_tenants_never_share_sessions():
+    linker = SessionLinker()
+    first = chat([SYSTEM, TASK], say("which file?"), tenant="t1")
+    linker.link(first)
+    other = chat([SYSTEM, TASK, first.answer, {"role": "user", "content": "utils.py"}], say("ok"), tenant="t2")
+    assert linker.link(other).source == "new"
+
+
+def test_responses_api_previous_response_id():
+    linker = SessionLinker()
+    first = chat([TASK], path="/v1/responses")
+    first.response_id = "resp_1"
+    a = linker.link(first)
+    second = chat([TASK], path="/v1/responses", previous_response_id="resp_1")
+    assert linker.link(second).session_id == a.session_id
+
+
+def test_swe_agent_rewritten_history_still_links_every_step():
+    steps = swe_steps()
+    if steps is None:
+        pytest.skip("../shared/workloads is absent")
+    linker = SessionLinker()
+    links, calls = [], []
+    for step in steps:
+        call = chat(step["messages"][:-2], step["messages"][-2])  # the step's prompt and its answer
+        calls.append(call)
+        links.append(linker.link(call))
+    assert len({link.session_id for link in links}) == 1
+    assert [link.parent for link in links[1:]] == [c.id for c in calls[:-1]]
+    assert any(link.rewritten for link in links)  # SWE-agent elided old tool output on the way
+
+
+def test_a_new_conversation_with_the_same_opening_is_not_a_continuation():
+    linker = SessionLinker()
+    first = chat([SYSTEM, TASK], tool_call("read", "c1"))
+    linker.link(first)
+    other_answer = tool_call("grep", "c9")
+    rerun = chat([SYSTEM, TASK, other_answer, {"role": "tool", "tool_call_id": "c9", "content": "x"}], say("ok"))
+    assert linker.link(rerun).source == "new"
+
+
+def test_memory_is_bounded_by_the_window():
+    linker = SessionLinker(window=50, heads=10)
+    for i in range(300):
+        linker.link(chat([SYSTEM, {"role": "user", "content": f"task {i}"}], say(f"answer {i}")))
+    assert len(linker) <= 50
+    assert len(linker._by_head) <= 10
