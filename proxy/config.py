@@ -52,6 +52,9 @@ class Settings:
     session_window: int = _opt(
         200_000, "Conversation prefixes remembered for session inference (oldest forgotten)."
     )
+    learn: bool = _opt(
+        True, "Learn templates, sessions and workflows online from captured traffic."
+    )
     prompt_cache: bool = _opt(
         True, "Answer an identical deterministic request (temperature 0 or a seed) from memory."
     )

@@ -35,6 +35,8 @@ METRICS = web.AppKey("metrics", Metrics)
 OBSERVER = web.AppKey("observer", Observer)
 CACHE = web.AppKey("prompt_cache", PromptCache)
 ADMISSION = web.AppKey("admission", Admission)
+LEARNER = web.AppKey("learner", object)
+"""The live `learn.learner.Learner`, fed by the observer thread."""
 ADMITTED_PATHS = ("/v1/chat/completions", "/v1/responses")
 ENGINE = web.AppKey("engine", object)
 """The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
@@ -97,6 +99,13 @@ def _observer_ctx(given: Observer | None):
             store = await asyncio.to_thread(Store, settings.db)
             observer = Observer(store, maxsize=settings.capture_queue)
             observer.linker.window = settings.session_window
+        learning = None
+        if observer is not None and settings.learn:
+            from proxy.learning import LearnSink
+
+            learning = await asyncio.to_thread(LearnSink, observer.store)
+            observer.sinks.append(learning)
+            app[LEARNER] = learning.learner
         if observer is not None:
             app[OBSERVER] = observer
             if not observer._thread.is_alive():
@@ -109,6 +118,8 @@ def _observer_ctx(given: Observer | None):
         yield
         if observer is not None and given is None:
             await asyncio.to_thread(observer.close)
+            if learning is not None:
+                await asyncio.to_thread(learning.save)
             if observer.store is not None:
                 observer.store.close()
 

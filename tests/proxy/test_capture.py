@@ -202,3 +202,27 @@ async def test_metrics_count_requests_by_route_and_status(proxy):
     assert 'preheat_requests_total{route="other",status="404"} 1' in text
     assert "preheat_added_latency_seconds_count 4" in text
     assert "preheat_capture_queue_depth" in text
+
+
+async def test_live_learner_learns_and_survives_a_restart(upstream, tmp_path):
+    from learn.learner import Learner
+    from proxy.server import LEARNER
+
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/learn.db")
+    proxy = await start_proxy(settings)
+    async with httpx.AsyncClient() as client:
+        for task in ("book a flight", "cancel a booking", "change a seat"):
+            await _agent_loop(client, proxy.url, 4, task)
+    proxy.observer.flush()
+    learner = proxy.app[LEARNER]
+    assert isinstance(learner, Learner) and learner.observed == 12
+    templates = len(learner.templates())
+    assert templates >= 1
+    await proxy.runner.cleanup()  # saves the snapshot
+
+    again = await start_proxy(settings)
+    try:
+        restored = again.app[LEARNER]
+        assert restored.observed == 12 and len(restored.templates()) == templates
+    finally:
+        await again.runner.cleanup()
