@@ -3,7 +3,8 @@
 The observer calls `observe()` for every finished exchange, in order, on its own thread
 (the store's single writer), so learning never touches the event loop. Every `save_every`
 seconds, and on shutdown, the learner's snapshot is saved; at start the newest one is
-restored, so templates and workflows survive restarts. Predictions go to `listeners`
+restored and the learner catches up on what the store holds beyond it (captures after the
+last save, imported traces), so templates and workflows survive restarts. Predictions go to `listeners`
 (the pre-warm planner), each called on the observer thread and expected to hand off fast.
 """
 
@@ -20,12 +21,16 @@ from storage.learned import load_learned, save_learned
 from storage.store import Store
 
 log = logging.getLogger("preheat.learn")
+UNTIL_KEY = "preheat_until"
+CATCH_UP_LIMIT = 50_000
 
 
 class LearnSink:
     def __init__(self, store: Store | None, save_every: float = 60.0) -> None:
         self.store = store
         self.save_every = save_every
+        self.until = 0.0
+        """Arrival time of the newest exchange learned from."""
         self.learner = self._restore()
         self.listeners: list[Callable[[Exchange, list[Prediction]], None]] = []
         self._saved_at = time.monotonic()
@@ -36,6 +41,7 @@ class LearnSink:
             try:
                 data = load_learned(self.store)
                 if data is not None:
+                    self.until = float(data.get(UNTIL_KEY) or 0.0)
                     learner = Learner.restore(data)
                     log.info("restored what was learned from %d calls", learner.observed)
                     return learner
@@ -43,7 +49,24 @@ class LearnSink:
                 log.exception("could not restore the learned snapshot; learning afresh")
         return Learner()
 
+    def catch_up(self) -> int:
+        """Learn from stored exchanges newer than the snapshot (before traffic starts)."""
+        if self.store is None:
+            return 0
+        n = 0
+        for ex in self.store.exchanges(since=self.until):
+            self.learner.observe(ex)
+            self.until = max(self.until, ex.started_at)
+            n += 1
+            if n >= CATCH_UP_LIMIT:
+                break
+        if n:
+            self._unsaved += n
+            log.info("learned from %d stored calls", n)
+        return n
+
     def observe(self, ex: Exchange) -> None:
+        self.until = max(self.until, ex.started_at)
         predictions = self.learner.observe(ex)
         self._unsaved += 1
         for listener in self.listeners:
@@ -57,7 +80,9 @@ class LearnSink:
         if self.store is None or not self._unsaved:
             return
         try:
-            save_learned(self.store, self.learner.snapshot())
+            snapshot = self.learner.snapshot()
+            snapshot[UNTIL_KEY] = self.until
+            save_learned(self.store, snapshot)
             self._unsaved = 0
         except Exception:
             log.exception("could not save the learned snapshot; will retry")

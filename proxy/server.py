@@ -104,6 +104,7 @@ def _observer_ctx(given: Observer | None):
             from proxy.learning import LearnSink
 
             learning = await asyncio.to_thread(LearnSink, observer.store)
+            await asyncio.to_thread(learning.catch_up)
             observer.sinks.append(learning)
             app[LEARNER] = learning.learner
         if observer is not None:

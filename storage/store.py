@@ -142,12 +142,14 @@ class Store:
             return None if row is None else self._load(db, [row])[0]
 
     def exchanges(
-        self, session_id: str | None = None, batch: int = 500
+        self, session_id: str | None = None, batch: int = 500, since: float | None = None
     ) -> Iterator[Exchange]:
-        """Stored exchanges in arrival order (of one session, or all)."""
+        """Stored exchanges in arrival order (of one session, or all; started after `since`)."""
         q = select(ExchangeRow).order_by(ExchangeRow.started_at, ExchangeRow.id)
         if session_id is not None:
             q = q.where(ExchangeRow.session_id == session_id)
+        if since is not None:
+            q = q.where(ExchangeRow.started_at > since)
         with OrmSession(self.engine) as db:
             page: list[ExchangeRow] = []
             for row in db.scalars(q.execution_options(yield_per=batch)):
