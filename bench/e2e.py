@@ -160,6 +160,18 @@ class Proxy:
                 await asyncio.sleep(0.05)
         raise RuntimeError("preheat did not start")
 
+    async def counters(self) -> dict:
+        """Warm and admission counters from the proxy's /metrics."""
+        async with httpx.AsyncClient() as c:
+            text = (await c.get(self.url + "/metrics")).text
+        out = {}
+        for line in text.splitlines():
+            for family in ("preheat_warm_total", "preheat_warm_tokens_total"):
+                if line.startswith(family + "{"):
+                    label = line.split('"')[1]
+                    out[f"{family[8:-6]}_{label}"] = float(line.rsplit(" ", 1)[1])
+        return out
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
@@ -186,6 +198,8 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
             base = proxy.url
         try:
             rows[mode] = await run_workload(base, model, instances, sequential)
+            if proxy:
+                rows[mode].update(await proxy.counters())
         finally:
             if proxy:
                 proxy.stop()
@@ -219,12 +233,19 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
                          f"{r['cached_share']:.2f} | {r['calls']} |")
-    lines += ["", "| workload | direct / on (e2e p50) | direct / off | on / oracle | headroom captured |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
+              "on / oracle | headroom captured | warms sent / hit / in vain | warm precision |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         d, off, on, o = (rows[m]["e2e_p50"] for m in ("direct", "preheat-off", "preheat-on", "oracle"))
         head = (d - on) / (d - o) if d - o > 1e-9 else float("nan")
-        lines.append(f"| {name} | {d / on:.2f}x | {d / off:.2f}x | {on / o:.2f}x | {head:.0%} |")
+        r = rows["preheat-on"]
+        sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
+        tok_hit, tok_vain = r.get("warm_tokens_hit", 0), r.get("warm_tokens_wasted", 0)
+        precision = f"{tok_hit / (tok_hit + tok_vain):.2f}" if tok_hit + tok_vain else "-"
+        lines.append(f"| {name} | {d / on:.2f}x | {rows['direct']['makespan'] / r['makespan']:.2f}x "
+                     f"| {d / off:.2f}x | {on / o:.2f}x | {head:.0%} | {sent} / {hit} / {vain} "
+                     f"| {precision} |")
     return "\n".join(lines) + "\n"
 
 

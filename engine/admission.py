@@ -212,6 +212,13 @@ class Admission:
             ratio = prompt_chars / prompt_tokens
             self.chars_per_token += 0.05 * (ratio - self.chars_per_token)
 
+    @property
+    def pressured(self) -> bool:
+        """Requests are waiting, or the resident working set has filled its share."""
+        if self.capacity_tokens is None:
+            return False
+        return bool(self._waiting) or self._resident_tokens() > self.fill * self.capacity_tokens
+
     def stats(self) -> AdmissionStats:
         self._expire()
         return AdmissionStats(

@@ -72,6 +72,13 @@ class Settings:
     admission_max_wait: float = _opt(
         10.0, "Longest a request waits for admission before it goes in regardless."
     )
+    prewarm: bool = _opt(
+        True, "Pre-warm the predicted next prompt of a session while its agent runs a tool, "
+        "on idle engine capacity only (vLLM upstreams)."
+    )
+    prewarm_min_probability: float = _opt(
+        0.5, "Least predicted probability of the next call for a warm to be sent."
+    )
     log_level: str = _opt("INFO", "Logging level.")
     admin_token: str | None = _opt(
         None, "Token the admin page (/admin) asks for, as `Authorization: Bearer`, `?token=` or "

@@ -36,6 +36,9 @@ OBSERVER = web.AppKey("observer", Observer)
 CACHE = web.AppKey("prompt_cache", PromptCache)
 ADMISSION = web.AppKey("admission", Admission)
 LEARNER = web.AppKey("learner", object)
+PLANNER = web.AppKey("planner", object)
+INFLIGHT = web.AppKey("inflight", list)
+"""One-element list: real requests at the upstream now (warms are not counted)."""
 """The live `learn.learner.Learner`, fed by the observer thread."""
 ADMITTED_PATHS = ("/v1/chat/completions", "/v1/responses")
 ENGINE = web.AppKey("engine", object)
@@ -56,6 +59,7 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics = Metrics()
+    app[INFLIGHT] = [0]
     app.cleanup_ctx.append(_observer_ctx(observer))
     if settings.upstream is None:
         from proxy.embedded import engine_ctx  # the engine is an optional extra
@@ -63,6 +67,7 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
         app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_admission_ctx)
+    app.cleanup_ctx.append(_prewarm_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     from proxy.admin import setup_admin  # the admin page (proxy/admin/)
@@ -159,6 +164,84 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The pre-warm planner, fed by the learner's predictions (needs admission's vLLM view)."""
+    settings = app[SETTINGS]
+    admission = app.get(ADMISSION)
+    learner_sink = _learn_sink(app)
+    if not settings.prewarm or admission is None or learner_sink is None:
+        yield
+        return
+    from engine.planner import WarmPlanner
+    from engine.tokenizer import EngineTokenizer
+    from engine.warm import Warmer
+
+    upstream = app[UPSTREAM]
+    model = await _served_model(upstream)
+    if model is None:
+        yield
+        return
+    inflight = app[INFLIGHT]
+    warmer = Warmer(upstream.base_url, model, mirror=app.get(MIRROR))
+    tokenizer = EngineTokenizer(upstream.base_url, model)
+    planner = WarmPlanner(warmer, tokenizer, idle=lambda: inflight[0] == 0,
+                          pressure=lambda: admission.pressured,
+                          min_probability=settings.prewarm_min_probability)
+    app[PLANNER] = planner
+    loop = asyncio.get_running_loop()
+    for sink in app[OBSERVER].sinks:
+        if isinstance(sink, UsageFeedback):
+            sink.planner = planner
+    learner_sink.listeners.append(lambda ex, preds: _offer(loop, planner, ex, preds))
+    app[METRICS].counter("preheat_warm_total", "Pre-warm planner outcomes.",
+                         lambda: {k: v for k, v in vars(planner.stats()).items()
+                                  if not k.endswith("tokens")}, label="result")
+    app[METRICS].counter("preheat_warm_tokens_total", "Tokens warmed, hit and wasted.",
+                         lambda: {k[:-7]: v for k, v in vars(planner.stats()).items()
+                                  if k.endswith("_tokens")}, label="kind")
+    log.info("pre-warming on (model %s)", model)
+    try:
+        yield
+    finally:
+        await planner.aclose()
+        await warmer.aclose()
+        await tokenizer.aclose()
+
+
+def _learn_sink(app: web.Application):
+    from proxy.learning import LearnSink
+
+    for sink in app[OBSERVER].sinks if OBSERVER in app else ():
+        if isinstance(sink, LearnSink):
+            return sink
+    return None
+
+
+def _offer(loop: asyncio.AbstractEventLoop, planner, ex: Exchange, predictions) -> None:
+    """Observer thread: hand a continuation prediction to the planner on the loop."""
+    if ex.answer is None or not isinstance(ex.request_json, dict):
+        return
+    best = max((p for p in predictions if p.kind == "continue"),
+               key=lambda p: p.probability, default=None)
+    if best is None:
+        return
+    prompt = prompt_chain(ex.request_json)
+    if prompt is None or not prompt[0]:
+        return
+    loop.call_soon_threadsafe(planner.offer, prompt[0][-1], ex.messages, ex.answer, ex.tools,
+                              best.probability, best.expected_in)
+
+
+async def _served_model(upstream: Upstream) -> str | None:
+    try:
+        resp = await upstream.send("GET", "/v1/models", [], None)
+        async with resp:
+            data = await resp.json() if resp.status == 200 else {}
+        return data["data"][0]["id"]
+    except (PreheatError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 async def _engine_capacity(app: web.Application) -> int | None:
     upstream = app[UPSTREAM]
     try:
@@ -177,8 +260,12 @@ class UsageFeedback:
     def __init__(self, admission: Admission, loop: asyncio.AbstractEventLoop) -> None:
         self.admission = admission
         self.loop = loop
+        self.planner = None
 
     def observe(self, ex: Exchange) -> None:
+        if self.planner is not None and ex.ticket is not None:
+            self.loop.call_soon_threadsafe(self.planner.completed, ex.ticket.chain,
+                                           ex.cached_tokens)
         usage = ex.usage or {}
         prompt, output = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if ex.ticket is None or not isinstance(prompt, int) or not isinstance(output, int):
@@ -282,10 +369,16 @@ async def _forward(
     if admission is not None and ex.path in ADMITTED_PATHS and isinstance(body, bytes):
         ex.ticket = _ticket(admission, ex, body)
         if ex.ticket is not None:
+            planner = app.get(PLANNER)
+            if planner is not None:
+                planner.arrived(ex.ticket.chain)
             await admission.enter(ex.ticket)
+    inflight = app[INFLIGHT]
+    inflight[0] += 1
     try:
         return await _relay(request, ex, t0, settings, body, keep)
     finally:
+        inflight[0] -= 1
         if ex.ticket is not None:
             admission.leave(ex.ticket)
 

@@ -32,7 +32,7 @@ async def _session(client: httpx.AsyncClient, url: str, i: int, calls: int) -> l
 
 async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path):
     settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
-                        admission_capacity_tokens=1500, admission_max_wait=1.0)
+                        admission_capacity_tokens=1500, admission_max_wait=1.0, prewarm=False)
     proxy = await start_proxy(settings)
     try:
         admission = proxy.app[ADMISSION]

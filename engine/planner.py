@@ -1,0 +1,156 @@
+"""The pre-warm planner: warm what the learned workflow says comes next, on idle capacity only.
+
+Measured on vLLM (notes/where-the-time-goes.md): a warm pays only when it takes prefill off
+the critical path of a later call while the engine would otherwise sit idle; on a busy engine
+it competes with real decodes and evicts other sessions' blocks (p90 53 s -> 80 s). So:
+
+- A warm is planned when a call finishes and the learner predicts the session's next call
+  (a continuation) with probability >= `min_probability`, arriving no sooner than
+  `min_ahead` seconds (the agent is busy in a tool): the prompt so far plus the answer, as
+  the engine's chat template will render them, is warmed.
+- It is sent only while no real request is in flight (`idle()`) and admission reports no
+  cache pressure (`pressure()`), and only if the expected saving (probability x the prefill
+  it spares) beats the expected waste ((1 - probability) x the same prefill on an idle
+  engine, weighted by `waste_weight`).
+- When the predicted call arrives, a warm still running is cancelled: the real request takes
+  over the prefill from where the warm got to. Warm requests run at the lowest engine
+  priority, on their own connections (engine/warm.py), so a real request never queues
+  behind one in the proxy.
+
+Counters: warms sent, tokens warmed, warms hit (the next call reported at least the warmed
+prefix as cached), warms in vain, warms skipped because the engine was busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("preheat.warm")
+
+
+@dataclass(frozen=True)
+class PlannerStats:
+    planned: int
+    sent: int
+    warmed_tokens: int
+    hit: int
+    hit_tokens: int
+    wasted: int
+    wasted_tokens: int
+    cancelled: int
+    skipped_busy: int
+    skipped_unlikely: int
+
+
+class WarmPlanner:
+    def __init__(
+        self,
+        warmer: Any,
+        tokenizer: Any,
+        idle: Callable[[], bool],
+        pressure: Callable[[], bool] = lambda: False,
+        min_probability: float = 0.5,
+        min_ahead: float = 0.2,
+        waste_weight: float = 0.5,
+        max_tracked: int = 10_000,
+    ) -> None:
+        self.warmer = warmer
+        self.tokenizer = tokenizer
+        self.idle = idle
+        self.pressure = pressure
+        self.min_probability = min_probability
+        self.min_ahead = min_ahead
+        self.waste_weight = waste_weight
+        self._running: dict[str, asyncio.Task] = {}
+        self._warmed: OrderedDict[str, int] = OrderedDict()
+        self._max_tracked = max_tracked
+        self._counts = dict.fromkeys(PlannerStats.__dataclass_fields__, 0)
+
+    def stats(self) -> PlannerStats:
+        return PlannerStats(**self._counts)
+
+    def worth_it(self, probability: float) -> bool:
+        """Expected saving p x prefill beats the expected waste (1 - p) x prefill x weight."""
+        return probability * 1.0 > (1.0 - probability) * self.waste_weight
+
+    # -- called on the event loop ------------------------------------------------------
+
+    def offer(self, key: str, messages: Sequence[dict], answer: dict | None, tools: list,
+              probability: float, expected_in: float | None) -> None:
+        """A call ended; its session is expected to continue. `key` names its prompt prefix."""
+        if answer is None:
+            return
+        if (probability < self.min_probability or not self.worth_it(probability)
+                or (expected_in is not None and expected_in < self.min_ahead)):
+            self._counts["skipped_unlikely"] += 1
+            return
+        if key in self._running:
+            return
+        self._counts["planned"] += 1
+        chat = [*messages, {"role": "assistant", "content": answer.get("content") or "",
+                            **({"tool_calls": answer["tool_calls"]}
+                               if answer.get("tool_calls") else {})}]
+        task = asyncio.ensure_future(self._warm(key, chat, tools))
+        self._running[key] = task
+        task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    def arrived(self, chain: Sequence[str]) -> None:
+        """A real request whose prompt has these prefix hashes arrived: cancel its warm."""
+        for h in chain:
+            task = self._running.get(h)
+            if task is not None and not task.done():
+                task.cancel()
+                self._counts["cancelled"] += 1
+
+    def completed(self, chain: Sequence[str], cached_tokens: int | None) -> None:
+        """The call that followed a warm finished: was the warmed prefix there for it?"""
+        if cached_tokens is None:
+            return
+        for h in reversed(chain):
+            warmed = self._warmed.pop(h, None)
+            if warmed is None:
+                continue
+            if cached_tokens >= warmed:
+                self._counts["hit"] += 1
+                self._counts["hit_tokens"] += warmed
+            else:
+                self._counts["wasted"] += 1
+                self._counts["wasted_tokens"] += warmed
+            return
+
+    async def aclose(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    # -- the warm itself ---------------------------------------------------------------
+
+    async def _warm(self, key: str, chat: list[dict], tools: list) -> None:
+        if not self.idle() or self.pressure():
+            self._counts["skipped_busy"] += 1
+            return
+        try:
+            options: dict[str, Any] = {"add_generation_prompt": False}
+            if tools:
+                options["tools"] = tools
+            tokens = await self.tokenizer.encode_chat(chat, **options)
+            if not self.idle() or self.pressure():  # traffic came in while we tokenized
+                self._counts["skipped_busy"] += 1
+                return
+            computed = await self.warmer.warm(tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed warm costs nothing but the attempt
+            log.debug("warm failed: %s", exc)
+            return
+        if computed:
+            self._counts["sent"] += 1
+            self._counts["warmed_tokens"] += computed
+            block = getattr(self.warmer, "block_size", None) or 128
+            self._warmed[key] = len(tokens) - len(tokens) % block
+            while len(self._warmed) > self._max_tracked:
+                self._warmed.popitem(last=False)
