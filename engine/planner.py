@@ -7,18 +7,22 @@ it competes with real decodes and evicts other sessions' blocks (p90 53 s -> 80 
 - A warm is planned when a call finishes and the learner predicts the session's next call
   (a continuation) with probability >= `min_probability`, arriving no sooner than
   `min_ahead` seconds (the agent is busy in a tool): the prompt so far plus the answer, as
-  the engine's chat template will render them, is warmed.
+  the engine's chat template will render them, is to be warmed `lead` seconds before the
+  call is expected, so that what other sessions evicted during the tool call is back in time.
 - It is sent only while no real request is in flight (`idle()`) and admission reports no
-  cache pressure (`pressure()`), and only if the expected saving (probability x the prefill
-  it spares) beats the expected waste ((1 - probability) x the same prefill on an idle
-  engine, weighted by `waste_weight`).
+  cache pressure (`pressure()`), only if the KV mirror shows that the engine no longer holds
+  the prefix (vLLM keeps a conversation and its generated answer cached by itself: warming
+  what is resident is pure overhead, and without a mirror nothing is known, so nothing is
+  sent), and only if the expected saving (probability x the prefill it spares) beats the
+  expected waste ((1 - probability) x the same prefill, weighted by `waste_weight`).
 - When the predicted call arrives, a warm still running is cancelled: the real request takes
   over the prefill from where the warm got to. Warm requests run at the lowest engine
   priority, on their own connections (engine/warm.py), so a real request never queues
   behind one in the proxy.
 
 Counters: warms sent, tokens warmed, warms hit (the next call reported at least the warmed
-prefix as cached), warms in vain, warms skipped because the engine was busy.
+prefix as cached), warms in vain, warms skipped because the engine was busy, because the
+prefix was still cached, or because the cache's contents were unknown.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class PlannerStats:
     cancelled: int
     skipped_busy: int
     skipped_unlikely: int
+    skipped_cached: int
+    skipped_unknown: int
 
 
 class WarmPlanner:
@@ -51,20 +57,24 @@ class WarmPlanner:
         self,
         warmer: Any,
         tokenizer: Any,
+        mirror: Any,
         idle: Callable[[], bool],
         pressure: Callable[[], bool] = lambda: False,
         min_probability: float = 0.5,
         min_ahead: float = 0.2,
         waste_weight: float = 0.5,
+        lead: float = 1.0,
         max_tracked: int = 10_000,
     ) -> None:
         self.warmer = warmer
         self.tokenizer = tokenizer
+        self.mirror = mirror
         self.idle = idle
         self.pressure = pressure
         self.min_probability = min_probability
         self.min_ahead = min_ahead
         self.waste_weight = waste_weight
+        self.lead = lead
         self._running: dict[str, asyncio.Task] = {}
         self._warmed: OrderedDict[str, int] = OrderedDict()
         self._max_tracked = max_tracked
@@ -94,7 +104,8 @@ class WarmPlanner:
         chat = [*messages, {"role": "assistant", "content": answer.get("content") or "",
                             **({"tool_calls": answer["tool_calls"]}
                                if answer.get("tool_calls") else {})}]
-        task = asyncio.ensure_future(self._warm(key, chat, tools))
+        delay = max(0.0, (expected_in or 0.0) - self.lead)
+        task = asyncio.ensure_future(self._warm(key, chat, tools, delay))
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
@@ -129,7 +140,8 @@ class WarmPlanner:
 
     # -- the warm itself ---------------------------------------------------------------
 
-    async def _warm(self, key: str, chat: list[dict], tools: list) -> None:
+    async def _warm(self, key: str, chat: list[dict], tools: list, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)  # cancelled meanwhile if the call comes early
         if not self.idle() or self.pressure():
             self._counts["skipped_busy"] += 1
             return
@@ -141,6 +153,14 @@ class WarmPlanner:
             if not self.idle() or self.pressure():  # traffic came in while we tokenized
                 self._counts["skipped_busy"] += 1
                 return
+            block = getattr(self.warmer, "block_size", None) or 128
+            cached = None if self.mirror is None else self.mirror.cached_prefix_tokens(tokens)
+            if cached is None:
+                self._counts["skipped_unknown"] += 1
+                return
+            if cached + block >= len(tokens) - len(tokens) % block:
+                self._counts["skipped_cached"] += 1  # all but the last block is resident
+                return
             computed = await self.warmer.warm(tokens)
         except asyncio.CancelledError:
             raise
@@ -150,7 +170,6 @@ class WarmPlanner:
         if computed:
             self._counts["sent"] += 1
             self._counts["warmed_tokens"] += computed
-            block = getattr(self.warmer, "block_size", None) or 128
             self._warmed[key] = len(tokens) - len(tokens) % block
             while len(self._warmed) > self._max_tracked:
                 self._warmed.popitem(last=False)

@@ -128,6 +128,11 @@ def tail(path: Path, n: int) -> list[str]:
     return [line.rstrip() for line in lines if line.strip()][-n:]
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now."""
+    return free_ports(host, 1)[0]
+
+
 def free_ports(host: str, count: int) -> list[int]:
     """`count` distinct ports free on `host` now (held together while choosing)."""
     socks = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from learn.canonical import canonical_json, loads
+from learn.canonical import canonical_json
 from proxy.exchange import CAPTURED_PATHS, Exchange
 from proxy.stages import Reply, Stage
 from proxy.upstream import HOP_BY_HOP
@@ -76,11 +76,6 @@ class PromptCache:
         self.bytes -= self._entries.pop(key).size
 
 
-def _tenant_secret(ex: Exchange) -> str:
-    secret = ex.header("authorization") or ex.header("api-key") or ex.header("x-api-key") or ""
-    return secret[7:].strip() if secret.lower().startswith("bearer ") else secret
-
-
 class PromptCacheStage(Stage):
     name = "prompt_cache"
 
@@ -98,18 +93,15 @@ class PromptCacheStage(Stage):
         control = (ex.header("cache-control") or "").lower()
         if "no-cache" in control or "no-store" in control:
             return None
-        try:
-            request = loads(body)
-        except ValueError:
-            return None
-        if not isinstance(request, dict):
+        request = ex.request_object()
+        if request is None:
             return None
         temperature, seed = request.get("temperature"), request.get("seed")
         greedy = isinstance(temperature, (int, float)) and temperature == 0
         if not greedy and not (isinstance(seed, int) and not isinstance(seed, bool)):
             return None
         scoped = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
-        tenant = hashlib.blake2b(_tenant_secret(ex).encode(), key=self._key, digest_size=16)
+        tenant = hashlib.blake2b((ex.api_key or "").encode(), key=self._key, digest_size=16)
         return xxhash.xxh3_128_hexdigest(
             tenant.digest() + ex.path.encode() + b"\0" + canonical_json(scoped)
         )

@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace):
+def open_store(args: argparse.Namespace):
+    """The store named by `--db` (or PREHEAT_DB), or a one-line error for the user."""
     from storage.store import Store, StoreError
 
     try:
@@ -132,7 +133,7 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = open_store(args)
     found = store.sessions(limit=args.limit)
     if args.json:
         print(json.dumps(found, indent=2))
@@ -177,7 +178,7 @@ def exchange_summary(ex) -> dict:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = open_store(args)
     ex = store.exchange(args.id)
     if ex is not None:
         data = exchange_summary(ex)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from proxy.cli import CliError, _settings
+from proxy.cli import CliError, open_store
 
 
 def register(sub) -> None:
@@ -28,16 +28,12 @@ def register(sub) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from proxy.importer import TraceError, import_trace, read_trace
-    from storage.store import Store, StoreError
 
     try:
         trace = read_trace(args.file, tools=args.tools, model=args.model, limit=args.limit)
     except TraceError as exc:
         raise CliError(str(exc)) from None
-    try:
-        store = Store(_settings(args).db)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
+    store = open_store(args)
     try:
         result = import_trace(trace, store)
     finally:

@@ -98,13 +98,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace):
-    from proxy.cli import CliError, _settings
-    from storage.store import Store, StoreError
+    from proxy.cli import open_store
 
-    try:
-        return Store(_settings(args).db)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
+    return open_store(args)
 
 
 def _saved(args: argparse.Namespace):

@@ -16,7 +16,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from proxy.cli import CliError, _settings
+from proxy.cli import CliError, open_store
 
 
 def register(sub) -> None:
@@ -60,12 +60,8 @@ def _exchanges(args: argparse.Namespace) -> tuple[list, str]:
             return read_trace(args.trace).exchanges, args.trace
         except TraceError as exc:
             raise CliError(str(exc)) from None
-    from storage.store import Store, StoreError
 
-    try:
-        store = Store(_settings(args).db)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
+    store = open_store(args)
     try:
         if args.workflow:
             from proxy.replay import sessions_of_workflow

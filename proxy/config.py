@@ -30,6 +30,11 @@ class Settings:
         "offline random-weight demo model."
     )
     engine_args: tuple[str, ...] = _opt((), "Extra flags passed to the vLLM engine verbatim.")
+    kv_events: str | None = _opt(
+        None, "ZMQ endpoint preheat binds for an upstream vLLM's KV-cache events (the engine's "
+        "--kv-events-config endpoint, e.g. tcp://127.0.0.1:5557), to mirror its cache. The "
+        "embedded engine needs none."
+    )
     host: str = _opt("127.0.0.1", "Address to listen on. Loopback unless told otherwise.")
     port: int = _opt(8080, "Port to listen on.")
     db: str = _opt("sqlite:///preheat.db", "Capture store URL (SQLite file, or PostgreSQL).")

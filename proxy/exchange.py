@@ -104,6 +104,33 @@ class Exchange:
 
     # -- convenience views -------------------------------------------------------------
 
+    def request_object(self) -> dict | None:
+        """The request body as a JSON object, parsed once; None when it is not one.
+
+        For stages that must look inside a request before it is forwarded (prompt cache,
+        admission): a small body parses in microseconds with orjson.
+        """
+        if self.request_json is not None or self.analyzed:
+            return self.request_json if isinstance(self.request_json, dict) else None
+        if not self.request_body or self.request_truncated:
+            return None
+        try:
+            parsed = loads(self.request_body)
+        except ValueError:
+            return None
+        if isinstance(parsed, dict):
+            self.request_json = parsed
+            return parsed
+        return None
+
+    @property
+    def api_key(self) -> str | None:
+        """The caller's API key (kept in memory only; tenants are keyed hashes of it)."""
+        secret = self.header("authorization") or self.header("api-key") or self.header("x-api-key")
+        if not secret:
+            return None
+        return secret[7:].strip() if secret.lower().startswith("bearer ") else secret
+
     @property
     def captured(self) -> bool:
         return self.path in CAPTURED_PATHS
@@ -179,6 +206,7 @@ class Exchange:
         return self
 
     def _analyze_request(self) -> None:
+        parsed, self.request_json = self.request_json, None  # perhaps parsed on the hot path
         if self.request_truncated:
             self.request_error = "body larger than the capture limit; only its head was kept"
             return
@@ -195,7 +223,7 @@ class Exchange:
             self.request_error = f"body is not valid UTF-8 (byte {exc.start})"
             return
         try:
-            self.request_json = loads(text)
+            self.request_json = parsed if parsed is not None else loads(text)
         except ValueError as exc:
             self.request_error = f"body is not valid JSON: {exc}"
             return

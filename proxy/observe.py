@@ -33,11 +33,9 @@ class Sink(Protocol):
 
 def tenant_of(ex: Exchange, key: bytes) -> str | None:
     """A keyed hash of the caller's API key; the key itself is never kept."""
-    secret = ex.header("authorization") or ex.header("api-key") or ex.header("x-api-key")
+    secret = ex.api_key
     if not secret:
         return None
-    if secret.lower().startswith("bearer "):
-        secret = secret[7:].strip()
     return hashlib.blake2b(secret.encode(), key=key, digest_size=8).hexdigest()
 
 

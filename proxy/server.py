@@ -16,7 +16,6 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from engine.admission import Admission, capacity_from_metrics, prompt_chain
-from learn.canonical import loads
 from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
 from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, error_body
@@ -66,6 +65,7 @@ def build_app(settings: Settings, observer: Observer | None = None) -> web.Appli
 
         app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_mirror_ctx)
     app.cleanup_ctx.append(_admission_ctx)
     app.cleanup_ctx.append(_prewarm_ctx)
     app.router.add_get("/healthz", healthz)
@@ -148,6 +148,24 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
+async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Mirror an upstream vLLM's KV cache from the events it publishes to `kv_events`."""
+    settings = app[SETTINGS]
+    if not settings.kv_events or MIRROR in app:
+        yield
+        return
+    from engine.mirror import KVMirror
+
+    mirror = KVMirror(settings.kv_events)
+    await mirror.start()
+    app[MIRROR] = mirror
+    log.info("mirroring the upstream's KV cache from events at %s", settings.kv_events)
+    try:
+        yield
+    finally:
+        await mirror.stop()
+
+
 async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.admission:
@@ -184,7 +202,7 @@ async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
     inflight = app[INFLIGHT]
     warmer = Warmer(upstream.base_url, model, mirror=app.get(MIRROR))
     tokenizer = EngineTokenizer(upstream.base_url, model)
-    planner = WarmPlanner(warmer, tokenizer, idle=lambda: inflight[0] == 0,
+    planner = WarmPlanner(warmer, tokenizer, app.get(MIRROR), idle=lambda: inflight[0] == 0,
                           pressure=lambda: admission.pressured,
                           min_probability=settings.prewarm_min_probability)
     app[PLANNER] = planner
@@ -278,12 +296,9 @@ class UsageFeedback:
         self.admission.record_output(group, output)
 
 
-def _ticket(admission: Admission, ex: Exchange, body: bytes):
-    try:
-        request = loads(body)
-    except ValueError:
-        return None
-    if not isinstance(request, dict):
+def _ticket(admission: Admission, ex: Exchange):
+    request = ex.request_object()
+    if request is None:
         return None
     prompt = prompt_chain(request)
     if prompt is None:
@@ -367,7 +382,7 @@ async def _forward(
 
     admission = app.get(ADMISSION)
     if admission is not None and ex.path in ADMITTED_PATHS and isinstance(body, bytes):
-        ex.ticket = _ticket(admission, ex, body)
+        ex.ticket = _ticket(admission, ex)
         if ex.ticket is not None:
             planner = app.get(PLANNER)
             if planner is not None:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import pytest
 
+from engine.process import free_port
 from proxy.config import Settings
 from tests.conftest import start_proxy
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _assert_openai_error(r: httpx.Response, status: int, code: str, words: str) -> None:
@@ -32,7 +25,7 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str, words: str) 
 
 async def test_unreachable_upstream_is_502(tmp_path):
     proxy = await start_proxy(
-        Settings(upstream=f"http://127.0.0.1:{_free_port()}", db=f"sqlite:///{tmp_path}/p.db")
+        Settings(upstream=f"http://127.0.0.1:{free_port()}", db=f"sqlite:///{tmp_path}/p.db")
     )
     try:
         async with httpx.AsyncClient() as client:

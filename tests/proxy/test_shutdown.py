@@ -9,19 +9,13 @@ import sys
 
 import httpx
 
+from engine.process import free_port
 from storage.store import Store
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process, str]:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream_url,
         "--port", str(port), "--db", db,
