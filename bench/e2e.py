@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.workloads import Instance, map_reduce, tau_bench  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
+from engine.process import free_port  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
 TOKEN_BYTES = 4096  # KV bytes per token of the 512 x 8 model (notes/vllm-on-cpu.md)
@@ -51,24 +51,19 @@ class CallResult:
     latency: float
     prompt_tokens: int
     cached_tokens: int
+    text: str
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
-                   t0: float) -> CallResult:
-    body = {"model": model, "messages": call.messages, "max_tokens": call.max_tokens,
+                   t0: float, outputs: dict[str, str]) -> CallResult:
+    body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
             "ignore_eos": True, "temperature": 0.8, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft = None
     usage = {}
+    text: list[str] = []
     async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{inst.name}/{call.key}: {r.status_code} {await r.aread()!r}")
@@ -79,10 +74,13 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
                 ttft = time.perf_counter() - start
             obj = json.loads(line[6:])
             usage = obj.get("usage") or usage
+            for choice in obj.get("choices") or []:
+                text.append((choice.get("delta") or {}).get("content") or "")
     latency = time.perf_counter() - start
     details = usage.get("prompt_tokens_details") or {}
     return CallResult(inst.name, call.key, start - t0, ttft or latency, latency,
-                      usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0)
+                      usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0,
+                      "".join(text))
 
 
 async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[float, list]:
@@ -90,12 +88,15 @@ async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[
     begun = time.perf_counter()
     done: dict[str, asyncio.Event] = {c.key: asyncio.Event() for c in inst.calls}
     results: list[CallResult] = []
+    outputs: dict[str, str] = {}
 
     async def one(call) -> None:
         for dep in call.after:
             await done[dep].wait()
         await asyncio.sleep(call.gap)
-        results.append(await run_call(client, base, model, inst, call, t0))
+        result = await run_call(client, base, model, inst, call, t0, outputs)
+        results.append(result)
+        outputs[call.key] = result.text
         done[call.key].set()
 
     await asyncio.gather(*(one(c) for c in inst.calls))
@@ -136,13 +137,17 @@ def _pct(values: list[float], q: float) -> float:
 class Proxy:
     """`preheat serve` in its own process, in front of the engine."""
 
-    def __init__(self, upstream: str, optimised: bool, capacity: int) -> None:
+    def __init__(self, upstream: str, optimised: bool, capacity: int,
+                 kv_events: str | None = None) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="preheat-e2e-")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL="WARNING",
                    PREHEAT_ADMISSION="1" if optimised else "0",
                    PREHEAT_PROMPT_CACHE="1" if optimised else "0",
-                   PREHEAT_ADMISSION_CAPACITY_TOKENS=str(capacity))
+                   PREHEAT_ADMISSION_CAPACITY_TOKENS=str(capacity),
+                   PREHEAT_PREWARM="1" if optimised else "0")
+        if optimised and kv_events:
+            env["PREHEAT_KV_EVENTS"] = kv_events
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream,
              "--port", str(self.port), "--db", f"sqlite:///{self.dir}/e2e.db"],
@@ -194,7 +199,8 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
         proxy = None
         base = engine.base_url
         if mode != "direct":
-            proxy = await Proxy(engine.base_url, mode == "preheat-on", capacity).ready()
+            proxy = await Proxy(engine.base_url, mode == "preheat-on", capacity,
+                                engine.kv_events_endpoint).ready()
             base = proxy.url
         try:
             rows[mode] = await run_workload(base, model, instances, sequential)
@@ -272,13 +278,14 @@ async def main_async(args) -> None:
         for name, instances in workloads.items():
             results[name] = await compare(big, None, name, instances, 0,
                                           sequential=name in sequential)
-        pressure = tau_bench(tau_runs, tau_calls, 1.0, seed=1)
+        pressure_runs = range(150, 150 + (4 if q else args.pressure_runs))
+        pressure = tau_bench(pressure_runs, tau_calls, 1.0, seed=1)
         small_mib = args.small_cache
         small = Engine(model, kv_cache_bytes=small_mib << 20, env=env)
         await small.start()
         await _warm_up(small)
         try:
-            name = f"tau-bench x{len(tau_runs)}, {small_mib} MiB cache"
+            name = f"tau-bench x{len(pressure_runs)}, {small_mib} MiB cache (pressure)"
             results[name] = await compare(small, big, name, pressure, 0)
         finally:
             await small.stop()
@@ -306,6 +313,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--big-cache", type=int, default=512, help="MiB")
     parser.add_argument("--small-cache", type=int, default=40, help="MiB")
+    parser.add_argument("--pressure-runs", type=int, default=12,
+                        help="tau-bench agents at once in the cache-pressure workload")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     asyncio.run(main_async(parser.parse_args()))
 

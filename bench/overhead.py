@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from engine.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "m", "messages": [{"role": "system", "content": "You are a helpful agent. " * 20},
@@ -33,13 +34,6 @@ BODY = {"model": "m", "messages": [{"role": "system", "content": "You are a help
 # measures how fast two cores can run three HTTP stacks, which `--saturate` reports.
 UPSTREAM_DELAY = {False: 0.05, True: 0.005}
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def wait_ready(url: str) -> None:

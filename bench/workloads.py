@@ -1,8 +1,10 @@
 """Agent workloads for the end-to-end benchmark, as plain data.
 
 An `Instance` is one agent task or one workflow run: calls with dependencies, each call's
-prompt, its forced output length, and the tool time before it. Outputs are placeholders of
-the recorded length, the same in every mode, so every mode sends exactly the same prompts.
+prompt, its forced output length, and the tool time before it. As a real agent does, a call
+sends back what the model answered earlier: `fills` names the messages whose text is the
+output of earlier calls (the previous turns of a conversation, the experts' answers a
+summarizer reads). Output lengths are forced, so every mode does the same work.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ class Call:
     after: tuple[str, ...] = ()
     gap: float = 0.0
     """Seconds of tool or think time between the last dependency's answer and this call."""
+    fills: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    """(message index, call keys): that message's text is those calls' outputs, joined."""
+
+    def prompt(self, outputs: dict[str, str]) -> list[dict]:
+        """The messages to send, with earlier calls' outputs filled in."""
+        messages = list(self.messages)
+        for index, keys in self.fills:
+            text = "\n\n".join(outputs.get(k, "") for k in keys)
+            messages[index] = {**messages[index], "content": text}
+        return messages
 
 
 @dataclass
@@ -67,6 +79,7 @@ def tau_bench(runs: range, max_calls: int, gap_median: float, seed: int,
                   "content": traj[0]["content"] + "\n\n# Tools\n" + json.dumps(tools)}
         history = [system] + [_as_chat(m) for m in traj[1:]]
         calls: list[Call] = []
+        answered: list[tuple[int, str]] = []  # (index in history, call that wrote it)
         for k, m in enumerate(traj):
             if m["role"] != "assistant" or k == 0:
                 continue
@@ -74,21 +87,16 @@ def tau_bench(runs: range, max_calls: int, gap_median: float, seed: int,
             if sum(len(p["content"]) for p in prompt) / CHARS_PER_TOKEN > max_prompt_tokens:
                 break
             out_tokens = max(8, min(128, int(len(_text_of(m)) / CHARS_PER_TOKEN)))
-            history[k] = {"role": "assistant", "content": _placeholder(rng, out_tokens)}
             gap = rng.lognormvariate(0, 0.5) * gap_median if calls else 0.0
             after = (calls[-1].key,) if calls else ()
-            calls.append(Call(f"c{len(calls)}", prompt, out_tokens, after, gap))
+            fills = tuple((i, (key,)) for i, key in answered)
+            key = f"c{len(calls)}"
+            calls.append(Call(key, prompt, out_tokens, after, gap, fills))
+            answered.append((k, key))
             if len(calls) >= max_calls:
                 break
         out.append(Instance(f"tau-{i}", "tau-bench", calls, start=n * stagger))
     return out
-
-
-def _placeholder(rng: random.Random, tokens: int) -> str:
-    """Stand-in text of about `tokens` tokens (the recorded answer's length)."""
-    words = ["flight", "booking", "reservation", "passenger", "baggage", "cabin", "refund",
-             "economy", "date", "payment", "certificate", "insurance", "upgrade", "cancel"]
-    return " ".join(rng.choice(words) for _ in range(int(tokens * 0.8)))
 
 
 def document(rng: random.Random, tokens: int) -> str:
@@ -117,9 +125,9 @@ def map_reduce(instances: int, experts: int, doc_tokens: int, seed: int,
             calls.append(Call(f"e{e}", [system, {"role": "user", "content": doc},
                                         {"role": "user", "content": f"As expert {e}, assess "
                                          f"risk factor {rng.randint(1, 99)}."}], 48))
-        answers = " ".join(_placeholder(rng, 48) for _ in range(experts))
+        experts_keys = tuple(f"e{e}" for e in range(experts))
         calls.append(Call("sum", [{"role": "system", "content": "Summarize the analysts."},
-                                  {"role": "user", "content": answers}], 64,
-                          after=tuple(f"e{e}" for e in range(experts)), gap=0.05))
+                                  {"role": "user", "content": ""}], 64,
+                          after=experts_keys, gap=0.05, fills=((1, experts_keys),)))
         out.append(Instance(f"mapreduce-{i}", "map-reduce", calls, start=i * stagger))
     return out
