@@ -58,7 +58,7 @@ class CallResult:
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
                    t0: float, outputs: dict[str, str]) -> CallResult:
     body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
-            "ignore_eos": True, "temperature": 0.8, "stream": True,
+            "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft = None
@@ -269,35 +269,41 @@ async def main_async(args) -> None:
     }
     sequential = {"one agent at a time"}
 
-    big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
+    engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
+               f"{args.big_cache} MiB (pressure run: {args.small_cache} MiB)")
     results: dict[str, dict] = {}
-    print(f"engine: {model}, {args.big_cache} MiB KV cache", flush=True)
+
+    def save() -> str:  # after every workload: a late failure loses nothing measured
+        text = report(results, args, engines)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        return text
+
+    big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
+    small = Engine(model, kv_cache_bytes=args.small_cache << 20, env=env, max_model_len=7168)
+    print(f"engine: {model}, KV cache {args.big_cache} MiB and {args.small_cache} MiB", flush=True)
     await big.start()
     await _warm_up(big)
     try:
-        for name, instances in workloads.items():
-            results[name] = await compare(big, None, name, instances, 0,
-                                          sequential=name in sequential)
+        # Cache pressure first: the workload where admission matters most.
         pressure_runs = range(150, 150 + (4 if q else args.pressure_runs))
         pressure = tau_bench(pressure_runs, tau_calls, 1.0, seed=1)
-        small_mib = args.small_cache
-        small = Engine(model, kv_cache_bytes=small_mib << 20, env=env)
         await small.start()
         await _warm_up(small)
         try:
-            name = f"tau-bench x{len(pressure_runs)}, {small_mib} MiB cache (pressure)"
+            name = f"tau-bench x{len(pressure_runs)}, {args.small_cache} MiB cache (pressure)"
             results[name] = await compare(small, big, name, pressure, 0)
+            save()
         finally:
             await small.stop()
+        for name, instances in workloads.items():
+            results[name] = await compare(big, None, name, instances, 0,
+                                          sequential=name in sequential)
+            save()
     finally:
         await big.stop()
-    engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
-               f"{args.big_cache} MiB (pressure run: {args.small_cache} MiB)")
-    text = report(results, args, engines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=2))
-    print(text)
+    print(save())
 
 
 async def _warm_up(engine: Engine) -> None:
@@ -312,7 +318,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--big-cache", type=int, default=512, help="MiB")
-    parser.add_argument("--small-cache", type=int, default=40, help="MiB")
+    parser.add_argument("--small-cache", type=int, default=64,
+                        help="MiB (must hold one 7k-token prompt: 64 MiB for the 512 x 8 model)")
     parser.add_argument("--pressure-runs", type=int, default=12,
                         help="tau-bench agents at once in the cache-pressure workload")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")

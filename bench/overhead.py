@@ -66,7 +66,9 @@ async def call(session: aiohttp.ClientSession, url: str, stream: bool, i: int) -
             return t, t, []
         first = None
         stamps = []
-        async for _ in r.content:  # one line at a time, as a client's SSE reader does
+        async for line in r.content:  # one line at a time, as a client's SSE reader does
+            if not line.startswith(b"data:"):
+                continue
             now = time.perf_counter()
             stamps.append(now)
             if first is None:
