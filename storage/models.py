@@ -12,10 +12,13 @@ from __future__ import annotations
 from sqlalchemy import JSON, Boolean, Float, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from learn.sessions import EXPLICIT_HEADERS
+
 # Request headers worth keeping. Everything else (Authorization, api-key, cookies, ...) is
 # dropped before storage: a whitelist cannot leak a secret header nobody thought of.
 KEPT_HEADERS = frozenset(
     {
+        *EXPLICIT_HEADERS,  # session ids
         "content-type",
         "content-length",
         "user-agent",
@@ -25,12 +28,6 @@ KEPT_HEADERS = frozenset(
         "x-stainless-package-version",
         "x-stainless-runtime",
         "x-stainless-retry-count",
-        "x-session-id",
-        "x-claude-code-session-id",
-        "thread-id",
-        "session_id",
-        "helicone-session-id",
-        "x-litellm-session-id",
         "x-request-id",
         "cache-control",
     }
