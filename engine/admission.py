@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -71,18 +70,6 @@ def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
         chain.append(h.hex())
         sizes.append(len(raw))
     return chain, sizes
-
-
-def capacity_from_metrics(text: str) -> int | None:
-    """KV-cache size in tokens from a vLLM server's /metrics (`vllm:cache_config_info`)."""
-    for line in text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            try:
-                return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
-            except (KeyError, ValueError):
-                return None
-    return None
 
 
 @dataclass

@@ -52,6 +52,18 @@ class CacheInfo:
     block_size: int  # tokens per block
     num_blocks: int  # blocks in the cache
 
+def cache_info(metrics_text: str) -> CacheInfo | None:
+    """The KV cache a vLLM server reports in its /metrics (`vllm:cache_config_info`)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            try:
+                return CacheInfo(int(labels["block_size"]), int(labels["num_gpu_blocks"]))
+            except (KeyError, ValueError):
+                return None
+    return None
+
+
 KV_EVENTS_TOPIC = "kv-events"
 CPU_DEFAULT_KV_BYTES = 1 << 30
 Listener = Callable[["Engine", str], None]
@@ -307,17 +319,9 @@ class Engine:
     async def _read_cache_info(self) -> CacheInfo | None:
         try:
             async with httpx.AsyncClient(timeout=10) as client:
-                text = (await client.get(self.base_url + "/metrics")).text
+                return cache_info((await client.get(self.base_url + "/metrics")).text)
         except httpx.HTTPError:
             return None
-        for line in text.splitlines():
-            if line.startswith("vllm:cache_config_info{"):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-                try:
-                    return CacheInfo(int(labels["block_size"]), int(labels["num_gpu_blocks"]))
-                except (KeyError, ValueError):
-                    return None
-        return None
 
     async def _watch(self) -> None:
         """Restart the engine when it dies; give up after `max_restarts` failed tries."""

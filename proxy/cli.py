@@ -105,16 +105,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
+    from engine.errors import EngineError
     from proxy.server import run
+    from storage.store import StoreError
 
     try:
         run(settings)
+    except (EngineError, StoreError) as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
-    except Exception as exc:
-        if type(exc).__name__ in ("EngineError", "StoreError"):
-            raise CliError(str(exc)) from None
-        raise
     return 0
 
 

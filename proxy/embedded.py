@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -27,7 +28,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         from engine.model import ensure_default_model
 
         log.warning(DEMO_NOTICE)
-        model = str(await _in_thread(ensure_default_model))
+        model = str(await asyncio.to_thread(ensure_default_model))
     engine = Engine(model, engine_args=list(settings.engine_args))
     mirror = KVMirror.for_engine(engine)
     await mirror.start()  # before the engine, so its first events are seen
@@ -40,9 +41,3 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await engine.stop()
         await mirror.stop()
-
-
-async def _in_thread(fn):
-    import asyncio
-
-    return await asyncio.to_thread(fn)

@@ -59,7 +59,9 @@ class Observer:
         self._closed = False
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the writer thread (once; later calls do nothing)."""
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()
 
     def submit(self, ex: Exchange) -> bool:
         """Queue a finished exchange. Never blocks; False (and counted) when it was dropped."""

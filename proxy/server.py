@@ -15,10 +15,12 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from engine.admission import Admission, capacity_from_metrics, prompt_chain
+from engine.admission import Admission, prompt_chain
+from engine.supervisor import cache_info
+from learn.sessions import EXPLICIT_HEADERS
 from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
-from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, error_body
+from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 from proxy.observe import Observer
@@ -114,8 +116,7 @@ def _observer_ctx(given: Observer | None):
             app[LEARNER] = learning.learner
         if observer is not None:
             app[OBSERVER] = observer
-            if not observer._thread.is_alive():
-                observer.start()
+            observer.start()
         cache = None
         if settings.prompt_cache:
             cache = PromptCache(settings.prompt_cache_bytes, settings.prompt_cache_ttl)
@@ -267,7 +268,8 @@ async def _engine_capacity(app: web.Application) -> int | None:
         async with resp:
             if resp.status != 200:
                 return None
-            return capacity_from_metrics(await resp.text())
+            info = cache_info(await resp.text())
+            return info.num_blocks * info.block_size if info else None
     except (PreheatError, UnicodeDecodeError):
         return None
 
@@ -303,9 +305,7 @@ def _ticket(admission: Admission, ex: Exchange):
     prompt = prompt_chain(request)
     if prompt is None:
         return None
-    session = None
-    for name in ("x-session-id", "x-claude-code-session-id", "helicone-session-id"):
-        session = session or ex.header(name)
+    session = next((v for v in map(ex.header, EXPLICIT_HEADERS) if v), None)
     return admission.ticket(prompt[0], prompt[1], session=session)
 
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from engine.admission import Admission, capacity_from_metrics, prompt_chain
+from engine.admission import Admission, prompt_chain
+from engine.supervisor import cache_info
 
 CPT = 1.0  # one character per token keeps the arithmetic readable
 
@@ -149,5 +150,6 @@ def test_prompt_chain_is_prefix_stable():
 
 def test_capacity_from_vllm_metrics():
     text = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",num_gpu_blocks="512"} 1.0\n'
-    assert capacity_from_metrics(text) == 65536
-    assert capacity_from_metrics("nothing here") is None
+    info = cache_info(text)
+    assert (info.block_size, info.num_blocks) == (128, 512)
+    assert cache_info("nothing here") is None

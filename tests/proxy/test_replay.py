@@ -16,7 +16,6 @@ from proxy.cli import main
 from proxy.importer import read_trace
 from proxy.replay import Progress, plan, run
 from proxy.replay_report import PLOTS_MISSING, write_report
-from storage.store import Store
 from tests.proxy.traffic import agent_loop
 
 SYSTEM = {"role": "system", "content": "You are a travel agent. " * 20}
