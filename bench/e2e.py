@@ -34,12 +34,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import Instance, map_reduce, tau_bench  # noqa: E402
+from bench.workloads import Instance, agent_loops, map_reduce, tau_bench  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.process import free_port  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
-TOKEN_BYTES = 4096  # KV bytes per token of the 512 x 8 model (notes/vllm-on-cpu.md)
+MODES = ("direct", "preheat-off", "preheat-on", "oracle")
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Proxy:
                  kv_events: str | None = None) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="preheat-e2e-")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL="WARNING",
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL=os.environ.get("PREHEAT_LOG_LEVEL", "WARNING"),
                    PREHEAT_ADMISSION="1" if optimised else "0",
                    PREHEAT_PROMPT_CACHE="1" if optimised else "0",
                    PREHEAT_ADMISSION_CAPACITY_TOKENS=str(capacity),
@@ -171,15 +171,26 @@ class Proxy:
             text = (await c.get(self.url + "/metrics")).text
         out = {}
         for line in text.splitlines():
-            for family in ("preheat_warm_total", "preheat_warm_tokens_total"):
+            for family in ("preheat_warm_total", "preheat_warm_tokens_total",
+                           "preheat_admission_total"):
                 if line.startswith(family + "{"):
                     label = line.split('"')[1]
                     out[f"{family[8:-6]}_{label}"] = float(line.rsplit(" ", 1)[1])
+            if line.startswith("preheat_admission_wait_seconds_max "):
+                out["admission_wait_max"] = float(line.rsplit(" ", 1)[1])
         return out
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+def _admission_note(row: dict) -> str:
+    counts = {k[10:]: int(v) for k, v in row.items() if k.startswith("admission_") and
+              k != "admission_wait_max"}
+    if not counts:
+        return ""
+    return f"admitted {counts}, longest wait {row.get('admission_wait_max', 0):.1f} s"
 
 
 async def reset_cache(engine: Engine) -> None:
@@ -190,11 +201,11 @@ async def reset_cache(engine: Engine) -> None:
 
 
 async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
-                  instances: list[Instance], capacity: int,
-                  sequential: bool = False) -> dict[str, dict]:
+                  instances: list[Instance], train: list[Instance], capacity: int,
+                  modes: list[str], sequential: bool = False) -> dict[str, dict]:
     model = engine.served_model_name
     rows: dict[str, dict] = {}
-    for mode in ("direct", "preheat-off", "preheat-on"):
+    for mode in (m for m in MODES[:3] if m in modes):
         await reset_cache(engine)
         proxy = None
         base = engine.base_url
@@ -203,6 +214,11 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                                 engine.kv_events_endpoint).ready()
             base = proxy.url
         try:
+            if mode == "preheat-on" and train:
+                # Learning first, on other instances of the same workflows; then the
+                # engine starts cold, as it does for the other modes.
+                await run_workload(base, model, train, sequential)
+                await reset_cache(engine)
             rows[mode] = await run_workload(base, model, instances, sequential)
             if proxy:
                 rows[mode].update(await proxy.counters())
@@ -210,8 +226,10 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
             if proxy:
                 proxy.stop()
         print(f"  {name:<22} {mode:<12} e2e p50 {rows[mode]['e2e_p50']:6.2f} s  "
-              f"makespan {rows[mode]['makespan']:6.2f} s  cached {rows[mode]['cached_share']:.2f}",
-              flush=True)
+              f"makespan {rows[mode]['makespan']:6.2f} s  cached {rows[mode]['cached_share']:.2f}"
+              f"  {_admission_note(rows[mode])}", flush=True)
+    if "oracle" not in modes:
+        return rows
     target = oracle_engine or engine
     await reset_cache(target)
     # The oracle: run once to fill the cache, then measure the same prompts again.
@@ -243,7 +261,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
               "on / oracle | headroom captured | warms sent / hit / in vain | warm precision |",
               "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        d, off, on, o = (rows[m]["e2e_p50"] for m in ("direct", "preheat-off", "preheat-on", "oracle"))
+        if any(m not in rows for m in MODES):
+            continue  # a partial run (--modes): no ratios
+        d, off, on, o = (rows[m]["e2e_p50"] for m in MODES)
         head = (d - on) / (d - o) if d - o > 1e-9 else float("nan")
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
@@ -259,18 +279,35 @@ async def main_async(args) -> None:
     model = str(await asyncio.to_thread(ensure_default_model, args.hidden, args.layers))
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     q = args.quick
-    tau_runs = range(150, 150 + (4 if q else 8))
     tau_calls = 4 if q else 6
-    workloads = {
-        f"tau-bench x{len(tau_runs)}": tau_bench(tau_runs, tau_calls, 1.0, seed=1),
-        "map-reduce 6 experts": map_reduce(2 if q else 4, 6, 3000, seed=2),
+    pressure_runs = range(150, 150 + (4 if q else args.pressure_runs))
+    tau_runs = range(150, 150 + (4 if q else 8))
+    # (name, instances, instances to learn from first, KV cache MiB (None: the big one),
+    #  one instance after another)
+    loops = 4 if q else 12
+    small, medium = args.small_cache, 2 * args.small_cache
+    workloads = [
+        (f"agent loops x{loops}, {medium} MiB cache (pressure 2x)",
+         agent_loops(loops, 4 if q else 8, seed=4), agent_loops(6, 4 if q else 8, seed=40),
+         medium, False),
+        (f"agent loops x{loops}, {small} MiB cache (pressure 4x)",
+         agent_loops(loops, 4 if q else 8, seed=4), agent_loops(6, 4 if q else 8, seed=40),
+         small, False),
+        (f"tau-bench x{len(pressure_runs)}, {small} MiB cache (pressure 3x)",
+         tau_bench(pressure_runs, tau_calls, 1.0, seed=1),
+         tau_bench(range(170, 176), tau_calls, 1.0, seed=10), small, False),
+        (f"tau-bench x{len(tau_runs)}", tau_bench(tau_runs, tau_calls, 1.0, seed=1),
+         tau_bench(range(170, 176), tau_calls, 1.0, seed=10), None, False),
+        ("map-reduce 6 experts", map_reduce(2 if q else 4, 6, 3000, seed=2),
+         map_reduce(2, 6, 3000, seed=20, stagger=0.0), None, False),
         # The engine idle between calls: agents one after another, real tool gaps.
-        "one agent at a time": tau_bench(range(190, 192 if q else 193), tau_calls, 1.5, seed=3),
-    }
-    sequential = {"one agent at a time"}
+        ("one agent at a time", tau_bench(range(190, 192 if q else 193), tau_calls, 1.5, seed=3),
+         tau_bench(range(196, 198), tau_calls, 0.0, seed=30), None, True),
+    ]
+    workloads = [w for w in workloads if not args.only or any(o in w[0] for o in args.only)]
 
     engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
-               f"{args.big_cache} MiB (pressure run: {args.small_cache} MiB)")
+               f"{args.big_cache} MiB (pressure runs: {medium} and {small} MiB)")
     results: dict[str, dict] = {}
 
     def save() -> str:  # after every workload: a late failure loses nothing measured
@@ -281,25 +318,27 @@ async def main_async(args) -> None:
         return text
 
     big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
-    small = Engine(model, kv_cache_bytes=args.small_cache << 20, env=env, max_model_len=7168)
-    print(f"engine: {model}, KV cache {args.big_cache} MiB and {args.small_cache} MiB", flush=True)
+    print(f"engine: {model}, KV cache {args.big_cache} MiB", flush=True)
     await big.start()
     await _warm_up(big)
     try:
-        # Cache pressure first: the workload where admission matters most.
-        pressure_runs = range(150, 150 + (4 if q else args.pressure_runs))
-        pressure = tau_bench(pressure_runs, tau_calls, 1.0, seed=1)
-        await small.start()
-        await _warm_up(small)
-        try:
-            name = f"tau-bench x{len(pressure_runs)}, {args.small_cache} MiB cache (pressure)"
-            results[name] = await compare(small, big, name, pressure, 0)
-            save()
-        finally:
-            await small.stop()
-        for name, instances in workloads.items():
-            results[name] = await compare(big, None, name, instances, 0,
-                                          sequential=name in sequential)
+        # Cache pressure first: the workloads where admission matters most. Each cache size
+        # is its own engine; the oracle runs on the big one.
+        for size in sorted({w[3] for w in workloads if w[3]}, reverse=True):
+            engine = Engine(model, kv_cache_bytes=size << 20, env=env, max_model_len=7168)
+            await engine.start()
+            await _warm_up(engine)
+            try:
+                for name, instances, train, _, sequential in (w for w in workloads
+                                                              if w[3] == size):
+                    results[name] = await compare(engine, big, name, instances, train, 0,
+                                                  args.modes, sequential)
+                    save()
+            finally:
+                await engine.stop()
+        for name, instances, train, _, sequential in (w for w in workloads if not w[3]):
+            results[name] = await compare(big, None, name, instances, train, 0, args.modes,
+                                          sequential)
             save()
     finally:
         await big.stop()
@@ -319,9 +358,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--big-cache", type=int, default=512, help="MiB")
     parser.add_argument("--small-cache", type=int, default=64,
-                        help="MiB (must hold one 7k-token prompt: 64 MiB for the 512 x 8 model)")
+                        help="MiB of the pressure runs, which also use twice this (it must "
+                        "hold one 7k-token prompt: 64 MiB for the 512 x 8 model)")
     parser.add_argument("--pressure-runs", type=int, default=12,
                         help="tau-bench agents at once in the cache-pressure workload")
+    parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     asyncio.run(main_async(parser.parse_args()))
 

@@ -131,3 +131,35 @@ def map_reduce(instances: int, experts: int, doc_tokens: int, seed: int,
                           after=experts_keys, gap=0.05, fills=((1, experts_keys),)))
         out.append(Instance(f"mapreduce-{i}", "map-reduce", calls, start=i * stagger))
     return out
+
+
+def agent_loops(agents: int, calls: int, seed: int, shared_tokens: int = 600,
+                task_tokens: int = 800, tool_tokens: int = 160, out_tokens: int = 40,
+                gap_median: float = 1.5, stagger: float = 0.25) -> list[Instance]:
+    """Tool-using agent loops, the shape of notes/where-the-time-goes.md B.
+
+    Each agent shares one system prompt, has a task of its own, and for `calls` turns sends
+    its whole conversation: the model's answers and a tool result after each. Prompts grow
+    from shared + task to about shared + task + calls x (out + tool) tokens; the tool time
+    before each call is lognormal around `gap_median` seconds.
+    """
+    rng = random.Random(seed)
+    system = {"role": "system", "content": "You are an operations agent with tools. " +
+              document(rng, shared_tokens)}
+    out = []
+    for a in range(agents):
+        history = [system, {"role": "user", "content": document(rng, task_tokens)}]
+        loop: list[Call] = []
+        answered: list[tuple[int, str]] = []
+        for k in range(calls):
+            key = f"c{k}"
+            gap = rng.lognormvariate(0, 0.5) * gap_median if loop else 0.0
+            after = (loop[-1].key,) if loop else ()
+            loop.append(Call(key, list(history), out_tokens, after, gap,
+                             tuple((i, (ck,)) for i, ck in answered)))
+            answered.append((len(history), key))
+            history += [{"role": "assistant", "content": ""},
+                        {"role": "user", "content": "[tool result] " +
+                         document(rng, tool_tokens)}]
+        out.append(Instance(f"loop-{a}", "agent-loop", loop, start=a * stagger))
+    return out

@@ -1,22 +1,27 @@
 """Cache-aware admission: which requests the engine holds at once.
 
-Measured on vLLM (notes/where-the-time-goes.md): under KV-cache pressure, agent sessions
-evict each other's history between calls and end-to-end time doubles; grouping requests by
-prefix gave 2.7x. Admission keeps the *working set* of the sessions being served inside the
-cache:
+Measured on vLLM (notes/where-the-time-goes.md, bench/results/e2e.md): under KV-cache
+pressure, agent sessions evict each other's history between calls and end-to-end time
+doubles. Admission serves fewer sessions at once, each with its history resident, rather than
+all of them with none:
 
-- A request belongs to a group: the session it continues (its messages start with a prompt
-  the group sent before), or a new group. Continuations of resident groups go straight in:
-  their history is what the cache should keep.
-- The resident working set is the union of the resident groups' prompts, counted once per
-  distinct message prefix (a system prompt shared by twenty sessions counts once), plus their
-  outputs. A new group is admitted while that union, with the new prompt's increment, fits
-  in `fill` of the cache.
-- Otherwise it waits. Among waiting requests the one adding the fewest new tokens (the most
-  shared prefix) goes first; every wait is bounded by `max_wait`, after which the request
-  goes in regardless. A group stays resident while it has requests in flight and, after its
-  last answer, for `hold` seconds (the tool time its next call is expected after; learned
-  from observed gaps); then its share of the cache is released.
+- A request belongs to a session (group): the one whose latest prompt it extends, or a new
+  one. Sessions are remembered after they leave the cache, so an agent back from a long tool
+  call is still the same session.
+- The resident working set is the union of the resident sessions' prompts, counted once per
+  distinct message prefix (a system prompt shared by twenty sessions counts once), plus
+  their outputs. Admission also reserves the growth each session still has before it: the
+  size recent sessions grew to (their own tokens, upper quartile) is learned online.
+- Continuations of resident sessions go straight in. A new session goes in while the
+  reserved set, with its expected size, stays within `fill` of the cache (`fill` is above 1
+  by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
+- Otherwise it waits. Waiting sessions already under way go first, in arrival order; then
+  the new session adding the fewest tokens (the most shared prefix). Every wait is bounded by
+  `max_wait`; an engine that has been mostly idle lately takes waiting work even when it
+  overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
+- A session stays resident while it has calls in flight and, after its last answer, for the
+  tool time its next call is expected after (p90 of observed gaps, longer while the session
+  is shorter than sessions usually are); then its share of the cache is released.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
 
@@ -29,15 +34,26 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import orjson
 import xxhash
 
-CHARS_PER_TOKEN = 3.6  # a first guess; `calibrate()` learns the real ratio from usage
+log = logging.getLogger("preheat.admission")
+CHARS_PER_TOKEN = 3.6
+MAX_SESSIONS = 50_000
+"""Sessions remembered after they leave the cache (their latest prompt's hash, a few bytes)."""
+PROFILE_WINDOW = 200
+PROFILE_MIN_SESSIONS = 3
+BUSY_WINDOW = 20.0
+IDLE_BELOW = 0.6
+"""An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
+MID_SESSION_HOLD = 2.5
+"""A session short of the usual number of calls is held this many times the tool gap."""  # a first guess; `calibrate()` learns the real ratio from usage
 
 
 def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
@@ -78,6 +94,8 @@ class Group:
     chain: tuple[str, ...] = ()
     """Prefix hashes of the group's latest prompt, one per message."""
     output_tokens: int = 0
+    own_tokens: int = 0
+    """Tokens of the group's prompt no other resident group shares, plus its output."""
     in_flight: int = 0
     calls: int = 0
     last_done: float = 0.0
@@ -119,8 +137,8 @@ class Admission:
     def __init__(
         self,
         capacity_tokens: int | None,
-        fill: float = 0.9,
-        max_wait: float = 10.0,
+        fill: float = 1.25,
+        max_wait: float = 60.0,
         hold: float = 3.0,
         max_hold: float = 30.0,
     ) -> None:
@@ -131,12 +149,26 @@ class Admission:
         self.max_hold = max_hold
         self.chars_per_token = CHARS_PER_TOKEN
         self._groups: dict[str, Group] = {}
+        """Resident groups: their prompts are what the cache should hold."""
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        """Group -> hash of its latest prompt, for every session seen lately, resident or
+        not: a session released during a long tool call is the same session when it
+        returns, and, being under way, goes before sessions that have not started."""
         self._by_chain_end: dict[str, str] = {}
+        self._shared: dict[str, None] = {}
+        """Prefixes two sessions have sent (system prompts, tools): counted once, not per session."""
+        self._profiles: OrderedDict[str, list[int]] = OrderedDict()
+        """[largest own-token count, calls] of each recent session: what a new session is
+        expected to grow to (admitting it leaves room for its later calls) and how many
+        calls a session makes (one short of that, its agent is coming back)."""
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._union = 0
         self._waiting: deque[Ticket] = deque()
         self._seq = itertools.count()
+        self._in_flight = 0
+        self._busy: deque[tuple[float, float]] = deque()
+        self._busy_since: float | None = None
         self._gaps: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
         self.admitted: dict[str, int] = {}
@@ -162,7 +194,9 @@ class Admission:
         elif g is not None and (g.in_flight or self._held(g)):
             self._admit(t, "resident")
         elif not self._waiting and self._fits(t):
-            self._admit(t, "fits")
+            self._admit(t, "returned" if t.group in self._sessions else "fits")
+        elif not self._waiting and self._engine_idle():
+            self._admit(t, "idle")
         else:
             t._future = asyncio.get_running_loop().create_future()
             t._seq = next(self._seq)
@@ -182,9 +216,12 @@ class Admission:
         g = self._groups.get(t.group)
         if g is None or t.admitted is None:
             return
-        g.in_flight = max(0, g.in_flight - 1)
+        if g.in_flight:
+            g.in_flight -= 1
+            self._running(-1)
         g.output_tokens = max(g.output_tokens, output_tokens)
         g.last_done = time.monotonic()
+        self._measure(g)
         self._release_ready()
 
     def record_output(self, group: str, output_tokens: int) -> None:
@@ -192,6 +229,7 @@ class Admission:
         g = self._groups.get(group)
         if g is not None:
             g.output_tokens = output_tokens
+            self._measure(g)
 
     def calibrate(self, prompt_chars: int, prompt_tokens: int) -> None:
         """Learn characters per token from a finished call's usage (off the hot path)."""
@@ -222,6 +260,19 @@ class Admission:
                 return found
         return None
 
+    def _remember(self, g: Group) -> None:
+        """Keep the session findable by its latest prompt, in the cache or not."""
+        old = self._sessions.pop(g.id, None)
+        if old is not None and self._by_chain_end.get(old) == g.id:
+            del self._by_chain_end[old]
+        if g.chain:
+            self._sessions[g.id] = g.chain[-1]
+            self._by_chain_end[g.chain[-1]] = g.id
+        while len(self._sessions) > MAX_SESSIONS:
+            gid, end = self._sessions.popitem(last=False)
+            if self._by_chain_end.get(end) == gid:
+                del self._by_chain_end[end]
+
     def _increment(self, t: Ticket) -> int:
         """Tokens the ticket's prompt adds to the resident union."""
         return sum(s for h, s in zip(t.chain, t.sizes) if h not in self._refs)
@@ -229,17 +280,89 @@ class Admission:
     def _resident_tokens(self) -> int:
         return self._union + sum(g.output_tokens for g in self._groups.values())
 
+    def expected_footprint(self) -> int:
+        """Own tokens a session grows to (upper quartile of recent sessions; 0 unknown)."""
+        return self._profile_quartile(0)
+
+    def expected_calls(self) -> int:
+        """Calls a session makes (upper quartile of recent sessions; 0 unknown)."""
+        return self._profile_quartile(1)
+
+    def _profile_quartile(self, field: int) -> int:
+        if len(self._profiles) < PROFILE_MIN_SESSIONS:
+            return 0
+        values = sorted(p[field] for p in self._profiles.values())
+        return values[int(0.75 * (len(values) - 1))]
+
+    def _reserved_tokens(self) -> int:
+        """The resident set now, plus the growth its sessions are expected to have."""
+        expected = self.expected_footprint()
+        growth = sum(max(0, expected - g.own_tokens) for g in self._groups.values())
+        return self._resident_tokens() + growth
+
     def _fits(self, t: Ticket) -> bool:
         if not self._groups:
             return True  # an empty engine takes anything, however large
         budget = self.fill * (self.capacity_tokens or 0)
-        return self._resident_tokens() + self._increment(t) <= budget
+        need = self._increment(t)
+        if t.group not in self._sessions:  # a new session: room for all it will grow to
+            need = max(need, self.expected_footprint())
+        return self._reserved_tokens() + need <= budget
+
+    def _measure(self, g: Group) -> None:
+        g.own_tokens = g.output_tokens + sum(
+            self._sizes[h] for h in g.chain if h not in self._shared)
+        profile = self._profiles.get(g.id)
+        if profile is None:
+            profile = self._profiles[g.id] = [0, 0]
+            while len(self._profiles) > PROFILE_WINDOW:
+                self._profiles.popitem(last=False)
+        profile[0] = max(profile[0], g.own_tokens)
+        profile[1] = max(profile[1], g.calls)
+
+    def _engine_idle(self) -> bool:
+        """Nothing admitted runs, and lately the engine was mostly idle: the sessions that
+        fit the cache spend their time in tool calls. Work that waits then goes in
+        although it overflows the cache (an idle engine helps nobody; once the sessions
+        keep the engine busy, this stops by itself)."""
+        if any(g.in_flight for g in self._groups.values()):
+            return False
+        return self._busy_share() < IDLE_BELOW
+
+    def _busy_share(self) -> float:
+        """Share of the last BUSY_WINDOW seconds with at least one admitted call running."""
+        now = time.monotonic()
+        start = now - BUSY_WINDOW
+        while self._busy and self._busy[0][1] < start:
+            self._busy.popleft()
+        busy = sum(min(e, now) - max(b, start) for b, e in self._busy)
+        if self._busy_since is not None:
+            busy += now - max(self._busy_since, start)
+        return busy / BUSY_WINDOW
+
+    def _running(self, delta: int) -> None:
+        """Track when the engine has admitted calls running (for `_busy_share`)."""
+        before = self._in_flight
+        self._in_flight += delta
+        now = time.monotonic()
+        if before == 0 and self._in_flight > 0:
+            self._busy_since = now
+        elif before > 0 and self._in_flight == 0 and self._busy_since is not None:
+            self._busy.append((self._busy_since, now))
+            self._busy_since = None
 
     def _held(self, g: Group) -> bool:
         return time.monotonic() - g.last_done < self._hold_for(g)
 
     def _hold_for(self, g: Group) -> float:
-        return min(self.max_hold, self._gap_p90()) if g.calls else 0.0
+        """How long an idle group keeps its place: its agent's tool time, and longer while
+        the session is shorter than sessions usually are (so it is surely coming back)."""
+        if not g.calls:
+            return 0.0
+        hold = self._gap_p90()
+        if g.calls < self.expected_calls():
+            hold *= MID_SESSION_HOLD
+        return min(self.max_hold, hold)
 
     def _gap_p90(self) -> float:
         if len(self._gaps) < 5:
@@ -254,33 +377,43 @@ class Admission:
         g = self._groups.get(t.group)
         if g is None:
             g = self._groups[t.group] = Group(t.group)
-        elif g.in_flight == 0 and g.calls:
-            gap = now - g.last_done
-            if gap < self.max_hold:
+            profile = self._profiles.get(t.group)
+            g.calls = profile[1] if profile else 0  # a session returning to the cache
+        if g.in_flight == 0 and g.calls:
+            # The client's own tool or think time: from the last answer to this call's
+            # arrival, not to its admission (waiting here is not a gap to hold for).
+            gap = t.arrived - g.last_done
+            if 0 <= gap < self.max_hold:
                 bisect.insort(self._gaps, gap)
                 if len(self._gaps) > 2000:
                     del self._gaps[::2]  # keep the distribution, halve the memory
         g.in_flight += 1
+        self._running(+1)
         g.calls += 1
         self._set_chain(g, t.chain, t.sizes)
+        self._remember(g)
+        self._measure(g)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("admitted %s call %d (%s) after %.2f s; %d groups, %d of %d tokens",
+                      t.group, g.calls, how, t.waited, len(self._groups),
+                      self._resident_tokens(), self.capacity_tokens or 0)
         if t._future is not None and not t._future.done():
             t._future.set_result(None)
 
     def _set_chain(self, g: Group, chain: tuple[str, ...], sizes: tuple[int, ...]) -> None:
         for h in g.chain:
             self._unref(h)
-        if g.chain and self._by_chain_end.get(g.chain[-1]) == g.id:
-            del self._by_chain_end[g.chain[-1]]
         g.chain = chain
         for h, s in zip(chain, sizes):
             if h in self._refs:
                 self._refs[h] += 1
+                self._shared[h] = None  # two sessions' prompts: not a session's own tokens
+                if len(self._shared) > MAX_SESSIONS:
+                    self._shared.pop(next(iter(self._shared)))
             else:
                 self._refs[h] = 1
                 self._sizes[h] = s
                 self._union += s
-        if chain:
-            self._by_chain_end[chain[-1]] = g.id
 
     def _unref(self, h: str) -> None:
         n = self._refs.get(h, 0) - 1
@@ -292,6 +425,7 @@ class Admission:
 
     def _expire(self) -> None:
         for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
+            log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, self._hold_for(g))
             self._set_chain(g, (), ())
             del self._groups[g.id]
 
@@ -312,10 +446,18 @@ class Admission:
             if resident:
                 self._take(resident[0], "resident")
                 continue
-            best = min(heads.values(), key=lambda t: (self._increment(t), t._seq))
-            if not self._fits(best):
+            # Sessions under way finish before new ones start (their history is partly
+            # computed, and an agent half done is worth more than one not begun); among
+            # new sessions, the one adding the fewest tokens (the most shared prefix) first.
+            returning = [t for t in heads.values() if t.group in self._sessions]
+            best = returning[0] if returning else min(
+                heads.values(), key=lambda t: (self._increment(t), t._seq))
+            if self._fits(best):
+                self._take(best, "returned" if returning else "waited")
+            elif self._engine_idle():
+                self._take(best, "idle")
+            else:
                 break
-            self._take(best, "waited")
         self._schedule()
 
     def _take(self, t: Ticket, how: str) -> None:

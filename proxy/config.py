@@ -73,9 +73,12 @@ class Settings:
         0, "KV-cache size in tokens for admission; 0 reads it from the engine's /metrics "
         "(vLLM), and without it admission stays off."
     )
-    admission_fill: float = _opt(0.9, "Share of the KV cache admission lets the working set use.")
+    admission_fill: float = _opt(
+        1.25, "Share of the KV cache that the sessions admitted, at the size sessions grow to, "
+        "may reserve (over 1: their peaks do not coincide, and the idlest blocks go first)."
+    )
     admission_max_wait: float = _opt(
-        10.0, "Longest a request waits for admission before it goes in regardless."
+        60.0, "Longest a request waits for admission before it goes in regardless."
     )
     prewarm: bool = _opt(
         True, "Pre-warm the predicted next prompt of a session while its agent runs a tool, "

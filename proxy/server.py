@@ -177,10 +177,23 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
             )
             if OBSERVER in app:
                 app[OBSERVER].sinks.append(UsageFeedback(admission, asyncio.get_running_loop()))
+            _admission_metrics(app[METRICS], admission)
             log.info("admission on: KV cache of %d tokens", capacity)
         else:
             log.info("admission off: the upstream does not report its KV-cache size")
     yield
+
+
+def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
+    metrics.counter("preheat_admission_total", "Requests admitted to the engine, by how.",
+                    lambda: dict(admission.admitted), label="how")
+    metrics.gauge("preheat_admission_waiting", "Requests waiting for admission.",
+                  lambda: admission.stats().waiting)
+    metrics.gauge("preheat_admission_resident_tokens",
+                  "Estimated KV tokens of the sessions admission keeps resident.",
+                  lambda: admission.stats().resident_tokens)
+    metrics.gauge("preheat_admission_wait_seconds_max", "Longest admission wait so far.",
+                  lambda: admission.max_wait_seen)
 
 
 async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:

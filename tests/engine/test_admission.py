@@ -50,6 +50,8 @@ async def test_new_session_waits_while_resident_one_continues():
     adm = make(1000, hold=0.3, max_wait=5)
     a1 = ticket(adm, body("A" * 600))
     await adm.enter(a1)
+    c = ticket(adm, body("C" * 100))  # another agent's call keeps the engine busy
+    await adm.enter(c)
     b1 = ticket(adm, body("B" * 600))
     waiting = asyncio.create_task(adm.enter(b1))
     await asyncio.sleep(0.05)
@@ -64,6 +66,61 @@ async def test_new_session_waits_while_resident_one_continues():
     # A's hold lapses (no further call), B goes in.
     await asyncio.wait_for(waiting, 2)
     assert b1.how == "waited" and 0.25 < b1.waited < 1.5
+
+
+async def test_an_idle_engine_never_keeps_work_waiting():
+    adm = make(1000, hold=30, max_wait=30)
+    a = ticket(adm, body("A" * 900))
+    await adm.enter(a)
+    b = ticket(adm, body("B" * 900))
+    waiting = asyncio.create_task(adm.enter(b))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # A runs and fills the cache
+    adm.leave(a, 10)  # A is in its tool call, held: the engine has nothing to do
+    await asyncio.wait_for(waiting, 1)
+    assert b.how == "idle" and b.waited < 0.5
+
+
+async def test_a_session_back_from_a_long_tool_call_goes_before_new_ones():
+    adm = make(1000, hold=0.05, max_wait=30)
+    a1 = ticket(adm, body("A" * 500))
+    await adm.enter(a1)
+    adm.leave(a1, 10)
+    await asyncio.sleep(0.1)  # A's hold lapses: its share of the cache is released
+    busy = ticket(adm, body("C" * 500))
+    await adm.enter(busy)  # the engine is busy and its cache half full
+    new = ticket(adm, body("N" * 600))  # does not fit beside C
+    new_task = asyncio.create_task(adm.enter(new))
+    await asyncio.sleep(0.01)
+    a2 = ticket(adm, body("A" * 500, "late tool result"))
+    assert a2.group == a1.group  # still the same session
+    a2_task = asyncio.create_task(adm.enter(a2))
+    await asyncio.sleep(0.01)
+    assert not new_task.done() and not a2_task.done()
+    adm.leave(busy, 10)
+    await asyncio.wait_for(a2_task, 1)
+    assert a2.how in ("returned", "idle")  # the session under way first...
+    assert not new_task.done()  # ...and the new one waits for room
+    new_task.cancel()
+
+
+async def test_new_sessions_leave_room_for_what_sessions_grow_to():
+    adm = make(3000, hold=30, max_wait=30)
+    shared = "S" * 200
+    for i in range(3):  # three earlier sessions grew to about 1,000 tokens of their own
+        t = ticket(adm, body(shared, f"{i}" * 1000))
+        await adm.enter(t)
+        adm.leave(t, 0)
+    assert adm.expected_footprint() >= 1000
+    # The cache (3,000) holds those three; a fourth session, small now, would not fit
+    # once it grows, so it waits although its first prompt is tiny.
+    busy = ticket(adm, body(shared, "0" * 1000, "next"))
+    await adm.enter(busy)
+    late = ticket(adm, body(shared, "x" * 50))
+    task = asyncio.create_task(adm.enter(late))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()
 
 
 async def test_shared_prefix_adds_little_and_is_preferred():
