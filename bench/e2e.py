@@ -7,12 +7,16 @@ Modes, in one run on the same engine (its prefix cache reset before each):
     oracle       a lower bound: the same workload on an engine without cache pressure, with
                  every prompt already cached (the workload was run once just before)
 
-Workloads (bench/workloads.py): tau-bench airline agents replayed (prompts from the trace,
-outputs forced to the recorded length, lognormal tool gaps), map-reduce over a shared
-document, one agent at a time, and tau-bench under cache pressure (a KV cache about a
-third of the working set).
+Before preheat-on is measured, the same proxy first serves other instances of the same
+workflows (learning: session sizes, tool gaps, templates), then the engine's cache is reset.
 
-    .venv/bin/python bench/e2e.py [--quick] [--out bench/results/e2e.md]
+Workloads (bench/workloads.py): tool-using agent loops (notes/where-the-time-goes.md B) on a
+KV cache 2x and 4x smaller than their working set, tau-bench airline agents replayed
+(prompts from the trace, outputs forced to the recorded length, lognormal tool gaps) with
+and without cache pressure, map-reduce over a shared document, one agent at a time. Writes
+the table (.md), the figures (.json) and a plot (.png).
+
+    .venv/bin/python bench/e2e.py [--quick] [--only NAME...] [--modes MODE...]
 """
 
 from __future__ import annotations
@@ -275,6 +279,32 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, dict[str, dict]], path: Path) -> None:
+    """Median end-to-end time per workload and mode, relative to direct (lower is faster)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [n for n, rows in results.items() if "direct" in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.75 * len(names)))
+    height = 0.8 / len(MODES)
+    for k, mode in enumerate(MODES):
+        values = [results[n][mode]["e2e_p50"] / results[n]["direct"]["e2e_p50"]
+                  if mode in results[n] else 0.0 for n in names]
+        ax.barh([i + k * height for i in range(len(names))], values, height, label=mode)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))], names, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("median end-to-end time per instance, relative to direct (lower is faster)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 async def main_async(args) -> None:
     model = str(await asyncio.to_thread(ensure_default_model, args.hidden, args.layers))
     env = {"VLLM_SERVER_DEV_MODE": "1"}
@@ -315,6 +345,7 @@ async def main_async(args) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        plot(results, args.out.with_suffix(".png"))
         return text
 
     big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
@@ -365,7 +396,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the plot from the JSON of an earlier run")
+    args = parser.parse_args()
+    if args.replot:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        plot(results, args.out.with_suffix(".png"))
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
