@@ -475,5 +475,7 @@ class Admission:
         deadlines = [t.arrived + self.max_wait for t in self._waiting]
         deadlines += [g.last_done + self._hold_for(g) for g in self._groups.values()
                       if not g.in_flight]
+        if not self._in_flight:  # the engine's recent busy share falls while it idles
+            deadlines.append(now + 1.0)
         delay = max(0.0, min(deadlines) - now) + 0.001
         self._timer = asyncio.get_running_loop().call_later(delay, self._release_ready)
