@@ -2,8 +2,8 @@
 
 The upstream is the in-process-style fake (tests/fake_upstream.py) in its own process, so
 what is measured is preheat's own cost: its HTTP server, the upstream hop, the relay and
-capture (on, writing to SQLite). Each worker alternates direct and proxied calls so both
-see the same machine state.
+capture (on, writing to SQLite from the observer process). Each worker alternates direct
+and proxied calls so both see the same machine state.
 
     .venv/bin/python bench/overhead.py [--requests N] [--out bench/results/overhead.md]
 """
@@ -157,8 +157,10 @@ def write_report(rows: list[dict], path: Path, requests: int) -> str:
         "",
         f"`.venv/bin/python bench/overhead.py --requests {requests}` on {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}. Fake upstream, proxy and load generator each in their own "
-        "process on this machine; capture on (SQLite). Each worker alternates direct and proxied "
-        "calls. Non-stream: whole-call latency; stream: time to the first event (16-event streams).",
+        "process on this machine; capture and learning on (SQLite), in preheat's observer process, "
+        "which the proxy hands each exchange with one pickle and one socket write. Each worker "
+        "alternates direct and proxied calls. Non-stream: whole-call latency; stream: time to the "
+        "first event (16-event streams).",
         "",
         "| kind | concurrency | calls | direct p50 ms | proxied p50 ms | added p50 ms | direct p99 ms | proxied p99 ms | added p99 ms | ratio p50 |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -10,6 +10,8 @@ import time
 
 from proxy.config import Settings, options
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -101,9 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if settings.upstream and settings.model:
         raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     from engine.errors import EngineError
     from proxy.server import run

@@ -28,6 +28,14 @@ EXCHANGE_VERSION = 1
 # Routes whose traffic is captured and learned from. Everything else is only relayed.
 CAPTURED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
+RAW_FIELDS = (
+    "method", "path", "query", "request_headers", "request_body", "request_truncated", "id",
+    "started_at", "t_upstream_sent", "t_upstream_headers", "t_first_byte", "t_done", "status",
+    "response_headers", "response_chunks", "response_truncated", "error", "error_type", "cache",
+    "added_latency",
+)
+"""What the hot path fills in: all the observer process needs to derive the rest."""
+
 
 _PROCESS = os.urandom(4).hex()
 _COUNTER = itertools.count()
@@ -101,6 +109,19 @@ class Exchange:
     model: str | None = None
     response_id: str | None = None
     response_error: str | None = None
+
+    # -- the raw form --------------------------------------------------------------------
+
+    def raw(self) -> tuple:
+        """The `RAW_FIELDS` values, in order: plain data, cheap to pickle on the hot path."""
+        return tuple([getattr(self, name) for name in RAW_FIELDS])
+
+    @classmethod
+    def from_raw(cls, raw: tuple) -> "Exchange":
+        """The exchange `raw()` was taken from, not yet analysed."""
+        if len(raw) != len(RAW_FIELDS):
+            raise ValueError(f"a raw exchange has {len(RAW_FIELDS)} fields, not {len(raw)}")
+        return cls(**dict(zip(RAW_FIELDS, raw)))
 
     # -- convenience views -------------------------------------------------------------
 

@@ -1,11 +1,11 @@
-"""The live learner: `learn/` fed by the observer thread, its snapshot kept in the store.
+"""The live learner: `learn/` fed by the observer, its snapshot kept in the store.
 
-The observer calls `observe()` for every finished exchange, in order, on its own thread
-(the store's single writer), so learning never touches the event loop. Every `save_every`
-seconds, and on shutdown, the learner's snapshot is saved; at start the newest one is
-restored and the learner catches up on what the store holds beyond it (captures after the
-last save, imported traces), so templates and workflows survive restarts. Predictions go to `listeners`
-(the pre-warm planner), each called on the observer thread and expected to hand off fast.
+The observer calls `observe()` for every finished exchange, in order, in the observer
+process (the store's single writer), so learning never touches the proxy's event loop.
+Every `save_every` seconds, and on shutdown, the learner's snapshot is saved; at start the
+newest one is restored and the learner catches up on what the store holds beyond it
+(captures after the last save, imported traces), so templates and workflows survive
+restarts. Predictions go to `listeners` (on to the pre-warm planner), each called in order.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class LearnSink:
             self.save()
 
     def save(self) -> None:
-        """Persist the snapshot (observer thread, or after it stopped)."""
+        """Persist the snapshot."""
         self._saved_at = time.monotonic()
         if self.store is None or not self._unsaved:
             return

@@ -20,7 +20,7 @@ from proxy.exchange import Exchange
 if TYPE_CHECKING:
     from proxy.cache import PromptCache
     from proxy.metrics import Metrics
-    from proxy.observe import Observer
+    from proxy.observer_process import ObserverProcess
 
 log = logging.getLogger("preheat.stages")
 
@@ -83,11 +83,11 @@ class MetricsStage(Stage):
 
 
 class CaptureStage(Stage):
-    """Hands finished exchanges on captured routes to the observer thread."""
+    """Hands finished exchanges on captured routes to the observer process."""
 
     name = "capture"
 
-    def __init__(self, observer: "Observer") -> None:
+    def __init__(self, observer: "ObserverProcess") -> None:
         self.observer = observer
 
     def done(self, ex: Exchange) -> None:
@@ -96,7 +96,7 @@ class CaptureStage(Stage):
 
 
 def default_stages(
-    metrics: "Metrics", observer: "Observer | None", cache: "PromptCache | None" = None
+    metrics: "Metrics", observer: "ObserverProcess | None", cache: "PromptCache | None" = None
 ) -> list[Stage]:
     stages: list[Stage] = [MetricsStage(metrics)]
     if cache is not None:

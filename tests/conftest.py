@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Settings
-from proxy.observe import Observer
+from proxy.observer_process import ObserverProcess
 from proxy.server import OBSERVER, SERVER_KWARGS, build_app
 from storage.store import Store
 from tests.fake_upstream import FakeUpstream
@@ -30,11 +30,12 @@ class RunningProxy:
     runner: web.AppRunner
 
     @property
-    def observer(self) -> Observer:
+    def observer(self) -> ObserverProcess:
         return self.app[OBSERVER]
 
-    def store(self) -> Store:
-        self.observer.flush()
+    async def store(self) -> Store:
+        """The capture store, once everything sent so far is written."""
+        await self.observer.flush()
         return Store(self.db)
 
 

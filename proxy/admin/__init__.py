@@ -46,45 +46,31 @@ def setup_admin(app: web.Application) -> None:
             log.info("admin page at http://%s:%s/admin (token from PREHEAT_ADMIN_TOKEN or "
                      "--admin-token)", settings.host, settings.port)
         yield
-        if state.own_store:
-            state.store.close()
+        state.store.close()
 
     app.cleanup_ctx.append(ctx)
 
 
 def _open_state(app: web.Application) -> AdminState:
     from proxy.admin.knowledge import Knowledge
-    from proxy.server import ENGINE, OBSERVER, SETTINGS
+    from proxy.server import ENGINE, SETTINGS
     from storage.store import Store
 
     settings = app[SETTINGS]
-    observer = app.get(OBSERVER)
-    writer = getattr(observer, "store", None)
-    url = writer.url if writer is not None else settings.db
-    # Reads get their own connections so they never queue behind the writer's transaction;
-    # an in-memory database exists only in the writer's connection, so it is shared.
-    in_memory = url in ("sqlite://", "sqlite:///:memory:") or ":memory:" in url
-    store = writer if in_memory and writer is not None else Store(url)
+    # The pages read through their own connections (the writer is the observer process), so
+    # an in-memory database, which lives in that process only, shows empty here.
+    store = Store(settings.db)
     return AdminState(
         store=store,
         knowledge=Knowledge(store, lambda: live_learner(app)),
         engine=lambda: app.get(ENGINE),
         upstream=settings.upstream,
-        own_store=store is not writer,
     )
 
 
 def live_learner(app: web.Application) -> Any:
-    """The proxy's own learner, when it keeps one (as an app key or an observer sink)."""
-    import proxy.server as server
-    from learn.learner import Learner
+    """A recent copy of the proxy's live learner (blocks: call from a worker thread)."""
+    from proxy.server import OBSERVER
 
-    key = getattr(server, "LEARNER", None)
-    if isinstance(key, web.AppKey) and key in app:
-        return app[key]
-    observer = app.get(server.OBSERVER)
-    for sink in getattr(observer, "sinks", ()):
-        for candidate in (sink, getattr(sink, "learner", None)):
-            if isinstance(candidate, Learner):
-                return candidate
-    return None
+    observer = app.get(OBSERVER)
+    return observer.learner() if observer is not None else None

@@ -1,11 +1,11 @@
 """What `learn/` knows, as the admin pages show it. Synchronous: call from a worker thread.
 
-The learner is the proxy's live one when the app has one (fed by the observer thread), else
-one the admin page feeds itself from the store: every stored exchange, in arrival order,
-then only the new ones on later views. A store past `REBUILD_LIMIT` exchanges that holds a
-saved snapshot (storage/learned.py, `preheat learn`) is read from the snapshot instead. Either way the pages call `Learner` methods; nothing
-here learns anything itself. A live learner is written by another thread while a page reads
-it, so reads are retried when a dictionary changed under them.
+The learner is a recent copy of the proxy's live one when the app has one (it learns in the
+observer process), else one the admin page feeds itself from the store: every stored
+exchange, in arrival order, then only the new ones on later views. A store past
+`REBUILD_LIMIT` exchanges that holds a saved snapshot (storage/learned.py, `preheat learn`)
+is read from the snapshot instead. Either way the pages call `Learner` methods, one page at
+a time; nothing here learns anything itself.
 """
 
 from __future__ import annotations
@@ -67,20 +67,12 @@ class Knowledge:
             return self._own
 
     def read(self, fn: Callable[[Learner], T], default: T) -> T:
-        """`fn(learner)`, retried if a live learner changed while it was read."""
+        """`fn(learner)`, or `default` when there is nothing learned to read."""
         learner = self.learner()
         if learner is None:
             return default
-        for attempt in range(5):
-            try:
-                if learner is self._own:
-                    with self._lock:
-                        return fn(learner)
-                return fn(learner)
-            except RuntimeError:  # "dictionary changed size during iteration"
-                if attempt == 4:
-                    raise
-        return default
+        with self._lock:
+            return fn(learner)
 
 
 # -- views over a learner ----------------------------------------------------------------------

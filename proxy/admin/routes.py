@@ -29,7 +29,6 @@ class AdminState:
     knowledge: Knowledge
     engine: Callable[[], Any]
     upstream: str | None
-    own_store: bool
 
 
 ADMIN = web.AppKey("admin", AdminState)

@@ -86,7 +86,7 @@ async def test_learned_continuations_reach_the_planner_and_resident_ones_are_not
                 answer = reply["choices"][0]["message"]["content"]
                 messages = messages + [{"role": "assistant", "content": answer},
                                        {"role": "user", "content": f"tool result {step} " * 30}]
-                app[OBSERVER].flush()
+                await app[OBSERVER].flush()
                 await asyncio.sleep(0.3)  # the tool runs; the engine is idle
     await asyncio.sleep(1.5)
     stats = planner.stats()
@@ -112,7 +112,7 @@ async def test_an_evicted_conversation_is_warmed_and_the_warm_lands(running, two
         history = messages + [{"role": "assistant", "content": answer["content"]}]
         assert running.mirror.cached_prefix_tokens(
             await _tokens(running, history)) < 256  # evicted
-        app[OBSERVER].flush()
+        await app[OBSERVER].flush()
         key = _chain_end(messages)
         planner.offer(key, messages, answer, [], probability=0.9, expected_in=0.5)
         for _ in range(100):
@@ -122,7 +122,7 @@ async def test_an_evicted_conversation_is_warmed_and_the_warm_lands(running, two
         assert planner.stats().sent == before.sent + 1
         nxt = await _chat(client, tuned_url, running.model,
                           history + [{"role": "user", "content": "tool result: booked"}])
-        app[OBSERVER].flush()
+        await app[OBSERVER].flush()
         await asyncio.sleep(0.3)
     assert nxt["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256
     assert planner.stats().hit == before.hit + 1

@@ -68,8 +68,8 @@ async def test_a_generated_token_is_logged(upstream, tmp_path, caplog):
 
 async def test_every_page_and_its_json_twin(proxy, upstream):
     await workload(proxy.url)
-    proxy.observer.flush()
-    before = proxy.store().count()["exchanges"]
+    await proxy.observer.flush()
+    before = (await proxy.store()).count()["exchanges"]
     seen_upstream = upstream.requests
 
     overview = (await _get(proxy, "/admin.json", headers=BEARER)).json()
@@ -106,12 +106,12 @@ async def test_every_page_and_its_json_twin(proxy, upstream):
         r = await client.post(proxy.url + "/admin/sessions", headers=BEARER, json={})
     assert r.status_code == 405
     assert upstream.requests == seen_upstream
-    assert proxy.store().count()["exchanges"] == before
+    assert (await proxy.store()).count()["exchanges"] == before
 
 
 async def test_captured_text_is_escaped(proxy):
     await workload(proxy.url)
-    proxy.observer.flush()
+    await proxy.observer.flush()
     sessions = (await _get(proxy, "/admin/sessions.json", headers=BEARER)).json()["sessions"]
     hostile = next(s for s in sessions if s["calls"] == 2)
     session = (await _get(proxy, f"/admin/sessions/{hostile['id']}.json", headers=BEARER)).json()

@@ -56,7 +56,7 @@ async def _open(pg, url: str, name: str) -> None:
 
 async def test_pages_render_and_the_script_stays_text(proxy, browser):
     await workload(proxy.url)
-    proxy.observer.flush()
+    await proxy.observer.flush()
     ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
     pg = await ctx.new_page()
     dialogs: list[str] = []

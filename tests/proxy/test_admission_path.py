@@ -48,7 +48,7 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         assert stats.max_wait_seen < 1.0 + 0.25  # the bound held
         assert elapsed < 30
         # Captured order of each session is the order its calls were made.
-        store = proxy.store()
+        store = await proxy.store()
         for s in store.sessions():
             calls = list(store.exchanges(session_id=s["id"]))
             assert [c.started_at for c in calls] == sorted(c.started_at for c in calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,8 +10,6 @@ import httpx
 import pytest
 
 from proxy.config import Settings
-from proxy.exchange import Exchange
-from proxy.observe import Observer
 from storage.store import Store
 from tests.conftest import start_proxy
 
@@ -49,7 +48,7 @@ async def test_agent_loops_are_linked_into_sessions_and_messages_stored_once(pro
     async with httpx.AsyncClient() as client:
         await _agent_loop(client, proxy.url, 6, "book a flight")
         await _agent_loop(client, proxy.url, 4, "cancel a booking", stream=True)
-    store = proxy.store()
+    store = await proxy.store()
     sessions = store.sessions()
     assert sorted(len(s["exchanges"]) for s in sessions) == [4, 6]
     assert all(s["source"] == "new" for s in sessions)
@@ -74,7 +73,7 @@ async def test_stored_exchange_reads_back_whole(proxy):
     async with httpx.AsyncClient() as client:
         r = await client.post(proxy.url + "/v1/chat/completions", json=body,
                               headers={"x-fake-delay": "0.05"})
-    [ex] = list(proxy.store().exchanges())
+    [ex] = list((await proxy.store()).exchanges())
     assert ex.request_json == body
     assert ex.status == 200 and ex.stream and ex.model == "m"
     streamed = "".join(
@@ -98,7 +97,7 @@ async def test_secrets_never_reach_the_disk(proxy, tmp_path):
             r = await client.post(proxy.url + "/v1/chat/completions", headers=header,
                                   json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
             assert r.status_code == 200
-    store = proxy.store()
+    store = await proxy.store()
     exchanges = list(store.exchanges())
     assert len(exchanges) == 4
     tenants = [e.tenant for e in exchanges]
@@ -114,7 +113,7 @@ async def test_tenants_never_share_a_session(proxy):
         for key in ("sk-a", "sk-b"):
             await _agent_loop(client, proxy.url, 3, "same task",
                               headers={"Authorization": f"Bearer {key}"})
-    sessions = proxy.store().sessions()
+    sessions = (await proxy.store()).sessions()
     assert sorted(len(s["exchanges"]) for s in sessions) == [3, 3]
     assert len({s["tenant"] for s in sessions}) == 2
 
@@ -131,7 +130,7 @@ async def test_explicit_session_ids_win(proxy, headers, body_extra, source, sess
         for task in ("one", "two"):  # unrelated prompts, one explicit session
             await client.post(proxy.url + "/v1/chat/completions", headers=headers, json={
                 "model": "m", "messages": [{"role": "user", "content": task}], **body_extra})
-    [s] = proxy.store().sessions()
+    [s] = (await proxy.store()).sessions()
     assert s["id"] == session and s["source"] == source and len(s["exchanges"]) == 2
 
 
@@ -141,7 +140,7 @@ async def test_responses_previous_response_id_continues_session(proxy):
                                    json={"model": "m", "input": "start"})).json()
         await client.post(proxy.url + "/v1/responses", json={
             "model": "m", "input": "go on", "previous_response_id": first["id"]})
-    [s] = proxy.store().sessions()
+    [s] = (await proxy.store()).sessions()
     assert len(s["exchanges"]) == 2
 
 
@@ -149,40 +148,24 @@ async def test_non_llm_routes_are_relayed_but_not_captured(proxy):
     async with httpx.AsyncClient() as client:
         assert (await client.get(proxy.url + "/v1/models")).status_code == 200
         assert (await client.post(proxy.url + "/v1/embeddings", json={"input": "x"})).status_code == 200
-    assert proxy.store().count()["exchanges"] == 0
-
-
-def _exchange(i: int) -> Exchange:
-    return Exchange(method="POST", path="/v1/chat/completions",
-                    request_headers=[("content-type", "application/json")],
-                    request_body=json.dumps({"messages": [{"role": "user", "content": str(i)}]}).encode())
-
-
-def test_full_queue_drops_and_counts_never_blocks(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/q.db")
-    observer = Observer(store, maxsize=3)  # not started: nothing drains the queue
-    accepted = [observer.submit(_exchange(i)) for i in range(10)]
-    assert accepted == [True] * 3 + [False] * 7
-    assert observer.dropped["queue_full"] == 7
-    observer.start()
-    observer.close()
-    assert store.count()["exchanges"] == 3
+    assert (await proxy.store()).count()["exchanges"] == 0
 
 
 async def test_store_failure_keeps_traffic_flowing_and_counts(upstream, tmp_path):
     proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db"))
     try:
-        store = proxy.observer.store
         from sqlalchemy import text
 
+        store = Store(proxy.db)
         with store.engine.begin() as conn:  # break the table the writer needs
             conn.execute(text("DROP TABLE exchanges"))
+        store.close()
         async with httpx.AsyncClient() as client:
             for _ in range(3):
                 r = await client.post(proxy.url + "/v1/chat/completions",
                                       json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
                 assert r.status_code == 200
-            proxy.observer.flush()
+            await proxy.observer.flush()
             metrics = (await client.get(proxy.url + "/metrics")).text
         assert proxy.observer.dropped["store_error"] == 3
         assert 'preheat_captures_dropped_total{reason="store_error"} 3' in metrics
@@ -206,15 +189,14 @@ async def test_metrics_count_requests_by_route_and_status(proxy):
 
 async def test_live_learner_learns_and_survives_a_restart(upstream, tmp_path):
     from learn.learner import Learner
-    from proxy.server import LEARNER
 
     settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/learn.db")
     proxy = await start_proxy(settings)
     async with httpx.AsyncClient() as client:
         for task in ("book a flight", "cancel a booking", "change a seat"):
             await _agent_loop(client, proxy.url, 4, task)
-    proxy.observer.flush()
-    learner = proxy.app[LEARNER]
+    await proxy.observer.flush()
+    learner = await asyncio.to_thread(proxy.observer.learner)
     assert isinstance(learner, Learner) and learner.observed == 12
     templates = len(learner.templates())
     assert templates >= 1
@@ -222,7 +204,7 @@ async def test_live_learner_learns_and_survives_a_restart(upstream, tmp_path):
 
     again = await start_proxy(settings)
     try:
-        restored = again.app[LEARNER]
+        restored = await asyncio.to_thread(again.observer.learner)
         assert restored.observed == 12 and len(restored.templates()) == templates
     finally:
         await again.runner.cleanup()

@@ -16,7 +16,7 @@ async def _capture_two_sessions(proxy) -> None:
             for i in range(2):
                 await client.post(proxy.url + "/v1/chat/completions", headers={"X-Session-ID": sid},
                                   json={"model": "m", "messages": [{"role": "user", "content": f"{sid} {i}"}]})
-    proxy.observer.flush()
+    await proxy.observer.flush()
 
 
 async def test_sessions_and_show(proxy, capsys):

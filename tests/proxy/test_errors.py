@@ -31,7 +31,7 @@ async def test_unreachable_upstream_is_502(tmp_path):
         async with httpx.AsyncClient() as client:
             r = await client.post(proxy.url + "/v1/chat/completions", json=CHAT)
         _assert_openai_error(r, 502, "upstream_unreachable", "cannot connect")
-        store = proxy.store()
+        store = await proxy.store()
         [ex] = list(store.exchanges())
         assert ex.status == 502 and ex.error_type == "upstream_unreachable"
     finally:
@@ -87,7 +87,7 @@ async def test_upstream_closing_mid_stream_cuts_the_client_and_is_recorded(upstr
                     pass
         # Other traffic is unaffected.
         assert (await client.post(proxy.url + "/v1/chat/completions", json=CHAT)).status_code == 200
-    [cut, ok] = list(proxy.store().exchanges())
+    [cut, ok] = list((await proxy.store()).exchanges())
     assert cut.error_type == "upstream_closed"
     assert cut.stream and len(cut.events) == 3  # what did arrive is kept
     assert ok.error is None
@@ -103,7 +103,7 @@ async def test_client_disconnect_cancels_upstream(upstream, proxy):
             break
         await asyncio.sleep(0.02)
     assert upstream.cancelled == 1
-    [ex] = list(proxy.store().exchanges())
+    [ex] = list((await proxy.store()).exchanges())
     assert ex.error_type == "client_disconnected"
 
 
@@ -141,7 +141,7 @@ async def test_bad_input_is_forwarded_and_captured_as_unparsed(
         assert upstream.requests == 1
         good = await client.post(proxy.url + "/v1/chat/completions", json=CHAT)
         assert good.status_code == 200
-    [bad, ok] = list(proxy.store().exchanges())
+    [bad, ok] = list((await proxy.store()).exchanges())
     assert reason in bad.request_error
     assert bad.request_body == body
     assert ok.request_error is None and ok.messages == CHAT["messages"]

@@ -81,7 +81,7 @@ async def test_hits_are_captured_as_exchanges(upstream, proxy):
     async with httpx.AsyncClient() as client:
         for _ in range(3):
             await _post(client, proxy.url, GREEDY)
-    stored = list(proxy.store().exchanges())
+    stored = list((await proxy.store()).exchanges())
     assert [e.cache for e in stored] == ["MISS", "HIT", "HIT"]
     assert stored[2].answer == stored[0].answer
 

@@ -68,7 +68,7 @@ async def test_order_gaps_and_concurrency_are_kept(trace, proxy):
     assert all(x.ttft is not None and x.ttft <= x.end - x.start for x in result.calls)
 
     # What the target received: recorded output lengths, forced; streamed; the new model.
-    store = proxy.store()
+    store = await proxy.store()
     try:
         sent = {ex.request_json["messages"][1]["content"] + str(len(ex.messages)): ex.request_json
                 for ex in store.exchanges()}
@@ -101,7 +101,7 @@ async def test_replay_captured_sessions_by_id_and_by_workflow(proxy, upstream, t
     async with httpx.AsyncClient() as client:
         await agent_loop(client, proxy.url, "airline", "book a flight", 3, tool_time=0.05)
         await agent_loop(client, proxy.url, "airline", "cancel it", 2, tool_time=0.05)
-    store = proxy.store()
+    store = await proxy.store()
     try:
         sessions = store.sessions()
         learner = Learner()

@@ -62,7 +62,7 @@ async def test_async_streaming_and_tool_calls(proxy):
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     await client.close()
 
-    stored = list(proxy.store().exchanges())
+    stored = list((await proxy.store()).exchanges())
     assert len(stored) == 4
     assert stored[2].answer["tool_calls"][0]["function"]["name"] == "get_weather"
     assert stored[3].path == "/v1/responses" and stored[3].answer["content"] == "".join(text)
@@ -87,6 +87,6 @@ async def test_two_hundred_concurrent_streams(upstream, proxy):
     # Nobody received another client's stream.
     assert results[7] == [e["data"] for e in parse_sse([(0.0, direct.content)])]
     assert len({r[1] for r in results}) == 200
-    store = proxy.store()
+    store = await proxy.store()
     assert store.count()["exchanges"] == 200
     assert sum(proxy.observer.dropped.values()) == 0

@@ -1,17 +1,18 @@
-"""`preheat serve` as users run it: a real process, stopped with SIGTERM mid-traffic."""
+"""`preheat serve` as users run it: a real process, stopped mid-traffic by SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
 
 import httpx
+import pytest
 
 from engine.process import free_port
 from storage.store import Store
-
 
 
 async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process, str]:
@@ -19,7 +20,7 @@ async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream_url,
         "--port", str(port), "--db", db,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient() as client:
@@ -33,7 +34,16 @@ async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process
     raise AssertionError((await proc.stdout.read()).decode())
 
 
-async def test_sigterm_finishes_in_flight_calls_and_loses_no_capture(upstream, tmp_path):
+def _sigterm(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGTERM)
+
+
+def _ctrl_c(proc: asyncio.subprocess.Process) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal signals the whole process group
+
+
+@pytest.mark.parametrize("stop", [_sigterm, _ctrl_c], ids=["SIGTERM", "Ctrl-C"])
+async def test_stopping_finishes_in_flight_calls_and_loses_no_capture(upstream, tmp_path, stop):
     db = f"sqlite:///{tmp_path}/shutdown.db"
     proc, url = await _start(upstream.url, db)
 
@@ -52,7 +62,7 @@ async def test_sigterm_finishes_in_flight_calls_and_loses_no_capture(upstream, t
         quick_results = await asyncio.gather(*(quick(client, i) for i in range(30)))
         streams = [asyncio.create_task(slow_stream(client, i)) for i in range(20)]
         await asyncio.sleep(0.3)  # the streams are mid-flight now
-        proc.send_signal(signal.SIGTERM)
+        stop(proc)
         stream_results = await asyncio.gather(*streams)
     output = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
     assert await asyncio.wait_for(proc.wait(), 30) == 0, output

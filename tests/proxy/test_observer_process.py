@@ -1,0 +1,94 @@
+"""The observer process: capture goes on whatever happens to it, and every loss is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from proxy.config import Settings
+from proxy.exchange import Exchange
+from proxy.observer_process import ObserverProcess
+from storage.store import Store
+
+
+def _exchange(i: int) -> Exchange:
+    return Exchange(method="POST", path="/v1/chat/completions",
+                    request_headers=[("content-type", "application/json")],
+                    request_body=json.dumps({"messages": [{"role": "user", "content": str(i)}]}).encode())
+
+
+async def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
+    db = f"sqlite:///{tmp_path}/q.db"
+    observer = ObserverProcess(Settings(db=db, capture_queue=3))
+    await observer.start()
+    try:
+        os.kill(observer.pid, signal.SIGSTOP)  # nothing drains the queue
+        try:
+            accepted = [observer.submit(_exchange(i)) for i in range(10)]
+        finally:
+            os.kill(observer.pid, signal.SIGCONT)
+        assert accepted == [True] * 3 + [False] * 7
+        assert observer.dropped == {"queue_full": 7}
+        await observer.flush()
+        assert observer.written == 3 and observer.depth == 0
+    finally:
+        await observer.close()
+    assert Store(db).count()["exchanges"] == 3
+    assert not observer.submit(_exchange(10)) and observer.dropped["closed"] == 1
+
+
+async def test_an_exchange_it_cannot_read_is_stored_raw_and_the_next_one_too(tmp_path):
+    db = f"sqlite:///{tmp_path}/g.db"
+    observer = ObserverProcess(Settings(db=db))
+    await observer.start()
+    try:
+        garbage = Exchange(
+            method="POST", path="/v1/chat/completions", status=200,
+            request_headers=[("content-type", "application/json")], request_body=b"\xff{not json",
+            response_headers=[("content-type", "text/event-stream"), ("content-encoding", "gzip")],
+            response_chunks=[(0.1, b"\x00 not gzip")],
+        )
+        assert observer.submit(garbage) and observer.submit(_exchange(1))
+        await observer.flush()
+    finally:
+        await observer.close()
+    assert observer.dropped == {}
+    bad, good = Store(db).exchanges()
+    assert bad.id == garbage.id and "UTF-8" in bad.request_error
+    assert bad.request_body == garbage.request_body and bad.response_body == b"\x00 not gzip"
+    assert good.request_json == {"messages": [{"role": "user", "content": "1"}]}
+
+
+async def _call(client: httpx.AsyncClient, url: str, i: int) -> int:
+    body = {"model": "m", "messages": [{"role": "user", "content": f"call {i}"}]}
+    return (await client.post(url + "/v1/chat/completions", json=body)).status_code
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_a_dead_observer_process_is_counted_and_started_again(proxy, sig):
+    observer = proxy.observer
+    first = observer.pid
+    async with httpx.AsyncClient(timeout=30) as client:
+        before = await asyncio.gather(*(_call(client, proxy.url, i) for i in range(5)))
+        await observer.flush()
+        os.kill(first, sig)
+        during = await asyncio.gather(*(_call(client, proxy.url, i) for i in range(5, 10)))
+        for _ in range(200):
+            if observer.restarts == 1 and observer.pid not in (None, first):
+                break
+            await asyncio.sleep(0.05)
+        after = await asyncio.gather(*(_call(client, proxy.url, i) for i in range(10, 15)))
+        metrics = (await client.get(proxy.url + "/metrics")).text
+    assert before + during + after == [200] * 15  # the agents never noticed
+    assert observer.restarts == 1
+    stored = {ex.request_json["messages"][0]["content"] for ex in (await proxy.store()).exchanges()}
+    assert {f"call {i}" for i in (*range(5), *range(10, 15))} <= stored
+    lost = sum(observer.dropped.values())
+    assert len(stored) + lost == 15  # each call stored or counted, none both
+    assert set(observer.dropped) <= {"observer_down", "observer_died"}
+    assert ("preheat_captures_dropped_total" in metrics) and (not lost or "observer_" in metrics)
