@@ -325,9 +325,7 @@ class Admission:
         fit the cache spend their time in tool calls. Work that waits then goes in
         although it overflows the cache (an idle engine helps nobody; once the sessions
         keep the engine busy, this stops by itself)."""
-        if any(g.in_flight for g in self._groups.values()):
-            return False
-        return self._busy_share() < IDLE_BELOW
+        return not self._in_flight and self._busy_share() < IDLE_BELOW
 
     def _busy_share(self) -> float:
         """Share of the last BUSY_WINDOW seconds with at least one admitted call running."""
