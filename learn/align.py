@@ -48,11 +48,13 @@ class Merged(NamedTuple):
     """Share of the old template's static parts that keep some of their text."""
 
 
-def common_prefix(a: str, b: str) -> int:
-    limit, lo, step = min(len(a), len(b)), 0, 16
+def _gallop(limit: int, same) -> int:
+    """The largest n <= limit with same(0, n), given same(lo, hi) for growing spans: spans
+    that grow 4x at a time, then a binary search in the first one that differs."""
+    lo, step = 0, 16
     while lo < limit:
         hi = min(limit, lo + step)
-        if a[lo:hi] != b[lo:hi]:
+        if not same(lo, hi):
             break
         lo, step = hi, step * 4
     else:
@@ -60,31 +62,21 @@ def common_prefix(a: str, b: str) -> int:
     hi = min(limit, lo + step)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
+        if same(lo, mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def common_prefix(a: str, b: str) -> int:
+    return _gallop(min(len(a), len(b)), lambda lo, hi: a[lo:hi] == b[lo:hi])
 
 
 def common_suffix(a: str, b: str, limit: int) -> int:
-    limit, lo, step = min(len(a), len(b), limit), 0, 16
     la, lb = len(a), len(b)
-    while lo < limit:
-        hi = min(limit, lo + step)
-        if a[la - hi : la - lo] != b[lb - hi : lb - lo]:
-            break
-        lo, step = hi, step * 4
-    else:
-        return limit
-    hi = min(limit, lo + step)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[la - mid : la - lo] == b[lb - mid : lb - lo]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return _gallop(min(la, lb, limit),
+                   lambda lo, hi: a[la - hi : la - lo] == b[lb - hi : lb - lo])
 
 
 def weight(text: str) -> int:
