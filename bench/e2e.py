@@ -198,15 +198,23 @@ def _admission_note(row: dict) -> str:
 
 
 async def reset_cache(engine: Engine) -> None:
+    """Empty the engine's prefix cache, as a restart would (without the minutes it takes).
+
+    vLLM announces the reset to KV event subscribers with its next scheduler step, so a
+    one-token request follows: the cache is then known to be empty, as after a restart."""
     async with httpx.AsyncClient(timeout=60) as c:
         r = await c.post(engine.base_url + "/reset_prefix_cache")
+        r.raise_for_status()
+        r = await c.post(engine.base_url + "/v1/completions", json={
+            "model": engine.served_model_name, "prompt": "reset", "max_tokens": 1})
         r.raise_for_status()
     await asyncio.sleep(0.5)
 
 
 async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                   instances: list[Instance], train: list[Instance], capacity: int,
-                  modes: list[str], sequential: bool = False) -> dict[str, dict]:
+                  modes: list[str], sequential: bool = False, idle: float = 0.5
+                  ) -> dict[str, dict]:
     model = engine.served_model_name
     rows: dict[str, dict] = {}
     for mode in (m for m in MODES[:3] if m in modes):
@@ -223,6 +231,9 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                 # engine starts cold, as it does for the other modes.
                 await run_workload(base, model, train, sequential)
                 await reset_cache(engine)
+            # Every mode starts on an engine left idle with an empty cache, as after a
+            # restart or a quiet spell: time preheat-on may use to warm what it learned.
+            await asyncio.sleep(idle)
             rows[mode] = await run_workload(base, model, instances, sequential)
             if proxy:
                 rows[mode].update(await proxy.counters())
@@ -250,6 +261,8 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "",
         f"`{' '.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; {engines}.",
+        f"Each mode starts on an engine left idle for {args.idle:g} s with its prefix cache "
+        "emptied (preheat-on after learning on other instances of the same workflows). "
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
         "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
         "",
@@ -262,8 +275,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
                          f"{r['cached_share']:.2f} | {r['calls']} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
-              "on / oracle | headroom captured | warms sent / hit / in vain | warm precision |",
-              "|---|---|---|---|---|---|---|---|"]
+              "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
+              "| warm precision |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         if any(m not in rows for m in MODES):
             continue  # a partial run (--modes): no ratios
@@ -271,11 +285,12 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         head = (d - on) / (d - o) if d - o > 1e-9 else float("nan")
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
+        sent += int(r.get("warm_static_sent", 0))
         tok_hit, tok_vain = r.get("warm_tokens_hit", 0), r.get("warm_tokens_wasted", 0)
         precision = f"{tok_hit / (tok_hit + tok_vain):.2f}" if tok_hit + tok_vain else "-"
         lines.append(f"| {name} | {d / on:.2f}x | {rows['direct']['makespan'] / r['makespan']:.2f}x "
                      f"| {d / off:.2f}x | {on / o:.2f}x | {head:.0%} | {sent} / {hit} / {vain} "
-                     f"| {precision} |")
+                     f"| {int(tok_hit)} / {int(tok_vain)} | {precision} |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,13 +378,13 @@ async def main_async(args) -> None:
                 for name, instances, train, _, sequential in (w for w in workloads
                                                               if w[3] == size):
                     results[name] = await compare(engine, big, name, instances, train, 0,
-                                                  args.modes, sequential)
+                                                  args.modes, sequential, args.idle)
                     save()
             finally:
                 await engine.stop()
         for name, instances, train, _, sequential in (w for w in workloads if not w[3]):
             results[name] = await compare(big, None, name, instances, train, 0, args.modes,
-                                          sequential)
+                                          sequential, args.idle)
             save()
     finally:
         await big.stop()
@@ -393,6 +408,8 @@ def main() -> None:
                         "hold one 7k-token prompt: 64 MiB for the 512 x 8 model)")
     parser.add_argument("--pressure-runs", type=int, default=12,
                         help="tau-bench agents at once in the cache-pressure workload")
+    parser.add_argument("--idle", type=float, default=3.0,
+                        help="seconds the engine sits idle, its cache empty, before each mode")
     parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")

@@ -6,6 +6,8 @@ Every `save_every` seconds, and on shutdown, the learner's snapshot is saved; at
 newest one is restored and the learner catches up on what the store holds beyond it
 (captures after the last save, imported traces), so templates and workflows survive
 restarts. Predictions go to `listeners` (on to the pre-warm planner), each called in order.
+The static heads of the learned templates (`learn/heads.py`: the leading messages sessions
+share) are learned beside it and saved in the same snapshot, for warming after a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import time
 from typing import Callable
 
+from learn.heads import StaticHeads
 from learn.learner import Learner
 from learn.predict import Prediction
 from proxy.exchange import Exchange
@@ -22,6 +25,7 @@ from storage.store import Store
 
 log = logging.getLogger("preheat.learn")
 UNTIL_KEY = "preheat_until"
+HEADS_KEY = "preheat_heads"
 CATCH_UP_LIMIT = 50_000
 
 
@@ -31,6 +35,7 @@ class LearnSink:
         self.save_every = save_every
         self.until = 0.0
         """Arrival time of the newest exchange learned from."""
+        self.heads = StaticHeads()
         self.learner = self._restore()
         self.listeners: list[Callable[[Exchange, list[Prediction]], None]] = []
         self._saved_at = time.monotonic()
@@ -42,6 +47,7 @@ class LearnSink:
                 data = load_learned(self.store)
                 if data is not None:
                     self.until = float(data.get(UNTIL_KEY) or 0.0)
+                    self.heads.restore(data.get(HEADS_KEY) or [])
                     learner = Learner.restore(data)
                     log.info("restored what was learned from %d calls", learner.observed)
                     return learner
@@ -55,7 +61,7 @@ class LearnSink:
             return 0
         n = 0
         for ex in self.store.exchanges(since=self.until):
-            self.learner.observe(ex)
+            self._learn(ex)
             self.until = max(self.until, ex.started_at)
             n += 1
             if n >= CATCH_UP_LIMIT:
@@ -67,12 +73,18 @@ class LearnSink:
 
     def observe(self, ex: Exchange) -> None:
         self.until = max(self.until, ex.started_at)
-        predictions = self.learner.observe(ex)
+        predictions = self._learn(ex)
         self._unsaved += 1
         for listener in self.listeners:
             listener(ex, predictions)
         if time.monotonic() - self._saved_at > self.save_every:
             self.save()
+
+    def _learn(self, ex: Exchange) -> list[Prediction]:
+        predictions = self.learner.observe(ex)
+        self.heads.observe(self.learner.template_of(ex.id), self.learner.session_of(ex.id),
+                           ex.messages, ex.tools, ex.started_at)
+        return predictions
 
     def save(self) -> None:
         """Persist the snapshot."""
@@ -82,6 +94,7 @@ class LearnSink:
         try:
             snapshot = self.learner.snapshot()
             snapshot[UNTIL_KEY] = self.until
+            snapshot[HEADS_KEY] = self.heads.snapshot()
             save_learned(self.store, snapshot)
             self._unsaved = 0
         except Exception:

@@ -10,6 +10,7 @@ competes with the event loop for the GIL (bench/results/overhead.md says what it
                ◀── ("done", n, written, dropped) ─ after every batch
                ◀── ("usage", id, usage, cached) ─ for calls admission wants to hear about
                ◀── ("offer", key, ..., expected) ─ predictions, once the planner listens
+               ◀── ("heads", [(key, messages, tools, sessions)]) ─ static heads, when changed
     learned()  ──────────── ("learned",) ──────▶
                ◀─────── ("learned", snapshot) ─── for the admin pages
 
@@ -52,6 +53,8 @@ log = logging.getLogger("preheat.observe")
 
 _LENGTH = struct.Struct("<I")
 BATCH = 256
+HEADS_SENT = 8
+"""Static heads the child names to the pre-warm planner."""
 """Most exchanges written in one transaction."""
 NICE = 10
 """The child's CPU priority below the proxy's: its work can wait, a call's cannot."""
@@ -94,6 +97,7 @@ class ObserverProcess:
         self.on_usage: Callable[[Ticket, dict | None, int | None], None] | None = None
         """Called with (ticket, usage, cached tokens) once the child read a ticketed call."""
         self._on_offer: Callable[..., None] | None = None
+        self._on_heads: Callable[[list], None] | None = None
         self._submitted = 0
         self._processed = 0
         self._tickets: dict[str, Ticket] = {}
@@ -167,10 +171,14 @@ class ObserverProcess:
             self._tickets[ex.id] = ex.ticket
         return True
 
-    def listen(self, on_offer: Callable[..., None]) -> None:
+    def listen(self, on_offer: Callable[..., None],
+               on_heads: Callable[[list], None] | None = None) -> None:
         """Hand the learner's predictions that a session continues to `on_offer`, as
-        (prompt key, messages, answer, tools, probability, expected in seconds)."""
+        (prompt key, messages, answer, tools, probability, expected in seconds), and the
+        static heads worth keeping warm to `on_heads`, as [(key, messages, tools, sessions)]
+        (sent once at once, then whenever they change)."""
         self._on_offer = on_offer
+        self._on_heads = on_heads
         if self._transport is not None:
             self._transport.write(_frame(("listen",)))
 
@@ -254,6 +262,9 @@ class ObserverProcess:
         elif kind == "offer":
             if self._on_offer is not None:
                 self._on_offer(*message[1:])
+        elif kind == "heads":
+            if self._on_heads is not None:
+                self._on_heads(message[1])
         elif kind == "learned":
             if self._learned:
                 _settle(self._learned.popleft(), message[1])
@@ -349,6 +360,7 @@ class _Child:
         self.learning: LearnSink | None = None
         self.feedback: set[str] = set()
         self.offers = False
+        self.heads_sent = -1
         self.out: list[bytes] = []
         self.reported = Counter[str]()
         self.reported_written = 0
@@ -422,6 +434,7 @@ class _Child:
             elif kind == "listen":
                 self.offers = True
         self._process(batch, unreadable)
+        self._send_heads()
         self._flush_out()
 
     def _process(self, batch: list[Exchange], unreadable: int) -> None:
@@ -471,6 +484,17 @@ class _Child:
             return
         self._send(("offer", prompt[0][-1], ex.messages, ex.answer, ex.tools, best.probability,
                     best.expected_in))
+
+    def _send_heads(self) -> None:
+        """The static heads worth keeping warm, whenever they change (and once on `listen`)."""
+        if not self.offers or self.learning is None:
+            return
+        heads = self.learning.heads
+        if heads.version == self.heads_sent:
+            return
+        self.heads_sent = heads.version
+        top = heads.top(HEADS_SENT, now=time.time())
+        self._send(("heads", [(h.key, list(h.messages), list(h.tools), h.sessions) for h in top]))
 
     def _send(self, message: tuple) -> None:
         self.out.append(_frame(message))

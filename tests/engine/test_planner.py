@@ -128,3 +128,88 @@ async def test_hits_and_waste_are_counted():
     p.completed(["never-warmed"], cached_tokens=0)
     s = p.stats()
     assert (s.hit, s.hit_tokens, s.wasted, s.wasted_tokens) == (1, 256, 1, 256)
+
+
+# -- static heads ------------------------------------------------------------------------
+
+HEAD = ("h1", [{"role": "system", "content": "sys"}], [], 5)
+
+
+class CountingMirror(FakeMirror):
+    capacity_blocks = 100
+
+    def __init__(self, cached: int | None = 0) -> None:
+        super().__init__(cached)
+        self.asked = 0
+
+    def cached_prefix_tokens(self, tokens):
+        self.asked += 1
+        return self.cached
+
+
+async def _rounds(p: WarmPlanner, n: int = 3) -> None:
+    await asyncio.sleep(p.keep_every * n + 0.02)
+
+
+async def test_a_missing_head_is_warmed_on_an_idle_engine_once_in_whole_blocks():
+    tok, warmer, mirror = FakeTokenizer(), FakeWarmer(), CountingMirror(cached=0)
+    p = planner(warmer, tok, mirror, idle=lambda: True, keep_every=0.01)
+    p.keep_warm([HEAD])
+    await _rounds(p)
+    [(chat, options)] = tok.calls  # rendered once, as the engine renders a prompt's start
+    assert chat == HEAD[1] and options == {"add_generation_prompt": False}
+    assert warmer.warmed and warmer.warmed[0] == tuple(range(256))  # 300 tokens: 2 blocks
+    mirror.cached = 256  # now resident: nothing more is sent
+    sent = len(warmer.warmed)
+    await _rounds(p)
+    assert len(warmer.warmed) == sent and mirror.asked > sent
+    assert p.stats().static_sent == sent and p.stats().static_tokens == 256 * sent
+    await p.aclose()
+
+
+async def test_heads_wait_for_an_idle_unpressured_engine_and_a_known_cache():
+    busy = planner(idle=lambda: False, keep_every=0.01)
+    pressured = planner(idle=lambda: True, pressure=lambda: True, keep_every=0.01)
+    unknown = planner(mirror=CountingMirror(cached=None), idle=lambda: True, keep_every=0.01)
+    for q in (busy, pressured, unknown):
+        q.keep_warm([HEAD])
+    await _rounds(busy)
+    for q in (busy, pressured, unknown):
+        assert q.warmer.warmed == [] and q.stats().static_sent == 0
+        await q.aclose()
+    assert unknown.stats().skipped_unknown >= 1
+
+
+class ByContent(FakeTokenizer):
+    async def encode_chat(self, messages, **options):
+        await super().encode_chat(messages, **options)
+        first = 1000 * int(messages[0]["content"])
+        return tuple(range(first, first + 300))
+
+
+async def test_heads_stay_within_their_share_of_the_cache():
+    tok, warmer, mirror = ByContent(), FakeWarmer(), CountingMirror(cached=0)
+    mirror.capacity_blocks = 8  # 1,024 tokens: a 25% share holds one 256-token head
+    p = planner(warmer, tok, mirror, idle=lambda: True, keep_every=0.01)
+    p.keep_warm([(f"h{i}", [{"role": "system", "content": str(i)}], [], 9 - i)
+                 for i in range(4)])
+    await _rounds(p, 2)
+    await p.aclose()
+    assert warmer.warmed and {t[0] for t in warmer.warmed} == {0}  # the most shared only
+    assert {c[0][0]["content"] for c in tok.calls} <= {"0", "1"}  # the rest never rendered
+
+
+async def test_a_real_request_with_the_head_takes_over_its_warm():
+    hold = asyncio.Event()
+    warmer = FakeWarmer(hold)
+    p = planner(warmer, FakeTokenizer(), CountingMirror(cached=0), idle=lambda: True,
+                keep_every=0.01)
+    p.keep_warm([HEAD, ("h2", [{"role": "system", "content": "other"}], [], 1)])
+    await _rounds(p, 1)
+    p.arrived(["h1", "k2"])  # a session starting with the head arrived
+    await _settle()
+    assert warmer.cancelled == 1 and p.stats().cancelled == 1
+    hold.set()
+    await _rounds(p, 2)
+    assert warmer.warmed  # the keeper went on to the other head
+    await p.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -92,3 +93,48 @@ async def test_a_dead_observer_process_is_counted_and_started_again(proxy, sig):
     assert len(stored) + lost == 15  # each call stored or counted, none both
     assert set(observer.dropped) <= {"observer_down", "observer_died"}
     assert ("preheat_captures_dropped_total" in metrics) and (not lost or "observer_" in metrics)
+
+
+def _call(session: int, turn: int, at: float) -> Exchange:
+    """A finished chat call of agent `session`: a shared system prompt, its own task."""
+    system = {"role": "system", "content": "You are the booking agent. " + "Policy. " * 50}
+    messages = [system, {"role": "user", "content": f"task {session}: fly me somewhere"}]
+    for t in range(turn):
+        messages += [{"role": "assistant", "content": f"step {t}"},
+                     {"role": "user", "content": f"[tool result] {session}/{t}"}]
+    answer = {"choices": [{"index": 0, "finish_reason": "stop",
+                           "message": {"role": "assistant", "content": f"step {turn}"}}]}
+    return Exchange(method="POST", path="/v1/chat/completions", status=200, started_at=at,
+                    t_done=0.5, request_headers=[("content-type", "application/json")],
+                    request_body=json.dumps({"model": "m", "messages": messages}).encode(),
+                    response_headers=[("content-type", "application/json")],
+                    response_chunks=[(0.5, json.dumps(answer).encode())])
+
+
+async def test_static_heads_reach_the_listener_and_survive_a_restart(tmp_path):
+    db = f"sqlite:///{tmp_path}/h.db"
+    heard: list[list] = []
+    observer = ObserverProcess(Settings(db=db))
+    await observer.start()
+    try:
+        observer.listen(lambda *offer: None, heard.append)
+        for i, (session, turn) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]):
+            assert observer.submit(_call(session, turn, time.time() - 60 + 10 * i))
+        await observer.flush()
+        await asyncio.sleep(0.2)
+    finally:
+        await observer.close()
+    [(key, messages, tools, sessions)] = heard[-1]
+    assert [m["role"] for m in messages] == ["system"] and tools == [] and sessions >= 2
+    again: list[list] = []
+    restarted = ObserverProcess(Settings(db=db))
+    await restarted.start()
+    try:
+        restarted.listen(lambda *offer: None, again.append)
+        for _ in range(50):  # named once at once, from the snapshot saved at close
+            if again:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await restarted.close()
+    assert again and again[0][0][:2] == (key, messages)
