@@ -13,8 +13,10 @@ workflows (learning: session sizes, tool gaps, templates), then the engine's cac
 Workloads (bench/workloads.py): tool-using agent loops (notes/where-the-time-goes.md B) on a
 KV cache 2x and 4x smaller than their working set, tau-bench airline agents replayed
 (prompts from the trace, outputs forced to the recorded length, lognormal tool gaps) with
-and without cache pressure, map-reduce over a shared document, one agent at a time. Writes
-the table (.md), the figures (.json) and a plot (.png).
+and without cache pressure, map-reduce over a shared document, generated multi-agent
+workflows (bench/shapes.py: a trading desk, debates, reflection, parallel tool chains),
+tau-bench agents and generated workflows together under cache pressure, one agent at a time.
+Writes the table (.md), the figures (.json) and a plot (.png).
 
     .venv/bin/python bench/e2e.py [--quick] [--only NAME...] [--modes MODE...]
 """
@@ -38,7 +40,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import Instance, agent_loops, map_reduce, tau_bench  # noqa: E402
+from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
+                             map_reduce, tau_bench, working_set_tokens)
 from engine.model import ensure_default_model  # noqa: E402
 from engine.process import free_port  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
@@ -50,7 +53,7 @@ MODES = ("direct", "preheat-off", "preheat-on", "oracle")
 class CallResult:
     instance: str
     key: str
-    start: float
+    start: float  # time.perf_counter() when it was sent
     ttft: float
     latency: float
     prompt_tokens: int
@@ -60,7 +63,7 @@ class CallResult:
 
 
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
-                   t0: float, outputs: dict[str, str]) -> CallResult:
+                   outputs: dict[str, str]) -> CallResult:
     body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
             "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -82,7 +85,7 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
                 text.append((choice.get("delta") or {}).get("content") or "")
     latency = time.perf_counter() - start
     details = usage.get("prompt_tokens_details") or {}
-    return CallResult(inst.name, call.key, start - t0, ttft or latency, latency,
+    return CallResult(inst.name, call.key, start, ttft or latency, latency,
                       usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0,
                       "".join(text))
 
@@ -98,7 +101,7 @@ async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[
         for dep in call.after:
             await done[dep].wait()
         await asyncio.sleep(call.gap)
-        result = await run_call(client, base, model, inst, call, t0, outputs)
+        result = await run_call(client, base, model, inst, call, outputs)
         results.append(result)
         outputs[call.key] = result.text
         done[call.key].set()
@@ -124,12 +127,14 @@ async def run_workload(base: str, model: str, instances: list[Instance],
     e2e = [o[0] for o in outs]
     calls = [c for o in outs for c in o[1]]
     prompt = sum(c.prompt_tokens for c in calls)
+    spans = {(c.instance, c.key): (c.start, c.start + c.latency) for c in calls}
     return {
         "e2e_p50": statistics.median(e2e), "e2e_p90": _pct(e2e, 0.9), "makespan": makespan,
         "ttft_p50": statistics.median(c.ttft for c in calls),
         "ttft_p90": _pct([c.ttft for c in calls], 0.9),
         "cached_share": sum(c.cached_tokens for c in calls) / prompt if prompt else 0.0,
         "calls": len(calls), "prompt_tokens": prompt,
+        "working_set": working_set_tokens(instances, spans),
     }
 
 
@@ -242,7 +247,8 @@ async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                 proxy.stop()
         print(f"  {name:<22} {mode:<12} e2e p50 {rows[mode]['e2e_p50']:6.2f} s  "
               f"makespan {rows[mode]['makespan']:6.2f} s  cached {rows[mode]['cached_share']:.2f}"
-              f"  {_admission_note(rows[mode])}", flush=True)
+              f"  working set {rows[mode]['working_set']} tokens  {_admission_note(rows[mode])}",
+              flush=True)
     if "oracle" not in modes:
         return rows
     target = oracle_engine or engine
@@ -266,14 +272,17 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
         "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
         "",
-        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Working set: the peak of tokens that running instances will re-use (prompt prefixes "
+        "and answers, held from first use to last), estimated from characters.",
+        "",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
-                         f"{r['cached_share']:.2f} | {r['calls']} |")
+                         f"{r['cached_share']:.2f} | {r['calls']} | {r['working_set']} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -331,6 +340,11 @@ async def main_async(args) -> None:
     #  one instance after another)
     loops = 4 if q else 12
     small, medium = args.small_cache, 2 * args.small_cache
+    # Seeds 3 and 8: the second reflection re-uses the first one's document, and no prompt
+    # outgrows the pressure runs' 7,168-token context.
+    shapes, shapes_train = _shapes_mix(q, seed=3), _shapes_mix(True, seed=30)
+    mixed = _mixed(q, range(176, 178 if q else 180), seed=8)
+    mixed_train = _mixed(True, range(182, 184), seed=80)
     workloads = [
         (f"agent loops x{loops}, {medium} MiB cache (pressure 2x)",
          agent_loops(loops, 4 if q else 8, seed=4), agent_loops(6, 4 if q else 8, seed=40),
@@ -338,13 +352,16 @@ async def main_async(args) -> None:
         (f"agent loops x{loops}, {small} MiB cache (pressure 4x)",
          agent_loops(loops, 4 if q else 8, seed=4), agent_loops(6, 4 if q else 8, seed=40),
          small, False),
-        (f"tau-bench x{len(pressure_runs)}, {small} MiB cache (pressure 3x)",
+        (f"tau-bench x{len(pressure_runs)}, {small} MiB cache (pressure ~2x)",
          tau_bench(pressure_runs, tau_calls, 1.0, seed=1),
          tau_bench(range(170, 176), tau_calls, 1.0, seed=10), small, False),
+        (f"mixed x{len(mixed)}, {small} MiB cache (pressure ~3.5x)", mixed, mixed_train, small,
+         False),
         (f"tau-bench x{len(tau_runs)}", tau_bench(tau_runs, tau_calls, 1.0, seed=1),
          tau_bench(range(170, 176), tau_calls, 1.0, seed=10), None, False),
         ("map-reduce 6 experts", map_reduce(2 if q else 4, 6, 3000, seed=2),
          map_reduce(2, 6, 3000, seed=20, stagger=0.0), None, False),
+        (f"generated shapes x{len(shapes)}", shapes, shapes_train, None, False),
         # The engine idle between calls: agents one after another, real tool gaps.
         ("one agent at a time", tau_bench(range(190, 192 if q else 193), tau_calls, 1.5, seed=3),
          tau_bench(range(196, 198), tau_calls, 0.0, seed=30), None, True),
@@ -389,6 +406,22 @@ async def main_async(args) -> None:
     finally:
         await big.stop()
     print(save())
+
+
+def _shapes_mix(quick: bool, seed: int) -> list[Instance]:
+    """Multi-agent workflows (bench/shapes.py) sharing the engine, one starting every 3 s."""
+    counts = {"debate": 1, "parallel_chains": 1} if quick else {
+        "trading_desk": 1, "debate": 2, "reflection": 2, "parallel_chains": 2}
+    return interleave([generated(shape, n, seed) for shape, n in counts.items()], stagger=3.0)
+
+
+def _mixed(quick: bool, runs: range, seed: int) -> list[Instance]:
+    """Tau-bench agents and generated workflows at once, as one engine serving two apps sees."""
+    tau = tau_bench(runs, 4 if quick else 6, 1.0, seed=seed)
+    counts = {"debate": 1, "parallel_chains": 1} if quick else {
+        "debate": 1, "reflection": 2, "parallel_chains": 1}
+    return interleave([tau] + [generated(shape, n, seed) for shape, n in counts.items()],
+                      stagger=1.0)
 
 
 async def _warm_up(engine: Engine) -> None:

@@ -4,15 +4,19 @@ An `Instance` is one agent task or one workflow run: calls with dependencies, ea
 prompt, its forced output length, and the tool time before it. As a real agent does, a call
 sends back what the model answered earlier: `fills` names the messages whose text is the
 output of earlier calls (the previous turns of a conversation, the experts' answers a
-summarizer reads). Output lengths are forced, so every mode does the same work.
+summarizer reads), `splices` the answers quoted inside a larger message (a debater reading the
+others' answers). Output lengths are forced, so every mode does the same work.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from pathlib import Path
+
+from bench.shapes import GenCall, generate
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "workloads"
 CHARS_PER_TOKEN = 3.6
@@ -28,12 +32,18 @@ class Call:
     """Seconds of tool or think time between the last dependency's answer and this call."""
     fills: tuple[tuple[int, tuple[str, ...]], ...] = ()
     """(message index, call keys): that message's text is those calls' outputs, joined."""
+    splices: tuple[tuple[int, str, str], ...] = ()
+    """(message index, quoted text, call key): the message quotes that call's answer; the
+    quoted text (a stand-in written before the call ran) gives way to the call's output."""
 
     def prompt(self, outputs: dict[str, str]) -> list[dict]:
         """The messages to send, with earlier calls' outputs filled in."""
         messages = list(self.messages)
         for index, keys in self.fills:
             text = "\n\n".join(outputs.get(k, "") for k in keys)
+            messages[index] = {**messages[index], "content": text}
+        for index, quoted, key in self.splices:
+            text = messages[index]["content"].replace(quoted, outputs.get(key, ""), 1)
             messages[index] = {**messages[index], "content": text}
         return messages
 
@@ -65,6 +75,11 @@ def _as_chat(message: dict) -> dict:
     return {"role": role, "content": _text_of(message)}
 
 
+def _out_tokens(answer: dict) -> int:
+    """The recorded answer's length in tokens, within what a tiny CPU benchmark can afford."""
+    return max(8, min(128, int(len(_text_of(answer)) / CHARS_PER_TOKEN)))
+
+
 def tau_bench(runs: range, max_calls: int, gap_median: float, seed: int,
               stagger: float = 0.25, max_prompt_tokens: int = 6500) -> list[Instance]:
     """Replays of the tau-bench airline agent: each assistant turn is one call."""
@@ -86,7 +101,7 @@ def tau_bench(runs: range, max_calls: int, gap_median: float, seed: int,
             prompt = history[:k]
             if sum(len(p["content"]) for p in prompt) / CHARS_PER_TOKEN > max_prompt_tokens:
                 break
-            out_tokens = max(8, min(128, int(len(_text_of(m)) / CHARS_PER_TOKEN)))
+            out_tokens = _out_tokens(m)
             gap = rng.lognormvariate(0, 0.5) * gap_median if calls else 0.0
             after = (calls[-1].key,) if calls else ()
             fills = tuple((i, (key,)) for i, key in answered)
@@ -163,3 +178,73 @@ def agent_loops(agents: int, calls: int, seed: int, shared_tokens: int = 600,
                          document(rng, tool_tokens)}]
         out.append(Instance(f"loop-{a}", "agent-loop", loop, start=a * stagger))
     return out
+
+
+def generated(shape: str, n: int, seed: int, stagger: float = 3.0) -> list[Instance]:
+    """Instances of a generated multi-agent workflow (bench/shapes.py), started `stagger` s apart.
+
+    Prompts are the generated requests as plain chat (tools in the system prompt, as
+    `tau_bench` has them), system prompts and documents exactly as generated, so that what
+    instances share (1 in 5 re-uses a document) stays shared. Every answer the requests carry
+    (the turns of the conversation a call continues, the answers it reads) is the earlier
+    call's real output when the workload runs.
+    """
+    return [Instance(inst.id, shape, _calls_of(inst.calls), start=i * stagger)
+            for i, inst in enumerate(generate(shape, n, seed))]
+
+
+def _calls_of(gen: tuple[GenCall, ...]) -> list[Call]:
+    answers = {g.id: _text_of(g.answer) for g in gen}
+    made: dict[str, Call] = {}
+    for g in gen:  # generated in dependency order
+        messages = [_as_chat(m) for m in g.request["messages"]]
+        if g.request.get("tools"):
+            messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n# Tools\n"
+                           + json.dumps(g.request["tools"])}
+        fills, splices = (), ()
+        if g.parent:  # its conversation: the parent's prompt, then the parent's answer
+            parent = made[g.parent]
+            fills = parent.fills + ((len(parent.messages), (g.parent,)),)
+            splices = parent.splices
+        splices += tuple((i, answers[key], key) for key in g.flow
+                         for i, m in enumerate(messages) if answers[key] in m["content"])
+        made[g.id] = Call(g.id, messages, _out_tokens(g.answer), g.after, g.gap, fills, splices)
+    return list(made.values())
+
+
+def interleave(groups: list[list[Instance]], stagger: float) -> list[Instance]:
+    """The groups' instances taken in turn (the first of each group, then the second...), one
+    starting every `stagger` seconds: a mix of workflows sharing one engine."""
+    turns = [inst for turn in zip_longest(*groups) for inst in turn if inst is not None]
+    return [replace(inst, start=k * stagger) for k, inst in enumerate(turns)]
+
+
+def working_set_tokens(instances: list[Instance],
+                       spans: dict[tuple[str, str], tuple[float, float]] | None = None) -> int:
+    """Peak tokens a KV cache must hold for no call to find a prefix it re-uses evicted.
+
+    The prefixes are every distinct prompt prefix (a shared system prompt or document counted
+    once) and every answer, at its forced length; estimated from characters. A prefix is held
+    from the start of the first call that sends it (an answer: from its own call's start) to
+    the end of the last. `spans` are (start, end) by (instance name, call key), as a run
+    measured them; without them every call runs at once, an upper bound.
+    """
+    life: dict[int, tuple[int, float, float]] = {}  # prefix -> (characters, first, last)
+    for inst in instances:
+        outputs = {c.key: f"{inst.name}/{c.key}".ljust(int(c.max_tokens * CHARS_PER_TOKEN), ".")
+                   for c in inst.calls}
+        for call in inst.calls:
+            begin, end = spans[(inst.name, call.key)] if spans else (0.0, 1.0)
+            answer = {"role": "assistant", "content": outputs[call.key]}
+            node = 0
+            for message in [*call.prompt(outputs), answer]:
+                node = hash((node, message["role"], message["content"]))
+                chars, first, last = life.get(node, (len(message["content"]), begin, end))
+                life[node] = (chars, min(first, begin), max(last, end))
+    held = peak = 0
+    # A prefix released at the moment another is taken makes room for it: ends sort first.
+    for _, chars in sorted([(f, c) for c, f, _ in life.values()] +
+                           [(last, -c) for c, _, last in life.values()]):
+        held += chars
+        peak = max(peak, held)
+    return int(peak / CHARS_PER_TOKEN)
