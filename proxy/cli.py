@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+OPTIMISATIONS = ("admission", "prompt_cache", "prewarm", "prewarm_static")
+
+
 class CliError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="capture store URL (default sqlite:///preheat.db)")
     serve.add_argument("--no-capture", dest="capture", action="store_false", default=None)
     serve.add_argument("--admin-token", help="token for the admin page (default: generated, logged)")
+    for name in OPTIMISATIONS:  # each optimisation has its switch, to compare them in one run
+        serve.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                           default=None, help=f"switch off (PREHEAT_{name.upper()}=0)")
     serve.set_defaults(func=cmd_serve)
 
     sessions = sub.add_parser("sessions", help="list captured sessions")
@@ -100,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         capture=args.capture,
         admin_token=args.admin_token,
+        **{name: getattr(args, name) for name in OPTIMISATIONS},
     )
     if settings.upstream and settings.model:
         raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")

@@ -84,6 +84,11 @@ class Settings:
         True, "Pre-warm the predicted next prompt of a session while its agent runs a tool, "
         "on idle engine capacity only (vLLM upstreams)."
     )
+    prewarm_static: bool = _opt(
+        True, "Keep the static heads of learned workflows (system prompts, tools, fixed "
+        "messages) cached: warmed on an idle engine after a restart or an eviction, within a "
+        "quarter of the cache (vLLM upstreams, with PREHEAT_PREWARM)."
+    )
     prewarm_min_probability: float = _opt(
         0.5, "Least predicted probability of the next call for a warm to be sent."
     )

@@ -203,7 +203,7 @@ async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
     app[PLANNER] = planner
     if isinstance(observer.on_usage, UsageFeedback):
         observer.on_usage.planner = planner
-    observer.listen(planner.offer, planner.keep_warm)
+    observer.listen(planner.offer, planner.keep_warm if settings.prewarm_static else None)
     app[METRICS].counter("preheat_warm_total", "Pre-warm planner outcomes.",
                          lambda: {k: v for k, v in vars(planner.stats()).items()
                                   if not k.endswith("tokens")}, label="result")

@@ -28,3 +28,17 @@ def test_environment_then_flags():
 def test_bad_value_says_which_variable():
     with pytest.raises(ValueError, match="PREHEAT_PORT='eighty' is not a valid int"):
         Settings.from_env({"PREHEAT_PORT": "eighty"})
+
+
+def test_every_optimisation_has_a_flag_that_switches_it_off():
+    from proxy import cli
+
+    args = cli.build_parser().parse_args(
+        ["serve", "--no-admission", "--no-prompt-cache", "--no-prewarm", "--no-prewarm-static"])
+    settings = cli._settings(args, **{n: getattr(args, n) for n in cli.OPTIMISATIONS})
+    assert not any(getattr(settings, n) for n in cli.OPTIMISATIONS)
+    untouched = cli.build_parser().parse_args(["serve"])
+    env = {"PREHEAT_PREWARM_STATIC": "0"}
+    flags = {n: getattr(untouched, n) for n in cli.OPTIMISATIONS}
+    assert flags == dict.fromkeys(cli.OPTIMISATIONS)  # no flag: the environment decides
+    assert not cli.Settings.from_env(env, **flags).prewarm_static
