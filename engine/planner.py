@@ -24,7 +24,8 @@ Static heads (`learn/heads.py`: the system prompt, tools and fixed messages that
 a learned workflow start with) are kept warm too: every `keep_every` seconds while the engine
 is idle and unpressured, each head the mirror shows missing (after a restart, a cache reset,
 or eviction) is rendered by the engine's chat template and warmed, the most shared first,
-within `static_share` of the cache. The notes measured this case: warming an idle engine
+within `static_share` of the cache (a head every session starts with is worth more than any
+one session's history, but a cache filled with heads serves nobody). The notes measured this case: warming an idle engine
 before work arrives gave map-reduce 1.48x. A real request that starts with a head cancels its
 warm and takes over from where it got to.
 
@@ -76,7 +77,8 @@ class WarmPlanner:
         lead: float = 1.0,
         max_tracked: int = 10_000,
         keep_every: float = 1.0,
-        static_share: float = 0.25,
+        static_share: float = 0.6,
+        capacity_tokens: int | None = None,
     ) -> None:
         self.warmer = warmer
         self.tokenizer = tokenizer
@@ -89,6 +91,8 @@ class WarmPlanner:
         self.lead = lead
         self.keep_every = keep_every
         self.static_share = static_share
+        self.capacity_tokens = capacity_tokens
+        """The engine's KV cache in tokens, when the mirror does not know it."""
         self._heads: list[tuple[str, list[dict], list, int]] = []
         self._head_tokens: dict[str, tuple[int, ...]] = {}
         self._keeper: asyncio.Task | None = None
@@ -219,8 +223,9 @@ class WarmPlanner:
     async def _keep_once(self) -> None:
         """Warm, one at a time, the heads the mirror shows missing, while nothing else runs."""
         block = getattr(self.warmer, "block_size", None) or 128
-        capacity = getattr(self.mirror, "capacity_blocks", None)
-        budget = self.static_share * capacity * block if capacity else float("inf")
+        blocks = getattr(self.mirror, "capacity_blocks", None)
+        capacity = blocks * block if blocks else self.capacity_tokens
+        budget = self.static_share * capacity if capacity else float("inf")
         for key, messages, tools, _ in list(self._heads):
             tokens = self._head_tokens.get(key)
             if tokens is None:

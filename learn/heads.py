@@ -1,14 +1,17 @@
-"""Static heads: the leading messages that every session of a call template starts with.
+"""Static heads: the leading messages that every session of an agent starts with.
 
 A workflow's static prefix (its system prompt, its tools, a fixed preamble) is what a new
 session will certainly send first. Learned token prefixes (`learn/radix.py`) use the
 learner's own ids, not the engine's; to warm a prefix the engine must render and tokenize it
-itself, so this keeps the prefix as messages: for each call template, the longest run of
-leading messages (and the tools) that calls from different sessions sent alike. The engine's
-chat template renders those messages as a prefix of every such call's prompt.
+itself, so this keeps the prefix as messages: for each agent (calls that open with the same
+first message and tools), the longest run of leading messages that calls from different
+sessions sent alike. The engine's chat template renders those messages as a prefix of every
+such call's prompt. Agents are told apart by their opening message rather than by learned
+call template: templates are renamed as they are mined, and a head is wanted from the
+second session on.
 
     heads = StaticHeads()
-    heads.observe(template, session, messages, tools, at)   # for every finished call
+    heads.observe(session, messages, tools, at)   # for every finished call
     heads.top(8)            # the heads shared by the most sessions, seen recently
 
 A head needs `min_sessions` sessions that agree on it (one session's history is not static),
@@ -51,45 +54,44 @@ class _Candidate:
 
 
 class StaticHeads:
-    def __init__(self, min_sessions: int = 2, max_templates: int = 512,
+    def __init__(self, min_sessions: int = 2, max_agents: int = 512,
                  ttl: float = 6 * 3600.0, max_sessions: int = 1 << 16) -> None:
         self.min_sessions = min_sessions
-        self.max_templates = max_templates
+        self.max_agents = max_agents
         self.ttl = ttl
         self.max_sessions = max_sessions
         self.version = 0
         """Bumped whenever `top()` may have changed."""
-        self._by_template: OrderedDict[str, _Candidate] = OrderedDict()
+        self._by_agent: OrderedDict[str, _Candidate] = OrderedDict()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    def observe(self, template: str | None, session: str | None, messages: Sequence[Any],
+    def observe(self, session: str | None, messages: Sequence[Any],
                 tools: Sequence[Any] | None, at: float) -> None:
-        """A call of `template` in `session` sent `messages` (its newest one is never static)."""
-        if not template or not session or not isinstance(messages, Sequence) or len(messages) < 2:
+        """A call in `session` sent `messages` (its newest one is never static)."""
+        if not session or not isinstance(messages, Sequence) or len(messages) < 2:
             return
-        lead = [m for m in messages[:-1]]
+        lead = list(messages[:-1])
         if not all(isinstance(m, dict) for m in lead):
             return
         tools = list(tools or [])
-        cand = self._by_template.get(template)
+        agent = head_key(lead[:1], tools)  # its opening message and tools
+        cand = self._by_agent.get(agent)
         if cand is None:
-            self._by_template[template] = _Candidate(lead, tools, session, at)
-            self._seen[(template, session)] = None
-            while len(self._by_template) > self.max_templates:
-                self._by_template.popitem(last=False)
+            self._by_agent[agent] = _Candidate(lead, tools, session, at)
+            self._seen[(agent, session)] = None
+            while len(self._by_agent) > self.max_agents:
+                self._by_agent.popitem(last=False)
             return
-        self._by_template.move_to_end(template)
+        self._by_agent.move_to_end(agent)
         cand.calls += 1
         cand.last = at
-        if (template, session) in self._seen:
+        if (agent, session) in self._seen:
             return  # the same session again: its own history says nothing about others
-        self._seen[(template, session)] = None
+        self._seen[(agent, session)] = None
         while len(self._seen) > self.max_sessions:
             self._seen.popitem(last=False)
         cand.sessions += 1
         n = _common(cand.messages, lead)
-        if tools != cand.tools:
-            n = 0  # tools render first: different tools, nothing shared for certain
         if n < len(cand.messages):
             del cand.messages[n:]
         if cand.sessions == self.min_sessions or n == 0 or cand.sessions % 8 == 0:
@@ -98,7 +100,7 @@ class StaticHeads:
     def top(self, k: int = 8, now: float | None = None) -> list[Head]:
         """Distinct heads used by `min_sessions` sessions or more, the most shared first."""
         best: dict[str, Head] = {}
-        for cand in self._by_template.values():
+        for cand in self._by_agent.values():
             if (cand.sessions < self.min_sessions or not cand.messages
                     or (now is not None and now - cand.last > self.ttl)):
                 continue
@@ -107,16 +109,16 @@ class StaticHeads:
             if seen is None:
                 best[key] = Head(key, tuple(cand.messages), tuple(cand.tools), cand.sessions,
                                  cand.calls, cand.last)
-            else:  # several templates (first call, tool turns) share one head
+            else:  # agents whose heads coincide
                 best[key] = Head(key, seen.messages, seen.tools, seen.sessions + cand.sessions,
                                  seen.calls + cand.calls, max(seen.last, cand.last))
         ranked = sorted(best.values(), key=lambda h: (-h.sessions, -h.calls, h.key))
         return ranked[:k]
 
     def snapshot(self, k: int = 64) -> list[dict]:
-        return [{"template": t, "messages": c.messages, "tools": c.tools,
+        return [{"agent": t, "messages": c.messages, "tools": c.tools,
                  "sessions": c.sessions, "calls": c.calls, "last": c.last}
-                for t, c in list(self._by_template.items())[-k:]
+                for t, c in list(self._by_agent.items())[-k:]
                 if c.sessions >= self.min_sessions and c.messages]
 
     def restore(self, data: Sequence[dict]) -> None:
@@ -126,7 +128,7 @@ class StaticHeads:
                 cand.sessions, cand.calls = int(item["sessions"]), int(item["calls"])
             except (KeyError, TypeError, ValueError):
                 continue
-            self._by_template[str(item["template"])] = cand
+            self._by_agent[str(item["agent"])] = cand
         self.version += 1
 
 

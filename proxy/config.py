@@ -86,8 +86,8 @@ class Settings:
     )
     prewarm_static: bool = _opt(
         True, "Keep the static heads of learned workflows (system prompts, tools, fixed "
-        "messages) cached: warmed on an idle engine after a restart or an eviction, within a "
-        "quarter of the cache (vLLM upstreams, with PREHEAT_PREWARM)."
+        "messages) cached: warmed on an idle engine after a restart or an eviction, within 60% "
+        "of the cache (vLLM upstreams, with PREHEAT_PREWARM)."
     )
     prewarm_min_probability: float = _opt(
         0.5, "Least predicted probability of the next call for a warm to be sent."

@@ -6,7 +6,7 @@ Every `save_every` seconds, and on shutdown, the learner's snapshot is saved; at
 newest one is restored and the learner catches up on what the store holds beyond it
 (captures after the last save, imported traces), so templates and workflows survive
 restarts. Predictions go to `listeners` (on to the pre-warm planner), each called in order.
-The static heads of the learned templates (`learn/heads.py`: the leading messages sessions
+The static heads of the agents seen (`learn/heads.py`: the leading messages sessions
 share) are learned beside it and saved in the same snapshot, for warming after a restart.
 """
 
@@ -82,8 +82,7 @@ class LearnSink:
 
     def _learn(self, ex: Exchange) -> list[Prediction]:
         predictions = self.learner.observe(ex)
-        self.heads.observe(self.learner.template_of(ex.id), self.learner.session_of(ex.id),
-                           ex.messages, ex.tools, ex.started_at)
+        self.heads.observe(self.learner.session_of(ex.id), ex.messages, ex.tools, ex.started_at)
         return predictions
 
     def save(self) -> None:

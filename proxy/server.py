@@ -199,7 +199,8 @@ async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
     tokenizer = EngineTokenizer(upstream.base_url, model)
     planner = WarmPlanner(warmer, tokenizer, app.get(MIRROR), idle=lambda: inflight[0] == 0,
                           pressure=lambda: admission.pressured,
-                          min_probability=settings.prewarm_min_probability)
+                          min_probability=settings.prewarm_min_probability,
+                          capacity_tokens=admission.capacity_tokens)
     app[PLANNER] = planner
     if isinstance(observer.on_usage, UsageFeedback):
         observer.on_usage.planner = planner

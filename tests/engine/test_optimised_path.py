@@ -128,6 +128,40 @@ async def test_an_evicted_conversation_is_warmed_and_the_warm_lands(running, two
     assert planner.stats().hit == before.hit + 1
 
 
+async def test_a_learned_static_head_evicted_is_warmed_for_the_next_new_session(
+    running, two_proxies
+):
+    _, tuned_url, app = two_proxies
+    planner = app[PLANNER]
+    head = [{"role": "system", "content": "You are a hotel concierge with tools. " * 60}]
+    async with httpx.AsyncClient(timeout=120) as client:
+        for guest in range(2):  # two sessions start alike: their system prompt is static
+            await _chat(client, tuned_url, running.model,
+                        head + [{"role": "user", "content": f"Guest {guest} needs a room."}])
+        await app[OBSERVER].flush()
+        before = planner.stats()
+        for i in range(6):  # other work evicts it
+            flood = [{"role": "user", "content": f"unrelated report {i} " * 900}]
+            await _chat(client, running.engine.base_url, running.model, flood, max_tokens=1)
+        await running.mirror.quiesce()
+        tokens = await _tokens(running, head)
+        whole = len(tokens) - len(tokens) % running.engine.cache.block_size
+        assert running.mirror.cached_prefix_tokens(tokens) < whole
+        for _ in range(100):  # the engine is idle now: the head is warmed again
+            await asyncio.sleep(0.1)
+            if planner.stats().static_sent > before.static_sent:
+                break
+        assert planner.stats().static_sent == before.static_sent + 1
+        await running.mirror.quiesce()
+        assert running.mirror.cached_prefix_tokens(tokens) >= whole
+        first = await _chat(client, tuned_url, running.model,
+                            head + [{"role": "user", "content": "Guest 2 needs a suite."}])
+        await app[OBSERVER].flush()
+        await asyncio.sleep(0.3)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] >= whole
+    assert planner.stats().hit == before.hit + 1
+
+
 async def _tokens(running, messages):
     from engine.tokenizer import EngineTokenizer
 

@@ -189,7 +189,7 @@ class ByContent(FakeTokenizer):
 
 async def test_heads_stay_within_their_share_of_the_cache():
     tok, warmer, mirror = ByContent(), FakeWarmer(), CountingMirror(cached=0)
-    mirror.capacity_blocks = 8  # 1,024 tokens: a 25% share holds one 256-token head
+    mirror.capacity_blocks = 4  # 512 tokens: a 60% share holds one 256-token head
     p = planner(warmer, tok, mirror, idle=lambda: True, keep_every=0.01)
     p.keep_warm([(f"h{i}", [{"role": "system", "content": str(i)}], [], 9 - i)
                  for i in range(4)])
@@ -197,6 +197,13 @@ async def test_heads_stay_within_their_share_of_the_cache():
     await p.aclose()
     assert warmer.warmed and {t[0] for t in warmer.warmed} == {0}  # the most shared only
     assert {c[0][0]["content"] for c in tok.calls} <= {"0", "1"}  # the rest never rendered
+    blind = planner(FakeWarmer(), ByContent(), FakeMirror(cached=0), idle=lambda: True,
+                    keep_every=0.01, capacity_tokens=512)  # the size from admission instead
+    blind.keep_warm([(f"h{i}", [{"role": "system", "content": str(i)}], [], 9 - i)
+                     for i in range(4)])
+    await _rounds(blind, 2)
+    await blind.aclose()
+    assert blind.warmer.warmed and {t[0] for t in blind.warmer.warmed} == {0}
 
 
 async def test_a_real_request_with_the_head_takes_over_its_warm():

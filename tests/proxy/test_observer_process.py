@@ -95,7 +95,7 @@ async def test_a_dead_observer_process_is_counted_and_started_again(proxy, sig):
     assert ("preheat_captures_dropped_total" in metrics) and (not lost or "observer_" in metrics)
 
 
-def _call(session: int, turn: int, at: float) -> Exchange:
+def _agent_call(session: int, turn: int, at: float) -> Exchange:
     """A finished chat call of agent `session`: a shared system prompt, its own task."""
     system = {"role": "system", "content": "You are the booking agent. " + "Policy. " * 50}
     messages = [system, {"role": "user", "content": f"task {session}: fly me somewhere"}]
@@ -119,7 +119,7 @@ async def test_static_heads_reach_the_listener_and_survive_a_restart(tmp_path):
     try:
         observer.listen(lambda *offer: None, heard.append)
         for i, (session, turn) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]):
-            assert observer.submit(_call(session, turn, time.time() - 60 + 10 * i))
+            assert observer.submit(_agent_call(session, turn, time.time() - 60 + 10 * i))
         await observer.flush()
         await asyncio.sleep(0.2)
     finally:
