@@ -100,7 +100,9 @@ async def test_an_evicted_conversation_is_warmed_and_the_warm_lands(running, two
     _, tuned_url, app = two_proxies
     planner = app[PLANNER]
     before = planner.stats()
-    messages = [SYSTEM, {"role": "user", "content": "Book a hotel in Rome, please."}]
+    # An agent of its own: a learned static head would be warmed back (see the next test).
+    system = {"role": "system", "content": "You are a ferry booking agent with tools. " * 60}
+    messages = [system, {"role": "user", "content": "Book a ferry to Rome, please."}]
     async with httpx.AsyncClient(timeout=120) as client:
         reply = await _chat(client, tuned_url, running.model, messages)
         answer = reply["choices"][0]["message"]
