@@ -96,6 +96,7 @@ class WarmPlanner:
         self._heads: list[tuple[str, list[dict], list, int]] = []
         self._head_tokens: dict[str, tuple[int, ...]] = {}
         self._keeper: asyncio.Task | None = None
+        self._closed = False
         self._running: dict[str, asyncio.Task] = {}
         self._warmed: OrderedDict[str, int] = OrderedDict()
         self._max_tracked = max_tracked
@@ -113,7 +114,7 @@ class WarmPlanner:
     def offer(self, key: str, messages: Sequence[dict], answer: dict | None, tools: list,
               probability: float, expected_in: float | None) -> None:
         """A call ended; its session is expected to continue. `key` names its prompt prefix."""
-        if answer is None:
+        if answer is None or self._closed:
             return
         if (probability < self.min_probability or not self.worth_it(probability)
                 or (expected_in is not None and expected_in < self.min_ahead)):
@@ -132,6 +133,8 @@ class WarmPlanner:
 
     def keep_warm(self, heads: Sequence[tuple[str, list[dict], list, int]]) -> None:
         """The static heads to keep cached, most shared first: (key, messages, tools, sessions)."""
+        if self._closed:  # heads still arriving from the observer during shutdown
+            return
         self._heads = list(heads)
         keys = {h[0] for h in self._heads}
         self._head_tokens = {k: v for k, v in self._head_tokens.items() if k in keys}
@@ -163,6 +166,7 @@ class WarmPlanner:
             return
 
     async def aclose(self) -> None:
+        self._closed = True  # nothing new starts: the warmer and tokenizer close next
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)

@@ -220,3 +220,15 @@ async def test_a_real_request_with_the_head_takes_over_its_warm():
     await _rounds(p, 2)
     assert warmer.warmed  # the keeper went on to the other head
     await p.aclose()
+
+
+async def test_nothing_starts_once_closed():
+    """Heads and offers still arrive from the observer while the proxy shuts down; a warm
+    started then would open a connection after the warmer closed."""
+    tok, warmer = FakeTokenizer(), FakeWarmer()
+    p = planner(warmer, tok, CountingMirror(cached=0), idle=lambda: True, keep_every=0.01)
+    await p.aclose()
+    p.keep_warm([HEAD])
+    p.offer("k1", MESSAGES, ANSWER, [], 0.9, 1.0)
+    await _rounds(p)
+    assert tok.calls == [] and warmer.warmed == []
