@@ -42,12 +42,11 @@ class Head:
 
 
 class _Candidate:
-    __slots__ = ("messages", "tools", "first_session", "sessions", "calls", "last")
+    __slots__ = ("messages", "tools", "sessions", "calls", "last")
 
-    def __init__(self, messages: list[dict], tools: list, session: str, at: float) -> None:
+    def __init__(self, messages: list[dict], tools: list, at: float) -> None:
         self.messages = messages
         self.tools = tools
-        self.first_session = session
         self.sessions = 1
         self.calls = 1
         self.last = at
@@ -77,7 +76,7 @@ class StaticHeads:
         agent = head_key(lead[:1], tools)  # its opening message and tools
         cand = self._by_agent.get(agent)
         if cand is None:
-            self._by_agent[agent] = _Candidate(lead, tools, session, at)
+            self._by_agent[agent] = _Candidate(lead, tools, at)
             self._seen[(agent, session)] = None
             while len(self._by_agent) > self.max_agents:
                 self._by_agent.popitem(last=False)
@@ -124,7 +123,7 @@ class StaticHeads:
     def restore(self, data: Sequence[dict]) -> None:
         for item in data:
             try:
-                cand = _Candidate(list(item["messages"]), list(item["tools"]), "", item["last"])
+                cand = _Candidate(list(item["messages"]), list(item["tools"]), item["last"])
                 cand.sessions, cand.calls = int(item["sessions"]), int(item["calls"])
             except (KeyError, TypeError, ValueError):
                 continue
