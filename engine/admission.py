@@ -11,7 +11,8 @@ all of them with none:
 - The resident working set is the union of the resident sessions' prompts, counted once per
   distinct message prefix (a system prompt shared by twenty sessions counts once), plus
   their outputs. Admission also reserves the growth each session still has before it: the
-  size recent sessions grew to (their own tokens, upper quartile) is learned online.
+  size recent sessions of the same agent grew to (their own tokens, upper quartile; an
+  agent is told by its prompt's first item) is learned online from finished sessions.
 - Continuations of resident sessions go straight in. A new session goes in while the
   reserved set, with its expected size, stays within `fill` of the cache (`fill` is above 1
   by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
@@ -21,7 +22,9 @@ all of them with none:
   overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
 - A session stays resident while it has calls in flight and, after its last answer, for the
   tool time its next call is expected after (p90 of observed gaps, longer while the session
-  is shorter than sessions usually are); then its share of the cache is released.
+  is shorter than sessions usually are); then its share of the cache is released. A session
+  that has made as many calls as nearly all finished sessions of its agent made is done: it
+  is released with its last answer, and the next waiting session starts at once.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
 
@@ -52,6 +55,8 @@ PROFILE_MIN_SESSIONS = 3
 BUSY_WINDOW = 20.0
 IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
+DONE_BEYOND = 0.1
+"""A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""  # a first guess; `calibrate()` learns the real ratio from usage
 
@@ -91,6 +96,9 @@ def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
 @dataclass
 class Group:
     id: str
+    kind: str = ""
+    """The agent the session belongs to: the hash of its prompt's first item (tools, or the
+    system prompt). Sessions of one agent grow alike; another agent's may not."""
     chain: tuple[str, ...] = ()
     """Prefix hashes of the group's latest prompt, one per message."""
     output_tokens: int = 0
@@ -111,6 +119,7 @@ class Ticket:
     chars: tuple[int, ...]
     """JSON characters of each message (for calibrating the token estimate)."""
     group: str
+    kind: str = ""
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     how: str = ""
@@ -158,9 +167,12 @@ class Admission:
         self._shared: dict[str, None] = {}
         """Prefixes two sessions have sent (system prompts, tools): counted once, not per session."""
         self._profiles: OrderedDict[str, list[int]] = OrderedDict()
-        """[largest own-token count, calls] of each recent session: what a new session is
-        expected to grow to (admitting it leaves room for its later calls) and how many
-        calls a session makes (one short of that, its agent is coming back)."""
+        """[largest own-token count, calls] of each recent session, kept up to date."""
+        self._finished: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
+        """The same with the session's kind, taken when a session left the cache (again if
+        it came back): what a new session of that kind is expected to grow to (admitting it
+        leaves room for its later calls), how many calls it makes, and when it is done.
+        Sessions under way are not counted: their sizes so far would make all look small."""
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._union = 0
@@ -183,7 +195,8 @@ class Admission:
         chars = tuple(message_chars)
         sizes = tuple(max(1, int(c / self.chars_per_token)) for c in chars)
         group = session or self._group_of(chain) or f"g{next(self._seq)}"
-        return Ticket(chain=chain, sizes=sizes, chars=chars, group=group)
+        return Ticket(chain=chain, sizes=sizes, chars=chars, group=group,
+                      kind=chain[0] if chain else "")
 
     async def enter(self, t: Ticket) -> None:
         """Wait until the request may go to the engine."""
@@ -280,24 +293,34 @@ class Admission:
     def _resident_tokens(self) -> int:
         return self._union + sum(g.output_tokens for g in self._groups.values())
 
-    def expected_footprint(self) -> int:
-        """Own tokens a session grows to (upper quartile of recent sessions; 0 unknown)."""
-        return self._profile_quartile(0)
+    def expected_footprint(self, kind: str | None = None) -> int:
+        """Own tokens a session grows to (upper quartile of recent finished sessions of the
+        same kind, or of all where too few of that kind finished; 0 unknown)."""
+        return self._profile_quartile(0, kind)
 
-    def expected_calls(self) -> int:
-        """Calls a session makes (upper quartile of recent sessions; 0 unknown)."""
-        return self._profile_quartile(1)
+    def expected_calls(self, kind: str | None = None) -> int:
+        """Calls a session makes (upper quartile, as `expected_footprint`)."""
+        return self._profile_quartile(1, kind)
 
-    def _profile_quartile(self, field: int) -> int:
-        if len(self._profiles) < PROFILE_MIN_SESSIONS:
+    def _finished_like(self, kind: str | None) -> list[tuple[int, int, str]]:
+        """Finished sessions of the kind, or all of them where that kind is too rare."""
+        if kind is not None:
+            same = [p for p in self._finished.values() if p[2] == kind]
+            if len(same) >= PROFILE_MIN_SESSIONS:
+                return same
+        return list(self._finished.values())
+
+    def _profile_quartile(self, field: int, kind: str | None) -> int:
+        finished = self._finished_like(kind)
+        if len(finished) < PROFILE_MIN_SESSIONS:
             return 0
-        values = sorted(p[field] for p in self._profiles.values())
+        values = sorted(p[field] for p in finished)
         return values[int(0.75 * (len(values) - 1))]
 
     def _reserved_tokens(self) -> int:
         """The resident set now, plus the growth its sessions are expected to have."""
-        expected = self.expected_footprint()
-        growth = sum(max(0, expected - g.own_tokens) for g in self._groups.values())
+        growth = sum(max(0, self.expected_footprint(g.kind) - g.own_tokens)
+                     for g in self._groups.values())
         return self._resident_tokens() + growth
 
     def _fits(self, t: Ticket) -> bool:
@@ -306,7 +329,7 @@ class Admission:
         budget = self.fill * (self.capacity_tokens or 0)
         need = self._increment(t)
         if t.group not in self._sessions:  # a new session: room for all it will grow to
-            need = max(need, self.expected_footprint())
+            need = max(need, self.expected_footprint(t.kind))
         return self._reserved_tokens() + need <= budget
 
     def _measure(self, g: Group) -> None:
@@ -355,12 +378,20 @@ class Admission:
     def _hold_for(self, g: Group) -> float:
         """How long an idle group keeps its place: its agent's tool time, and longer while
         the session is shorter than sessions usually are (so it is surely coming back)."""
-        if not g.calls:
+        if not g.calls or self._done(g):
             return 0.0
         hold = self._gap_p90()
-        if g.calls < self.expected_calls():
+        if g.calls < self.expected_calls(g.kind):
             hold *= MID_SESSION_HOLD
         return min(self.max_hold, hold)
+
+    def _done(self, g: Group) -> bool:
+        """Nearly every finished session of its kind stopped within the calls `g` has made.
+        (One that does come back is a session under way again: it goes before new ones.)"""
+        finished = self._finished_like(g.kind)
+        if len(finished) < PROFILE_MIN_SESSIONS:
+            return False
+        return sum(1 for p in finished if p[1] > g.calls) < DONE_BEYOND * len(finished)
 
     def _gap_p90(self) -> float:
         if len(self._gaps) < 5:
@@ -374,7 +405,7 @@ class Admission:
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)
         if g is None:
-            g = self._groups[t.group] = Group(t.group)
+            g = self._groups[t.group] = Group(t.group, t.kind)
             profile = self._profiles.get(t.group)
             g.calls = profile[1] if profile else 0  # a session returning to the cache
         if g.in_flight == 0 and g.calls:
@@ -424,6 +455,12 @@ class Admission:
     def _expire(self) -> None:
         for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
             log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, self._hold_for(g))
+            profile = self._profiles.get(g.id)
+            if profile is not None:
+                self._finished.pop(g.id, None)
+                self._finished[g.id] = (profile[0], profile[1], g.kind)
+                while len(self._finished) > PROFILE_WINDOW:
+                    self._finished.popitem(last=False)
             self._set_chain(g, (), ())
             del self._groups[g.id]
 

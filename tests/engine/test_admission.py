@@ -104,23 +104,79 @@ async def test_a_session_back_from_a_long_tool_call_goes_before_new_ones():
     new_task.cancel()
 
 
+async def _call(adm: Admission, b: dict, session: str | None = None) -> None:
+    """One call through admission, answered at once."""
+    t = ticket(adm, b, session=session)
+    await adm.enter(t)
+    adm.leave(t, 0)
+
+
+async def _finished_sessions(adm: Admission, shared: str, n: int = 3) -> None:
+    """`n` earlier sessions of three calls, each growing to about 1,000 tokens of its own,
+    that have left the cache: what admission learns a session to be."""
+    for i in range(n):
+        for own in (300, 600, 1000):
+            await _call(adm, body(shared, f"{i}" * own), session=f"old{i}")
+    await asyncio.sleep(adm.hold + 0.05)
+    adm.stats()  # their holds are over: they have left the cache
+
+
 async def test_new_sessions_leave_room_for_what_sessions_grow_to():
-    adm = make(3000, hold=30, max_wait=30)
+    adm = make(2500, hold=0.05, max_wait=30)
     shared = "S" * 200
-    for i in range(3):  # three earlier sessions grew to about 1,000 tokens of their own
-        t = ticket(adm, body(shared, f"{i}" * 1000))
-        await adm.enter(t)
-        adm.leave(t, 0)
-    assert adm.expected_footprint() >= 1000
-    # The cache (3,000) holds those three; a fourth session, small now, would not fit
-    # once it grows, so it waits although its first prompt is tiny.
-    busy = ticket(adm, body(shared, "0" * 1000, "next"))
-    await adm.enter(busy)
+    first = ticket(adm, body(shared, "first call"))
+    await adm.enter(first)
+    adm.leave(first, 0)
+    assert adm.expected_footprint() == 0  # a session under way teaches nothing yet
+    await _finished_sessions(adm, shared)
+    assert adm.expected_footprint() >= 1000 and adm.expected_calls() == 3
+    # Two sessions on their first call, 300 tokens each now, will each grow to about
+    # 1,000 together: a third, tiny now, would overflow the cache then, so it waits.
+    for i in range(2):
+        busy = ticket(adm, body(shared, f"busy{i}" * 60), session=f"busy{i}")
+        await asyncio.wait_for(adm.enter(busy), 0.5)
     late = ticket(adm, body(shared, "x" * 50))
     task = asyncio.create_task(adm.enter(late))
     await asyncio.sleep(0.05)
     assert not task.done()
     task.cancel()
+
+
+async def test_a_session_is_done_by_the_length_of_its_own_agent():
+    adm = make(3000, hold=0.05, max_wait=30)
+    agent_a, agent_b = "A" * 200, "B" * 200
+    await _finished_sessions(adm, agent_a)  # agent A's sessions make three calls
+    for i in range(3):  # agent B's make one
+        await _call(adm, body(agent_b, f"b{i}" * 100))
+    await asyncio.sleep(adm.hold + 0.05)
+    adm.stats()
+    assert adm.expected_calls(ticket(adm, body(agent_a)).kind) == 3
+    assert adm.expected_calls(ticket(adm, body(agent_b)).kind) == 1
+    # After one call, an agent B session is done and leaves the cache with its answer;
+    # an agent A session is coming back and keeps its place.
+    await _call(adm, body(agent_b, "new b"))
+    assert adm.stats().resident_groups == 0
+    await _call(adm, body(agent_a, "new a"))
+    assert adm.stats().resident_groups == 1
+
+
+async def test_a_session_as_long_as_finished_ones_leaves_with_its_last_answer():
+    adm = make(3000, hold=0.05, max_wait=30)
+    shared = "S" * 200
+    await _finished_sessions(adm, shared)
+    for own in (300, 600):
+        await _call(adm, body(shared, "L" * own), session="long")
+        assert adm.stats().resident_groups == 1  # short of the usual length: held
+    await _call(adm, body(shared, "L" * 1000), session="long")
+    assert adm.stats().resident_groups == 0  # as long as every finished session: done
+    # One that comes back after all is a session under way: it goes straight in again.
+    t = ticket(adm, body(shared, "L" * 1200), session="long")
+    await asyncio.wait_for(adm.enter(t), 0.5)
+    assert t.how == "returned"
+    adm.leave(t, 0)
+    # A session short of the usual length is held through its tool call.
+    await _call(adm, body(shared, "s" * 300), session="short")
+    assert adm.stats().resident_groups == 1
 
 
 async def test_shared_prefix_adds_little_and_is_preferred():
