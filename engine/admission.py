@@ -43,8 +43,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import orjson
-import xxhash
+from learn.canonical import prefix_chain
 
 log = logging.getLogger("preheat.admission")
 CHARS_PER_TOKEN = 3.6
@@ -58,7 +57,7 @@ IDLE_BELOW = 0.6
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
-"""A session short of the usual number of calls is held this many times the tool gap."""  # a first guess; `calibrate()` learns the real ratio from usage
+"""A session short of the usual number of calls is held this many times the tool gap."""
 
 
 def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
@@ -66,7 +65,7 @@ def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
 
     Tools come first (chat templates render them into the system turn). The previous prompt
     of a session is a prefix of its next one, as the client sends both the same way, so a
-    cheap hash of each message's bytes is enough; no normalisation is needed here.
+    cheap hash of each message's bytes is enough (`learn.canonical.prefix_chain`).
     """
     items: list[Any] = []
     if body.get("tools"):
@@ -80,17 +79,7 @@ def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
         items.extend(prompt)
     else:
         return None
-    chain, sizes = [], []
-    h = b""
-    for item in items:
-        try:
-            raw = orjson.dumps(item)
-        except TypeError:
-            return None
-        h = xxhash.xxh3_64_digest(h + raw)
-        chain.append(h.hex())
-        sizes.append(len(raw))
-    return chain, sizes
+    return prefix_chain(items)
 
 
 @dataclass

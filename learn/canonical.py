@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 import xxhash
@@ -36,6 +36,28 @@ def loads(data: str | bytes) -> Any:
 def content_hash(obj: Any) -> str:
     """xxh3-128 of the canonical JSON, as 32 hex digits."""
     return xxhash.xxh3_128_hexdigest(canonical_json(obj))
+
+
+def prefix_chain(items: Sequence[Any]) -> tuple[list[str], list[int]] | None:
+    """The hash of every leading run of `items` and each item's size in JSON characters.
+
+    Each link hashes the previous one with the item's JSON bytes as sent (xxh3-64, 16 hex
+    digits), so a prompt that extends another shares its links. This names prompt prefixes
+    for admission (`engine.admission.prompt_chain`) and for static heads (`learn.heads`); a
+    client re-sends its history byte for byte, so no normalisation is needed. None when an
+    item is not JSON.
+    """
+    chain, sizes = [], []
+    h = b""
+    for item in items:
+        try:
+            raw = orjson.dumps(item)
+        except TypeError:
+            return None
+        h = xxhash.xxh3_64_digest(h + raw)
+        chain.append(h.hex())
+        sizes.append(len(raw))
+    return chain, sizes
 
 
 def message_text(message: dict) -> str:

@@ -25,8 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import orjson
-import xxhash
+from learn.canonical import prefix_chain
 
 
 @dataclass(frozen=True)
@@ -134,10 +133,8 @@ class StaticHeads:
 def head_key(messages: Sequence[Any], tools: Sequence[Any]) -> str:
     """The prompt-chain hash of a request made of these leading messages (tools first), as
     `engine.admission.prompt_chain` computes it, so a real request names the same prefix."""
-    h = b""
-    for item in ([list(tools)] if tools else []) + list(messages):
-        h = xxhash.xxh3_64_digest(h + orjson.dumps(item))
-    return h.hex()
+    chain = prefix_chain(([list(tools)] if tools else []) + list(messages))
+    return chain[0][-1] if chain and chain[0] else ""
 
 
 def _common(a: Sequence[dict], b: Sequence[dict]) -> int:
