@@ -59,6 +59,7 @@ class EngineTokenizer:
         self._cache: OrderedDict[bytes, TokenIds] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[TokenIds]] = {}
         self._client: httpx.AsyncClient | None = None
+        self._closed = False
         self._hits = self._misses = 0
 
     @classmethod
@@ -90,6 +91,7 @@ class EngineTokenizer:
         return TokenizerStats(self._hits, self._misses, len(self._cache))
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -128,6 +130,8 @@ class EngineTokenizer:
         return ids
 
     async def _post(self, body: dict[str, Any]) -> TokenIds:
+        if self._closed:  # a client made now would outlive its owner, unclosed
+            raise EngineRequestError("closed")
         if self._client is None:
             self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout)
         try:

@@ -68,6 +68,7 @@ class Warmer:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._inflight: dict[bytes, asyncio.Task[int]] = {}
         self._client: httpx.AsyncClient | None = None
+        self._closed = False
         self._counts = dict(requests=0, warmed_tokens=0, skipped_cached=0, shared=0,
                             dropped=0, failed=0)
 
@@ -104,6 +105,7 @@ class Warmer:
         return WarmStats(in_flight=len(self._inflight), **self._counts)
 
     async def aclose(self) -> None:
+        self._closed = True
         for task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
@@ -147,6 +149,8 @@ class Warmer:
         return computed
 
     async def _post(self, tokens: tuple[int, ...]) -> dict[str, Any]:
+        if self._closed:  # a client made now would outlive its owner, unclosed
+            raise EngineRequestError("closed")
         if self._client is None:
             self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout)
         body = {"model": self.model, "prompt": list(tokens), "max_tokens": 1,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine.planner import WarmPlanner
 
 MESSAGES = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"}]
@@ -232,3 +234,20 @@ async def test_nothing_starts_once_closed():
     p.offer("k1", MESSAGES, ANSWER, [], 0.9, 1.0)
     await _rounds(p)
     assert tok.calls == [] and warmer.warmed == []
+
+
+async def test_warmer_and_tokenizer_refuse_work_once_closed():
+    """After `aclose()` neither opens a new connection (one would outlive its owner)."""
+    from engine.errors import EngineRequestError
+    from engine.tokenizer import EngineTokenizer
+    from engine.warm import Warmer
+
+    warmer = Warmer("http://127.0.0.1:9", "m", block_size=4)
+    await warmer.aclose()
+    assert await warmer.warm(list(range(8))) == 0  # advice: counted, not raised
+    assert warmer.stats().failed == 1 and warmer._client is None
+    tokenizer = EngineTokenizer("http://127.0.0.1:9", "m")
+    await tokenizer.aclose()
+    with pytest.raises(EngineRequestError, match="closed"):
+        await tokenizer.encode_prompt("hello")
+    assert tokenizer._client is None
