@@ -162,6 +162,8 @@ class Admission:
         it came back): what a new session of that kind is expected to grow to (admitting it
         leaves room for its later calls), how many calls it makes, and when it is done.
         Sessions under way are not counted: their sizes so far would make all look small."""
+        self._like: dict[str | None, list[tuple[int, int, str]]] = {}
+        self._quartiles: dict[tuple[int, str | None], int] = {}
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._union = 0
@@ -292,19 +294,29 @@ class Admission:
         return self._profile_quartile(1, kind)
 
     def _finished_like(self, kind: str | None) -> list[tuple[int, int, str]]:
-        """Finished sessions of the kind, or all of them where that kind is too rare."""
-        if kind is not None:
-            same = [p for p in self._finished.values() if p[2] == kind]
-            if len(same) >= PROFILE_MIN_SESSIONS:
-                return same
-        return list(self._finished.values())
+        """Finished sessions of the kind, or all of them where that kind is too rare. This
+        and the quartiles are remembered until the next session finishes: admission asks
+        for them per resident group."""
+        found = self._like.get(kind)
+        if found is None:
+            found = list(self._finished.values())
+            if kind is not None:
+                same = [p for p in found if p[2] == kind]
+                if len(same) >= PROFILE_MIN_SESSIONS:
+                    found = same
+            self._like[kind] = found
+        return found
 
     def _profile_quartile(self, field: int, kind: str | None) -> int:
-        finished = self._finished_like(kind)
-        if len(finished) < PROFILE_MIN_SESSIONS:
-            return 0
-        values = sorted(p[field] for p in finished)
-        return values[int(0.75 * (len(values) - 1))]
+        found = self._quartiles.get((field, kind))
+        if found is None:
+            finished = self._finished_like(kind)
+            found = 0
+            if len(finished) >= PROFILE_MIN_SESSIONS:
+                values = sorted(p[field] for p in finished)
+                found = values[int(0.75 * (len(values) - 1))]
+            self._quartiles[(field, kind)] = found
+        return found
 
     def _reserved_tokens(self) -> int:
         """The resident set now, plus the growth its sessions are expected to have."""
@@ -450,6 +462,8 @@ class Admission:
                 self._finished[g.id] = (profile[0], profile[1], g.kind)
                 while len(self._finished) > PROFILE_WINDOW:
                     self._finished.popitem(last=False)
+                self._like.clear()
+                self._quartiles.clear()
             self._set_chain(g, (), ())
             del self._groups[g.id]
 
