@@ -162,8 +162,8 @@ class Admission:
         it came back): what a new session of that kind is expected to grow to (admitting it
         leaves room for its later calls), how many calls it makes, and when it is done.
         Sessions under way are not counted: their sizes so far would make all look small."""
-        self._like: dict[str | None, list[tuple[int, int, str]]] = {}
-        self._quartiles: dict[tuple[int, str | None], int] = {}
+        self._learned_by_kind: dict[str | None, tuple[list, int, int]] = {}
+        """Per kind: what `_learned` found, until the next session finishes."""
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._union = 0
@@ -287,35 +287,28 @@ class Admission:
     def expected_footprint(self, kind: str | None = None) -> int:
         """Own tokens a session grows to (upper quartile of recent finished sessions of the
         same kind, or of all where too few of that kind finished; 0 unknown)."""
-        return self._profile_quartile(0, kind)
+        return self._learned(kind)[1]
 
     def expected_calls(self, kind: str | None = None) -> int:
         """Calls a session makes (upper quartile, as `expected_footprint`)."""
-        return self._profile_quartile(1, kind)
+        return self._learned(kind)[2]
 
-    def _finished_like(self, kind: str | None) -> list[tuple[int, int, str]]:
-        """Finished sessions of the kind, or all of them where that kind is too rare. This
-        and the quartiles are remembered until the next session finishes: admission asks
-        for them per resident group."""
-        found = self._like.get(kind)
+    def _learned(self, kind: str | None) -> tuple[list[tuple[int, int, str]], int, int]:
+        """Finished sessions of the kind (all of them where that kind is too rare), and the
+        upper quartiles of their footprints and calls. Remembered until the next session
+        finishes: admission asks for them per resident group on every decision."""
+        found = self._learned_by_kind.get(kind)
         if found is None:
-            found = list(self._finished.values())
-            if kind is not None:
-                same = [p for p in found if p[2] == kind]
-                if len(same) >= PROFILE_MIN_SESSIONS:
-                    found = same
-            self._like[kind] = found
-        return found
-
-    def _profile_quartile(self, field: int, kind: str | None) -> int:
-        found = self._quartiles.get((field, kind))
-        if found is None:
-            finished = self._finished_like(kind)
-            found = 0
+            finished = list(self._finished.values())
+            same = [p for p in finished if p[2] == kind]
+            if len(same) >= PROFILE_MIN_SESSIONS:
+                finished = same
+            footprint = calls = 0
             if len(finished) >= PROFILE_MIN_SESSIONS:
-                values = sorted(p[field] for p in finished)
-                found = values[int(0.75 * (len(values) - 1))]
-            self._quartiles[(field, kind)] = found
+                at = int(0.75 * (len(finished) - 1))
+                footprint = sorted(p[0] for p in finished)[at]
+                calls = sorted(p[1] for p in finished)[at]
+            found = self._learned_by_kind[kind] = (finished, footprint, calls)
         return found
 
     def _reserved_tokens(self) -> int:
@@ -389,7 +382,7 @@ class Admission:
     def _done(self, g: Group) -> bool:
         """Nearly every finished session of its kind stopped within the calls `g` has made.
         (One that does come back is a session under way again: it goes before new ones.)"""
-        finished = self._finished_like(g.kind)
+        finished = self._learned(g.kind)[0]
         if len(finished) < PROFILE_MIN_SESSIONS:
             return False
         return sum(1 for p in finished if p[1] > g.calls) < DONE_BEYOND * len(finished)
@@ -462,8 +455,7 @@ class Admission:
                 self._finished[g.id] = (profile[0], profile[1], g.kind)
                 while len(self._finished) > PROFILE_WINDOW:
                     self._finished.popitem(last=False)
-                self._like.clear()
-                self._quartiles.clear()
+                self._learned_by_kind.clear()
             self._set_chain(g, (), ())
             del self._groups[g.id]
 
