@@ -27,6 +27,9 @@ all of them with none:
   is released with its last answer, and the next waiting session starts at once.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
+- Under pressure, the engine is told what admission knows (`Ticket.priority`, sent as vLLM's
+  `priority`): continuations of sessions under way run before new sessions' first calls, and
+  when the running calls outgrow the cache, vLLM preempts a new session, not one mid-loop.
 
 The controller is pure asyncio and knows nothing of HTTP: the proxy calls `enter()` before
 forwarding and `leave()` when the answer is complete.
@@ -58,6 +61,11 @@ DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""
+PRIORITY = {"resident": -1, "returned": -1}
+"""vLLM `priority` (lower runs first, and is preempted last) by how a call was admitted under
+pressure: a session under way before one that starts. Without pressure every call keeps the
+engine's default, 0. (Also sending work let in over the cache's size at +1 measured worse:
+mixed workload median 30-40 s against 29-30 s without priorities.)"""
 
 
 def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
@@ -113,12 +121,15 @@ class Ticket:
     admitted: float | None = None
     how: str = ""
     """'direct' (no pressure), 'resident' (continuation), 'fits', 'waited', or 'timeout'."""
+    priority: int = 0
+    """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
     _future: asyncio.Future | None = None
     _seq: int = 0
 
     @property
     def waited(self) -> float:
         return (self.admitted or time.monotonic()) - self.arrived
+
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,8 @@ class Admission:
     def _admit(self, t: Ticket, how: str) -> None:
         now = time.monotonic()
         t.admitted, t.how = now, how
+        if self.pressured:
+            t.priority = PRIORITY.get(how, 0)
         self.admitted[how] = self.admitted.get(how, 0) + 1
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)

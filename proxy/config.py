@@ -80,6 +80,11 @@ class Settings:
     admission_max_wait: float = _opt(
         60.0, "Longest a request waits for admission before it goes in regardless."
     )
+    admission_priority: bool = _opt(
+        True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
+        "(sessions under way before new ones; needs --scheduling-policy priority, as "
+        "preheat's own engine runs, and is ignored by a first-come-first-served vLLM)."
+    )
     prewarm: bool = _opt(
         True, "Pre-warm the predicted next prompt of a session while its agent runs a tool, "
         "on idle engine capacity only (vLLM upstreams)."

@@ -350,6 +350,8 @@ async def _forward(
             if planner is not None:
                 planner.arrived(ex.ticket.chain)
             await admission.enter(ex.ticket)
+            if settings.admission_priority and ex.ticket.priority:
+                body = with_priority(body, ex.ticket.priority)
     inflight = app[INFLIGHT]
     inflight[0] += 1
     try:
@@ -360,11 +362,24 @@ async def _forward(
             admission.leave(ex.ticket)
 
 
+def with_priority(body: bytes, priority: int) -> bytes:
+    """The body with vLLM's `priority` put first in its object, where a `priority` the client
+    set itself, later in the object, overrides it (JSON's last duplicate key wins)."""
+    start = body.lstrip()
+    if not start.startswith(b"{"):
+        return body
+    rest = start[1:].lstrip()
+    return b'{"priority":%d%s' % (priority, b"" if rest.startswith(b"}") else b",") + rest
+
+
 async def _relay(
     request: web.Request, ex: Exchange, t0: float, settings: Settings,
     body: bytes | AsyncIterator[bytes] | None, keep: bool,
 ) -> web.StreamResponse:
     headers = forward_headers(request.headers)
+    if isinstance(body, bytes):  # read whole; it may have been given an engine priority
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(body))))
     ex.t_upstream_sent = time.perf_counter() - t0
     upstream = request.app[UPSTREAM]
     try:

@@ -47,6 +47,8 @@ class FakeUpstream:
         self.port = 0
         self.requests = 0
         self.cancelled = 0
+        self.priorities: list = []
+        """The vLLM `priority` field of each JSON request received (None where absent)."""
         self.last_headers: dict[str, str] = {}
 
     @property
@@ -93,6 +95,7 @@ class FakeUpstream:
             err = {"error": {"message": "body must be an object", "type": "invalid_request_error",
                              "code": None}}
             return body, None, web.json_response(err, status=400)
+        self.priorities.append(parsed.get("priority"))
         return body, parsed, None
 
     async def _sse(self, request: web.Request, events: list[str]) -> web.StreamResponse:

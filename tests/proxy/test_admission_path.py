@@ -59,3 +59,48 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
 
 async def test_admission_stays_off_without_a_known_cache(proxy):
     assert ADMISSION not in proxy.app  # the fake upstream reports no KV cache
+
+
+async def test_under_pressure_sessions_under_way_go_first_on_the_engine(upstream, tmp_path):
+    """Admission's order reaches vLLM as `priority`; a client's own priority wins, the
+    capture keeps the client's request as sent, and the switch turns it off."""
+    for enabled in (True, False):
+        upstream.priorities.clear()
+        settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p{enabled}.db",
+                            admission_capacity_tokens=1500, admission_max_wait=1.0,
+                            admission_priority=enabled, prewarm=False)
+        proxy = await start_proxy(settings)
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                own = client.post(proxy.url + "/v1/chat/completions", json={
+                    "model": "m", "messages": [SYSTEM, {"role": "user", "content": "mine"}],
+                    "priority": 7, "temperature": 0.5})
+                *_, mine = await asyncio.gather(
+                    *(_session(client, proxy.url, i, 4) for i in range(12)), own)
+            assert mine.status_code == 200
+            seen = upstream.priorities
+            assert len(seen) == 49 and seen.count(7) == 1  # the client's own, untouched
+            if enabled:
+                assert seen.count(-1) > 0 and set(seen) <= {None, -1, 7}
+            else:
+                assert set(seen) == {None, 7}
+            store = await proxy.store()
+            captured = [c.request_object() for c in store.exchanges()]
+            assert len(captured) == 49
+            assert sum("priority" in r for r in captured) == 1  # only the client's
+        finally:
+            await proxy.runner.cleanup()
+
+
+async def test_without_pressure_the_engine_gets_requests_as_sent(upstream, tmp_path):
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admission_capacity_tokens=1_000_000, prewarm=False)
+    proxy = await start_proxy(settings)
+    try:
+        upstream.priorities.clear()
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.gather(*(_session(client, proxy.url, i, 3) for i in range(4)))
+        assert upstream.priorities == [None] * 12
+        assert proxy.app[ADMISSION].stats().admitted.get("resident", 0) > 0
+    finally:
+        await proxy.runner.cleanup()
