@@ -18,7 +18,7 @@ workflows (bench/shapes.py: a trading desk, debates, reflection, parallel tool c
 tau-bench agents and generated workflows together under cache pressure, one agent at a time.
 Writes the table (.md), the figures (.json) and a plot (.png).
 
-    .venv/bin/python bench/e2e.py [--quick] [--only NAME...] [--modes MODE...]
+    .venv/bin/python bench/e2e.py [--quick] [--only NAME...] [--modes MODE...] [--repeat N]
 """
 
 from __future__ import annotations
@@ -218,8 +218,30 @@ async def reset_cache(engine: Engine) -> None:
 
 async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                   instances: list[Instance], train: list[Instance], capacity: int,
-                  modes: list[str], sequential: bool = False, idle: float = 0.5
-                  ) -> dict[str, dict]:
+                  modes: list[str], sequential: bool = False, idle: float = 0.5,
+                  repeat: int = 1) -> dict[str, dict]:
+    """Each mode's figures; with `repeat`, the modes run in turn that many times (drift in the
+    machine hits them alike) and each figure is the median of the runs."""
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeat):
+        for mode, row in (await _compare_once(engine, oracle_engine, name, instances, train,
+                                              capacity, modes, sequential, idle)).items():
+            runs.setdefault(mode, []).append(row)
+    return {mode: _median_row(rows) for mode, rows in runs.items()}
+
+
+def _median_row(rows: list[dict]) -> dict:
+    if len(rows) == 1:
+        return rows[0]
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+           if all(isinstance(r.get(k), (int, float)) for r in rows)}
+    out["runs"] = {k: [round(r[k], 2) for r in rows] for k in ("e2e_p50", "e2e_p90", "makespan")}
+    return out
+
+
+async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
+                        instances: list[Instance], train: list[Instance], capacity: int,
+                        modes: list[str], sequential: bool, idle: float) -> dict[str, dict]:
     model = engine.served_model_name
     rows: dict[str, dict] = {}
     for mode in (m for m in MODES[:3] if m in modes):
@@ -282,7 +304,7 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
-                         f"{r['cached_share']:.2f} | {r['calls']} | {r['working_set']} |")
+                         f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -301,6 +323,15 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         lines.append(f"| {name} | {d / on:.2f}x | {rows['direct']['makespan'] / r['makespan']:.2f}x "
                      f"| {d / off:.2f}x | {on / o:.2f}x | {head} | {sent} / {hit} / {vain} "
                      f"| {int(tok_hit)} / {int(tok_vain)} | {precision} |")
+    repeated = [(name, mode, r["runs"]) for name, rows in results.items()
+                for mode, r in rows.items() if "runs" in r]
+    if repeated:
+        lines += ["", f"Each figure above is the median of {len(repeated[0][2]['e2e_p50'])} "
+                  "runs, the modes taking turns; the runs themselves:", "",
+                  "| workload | mode | e2e p50 s | e2e p90 s | makespan s |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {mode} | {' / '.join(map(str, runs['e2e_p50']))} | "
+                  f"{' / '.join(map(str, runs['e2e_p90']))} | {' / '.join(map(str, runs['makespan']))} |"
+                  for name, mode, runs in repeated]
     return "\n".join(lines) + "\n"
 
 
@@ -396,13 +427,13 @@ async def main_async(args) -> None:
                 for name, instances, train, _, sequential in (w for w in workloads
                                                               if w[3] == size):
                     results[name] = await compare(engine, big, name, instances, train, 0,
-                                                  args.modes, sequential, args.idle)
+                                                  args.modes, sequential, args.idle, args.repeat)
                     save()
             finally:
                 await engine.stop()
         for name, instances, train, _, sequential in (w for w in workloads if not w[3]):
             results[name] = await compare(big, None, name, instances, train, 0, args.modes,
-                                          sequential, args.idle)
+                                          sequential, args.idle, args.repeat)
             save()
     finally:
         await big.stop()
@@ -446,6 +477,8 @@ def main() -> None:
                         help="seconds the engine sits idle, its cache empty, before each mode")
     parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each workload, the modes taking turns; figures are medians")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")
