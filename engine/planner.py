@@ -13,8 +13,12 @@ it competes with real decodes and evicts other sessions' blocks (p90 53 s -> 80 
   cache pressure (`pressure()`), only if the KV mirror shows that the engine no longer holds
   the prefix (vLLM keeps a conversation and its generated answer cached by itself: warming
   what is resident is pure overhead, and without a mirror nothing is known, so nothing is
-  sent), and only if the expected saving (probability x the prefill it spares) beats the
-  expected waste ((1 - probability) x the same prefill, weighted by `waste_weight`).
+  sent), and only if the expected saving beats the cost. The saving is the probability x the
+  prefill time taken off the call's path: the time to prefill the tokens the mirror shows
+  missing, as far as it fits before the call is expected (a warm that would land late saves
+  only what it finished). The cost is (1 - probability) x that prefill time, weighted by
+  `waste_weight`, plus the fixed cost of a request. Both times come from `PrefillClock`,
+  fitted online to the engine's own timings of the warms it ran.
 - When the predicted call arrives, a warm still running is cancelled: the real request takes
   over the prefill from where the warm got to. Warm requests run at the lowest engine
   priority, on their own connections (engine/warm.py), so a real request never queues
@@ -38,11 +42,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger("preheat.warm")
+
+
+class PrefillClock:
+    """Seconds the engine takes to prefill n tokens, `fixed + per_token * n`, fitted by least
+    squares to the latest `window` warms (each a prefill-only request on an idle engine, so
+    its latency is its prefill). Until three are seen, a prior holds: 0.25 ms a token (the
+    512 x 8 model on two CPU cores served 1k-token prompts at 1.6 requests/s with 32 tokens
+    decoded at ~11.5 ms each: notes/vllm-on-cpu.md) and an assumed 20 ms a request."""
+
+    def __init__(self, fixed: float = 0.02, per_token: float = 0.00025, window: int = 64) -> None:
+        self.fixed = fixed
+        self.per_token = per_token
+        self._seen: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        self._seen.append((tokens, seconds))
+        if len(self._seen) < 3:
+            return
+        n = len(self._seen)
+        mean_t = sum(t for t, _ in self._seen) / n
+        mean_s = sum(s for _, s in self._seen) / n
+        var = sum((t - mean_t) ** 2 for t, _ in self._seen)
+        slope = (sum((t - mean_t) * (s - mean_s) for t, s in self._seen) / var) if var else 0.0
+        fixed = mean_s - slope * mean_t
+        if slope <= 0 or fixed < 0:  # too little spread to separate the two: all per token
+            fixed, slope = 0.0, mean_s / mean_t
+        self.fixed, self.per_token = fixed, slope
+
+    def seconds(self, tokens: int) -> float:
+        return self.fixed + self.per_token * max(0, tokens)
 
 
 @dataclass(frozen=True)
@@ -57,6 +94,7 @@ class PlannerStats:
     cancelled: int
     skipped_busy: int
     skipped_unlikely: int
+    skipped_late: int
     skipped_cached: int
     skipped_unknown: int
     static_sent: int
@@ -101,13 +139,23 @@ class WarmPlanner:
         self._warmed: OrderedDict[str, int] = OrderedDict()
         self._max_tracked = max_tracked
         self._counts = dict.fromkeys(PlannerStats.__dataclass_fields__, 0)
+        self.clock = PrefillClock()
 
     def stats(self) -> PlannerStats:
         return PlannerStats(**self._counts)
 
     def worth_it(self, probability: float) -> bool:
-        """Expected saving p x prefill beats the expected waste (1 - p) x prefill x weight."""
+        """Expected saving p x prefill beats the expected waste (1 - p) x prefill x weight
+        (for a long prefix, landing in time; `pays` weighs the case in hand)."""
         return probability * 1.0 > (1.0 - probability) * self.waste_weight
+
+    def pays(self, probability: float, tokens: int, available: float | None) -> bool:
+        """Warming `tokens` missing tokens, with `available` seconds before the call is
+        expected (None: unknown), saves more than it costs (see the module's docstring)."""
+        prefill = self.clock.per_token * tokens
+        done = prefill if available is None else min(prefill, max(0.0, available))
+        cost = (1.0 - probability) * self.waste_weight * prefill + self.clock.fixed
+        return probability * done > cost
 
     # -- called on the event loop ------------------------------------------------------
 
@@ -127,7 +175,8 @@ class WarmPlanner:
                             **({"tool_calls": answer["tool_calls"]}
                                if answer.get("tool_calls") else {})}]
         delay = max(0.0, (expected_in or 0.0) - self.lead)
-        task = asyncio.ensure_future(self._warm(key, chat, tools, delay))
+        due = None if expected_in is None else time.monotonic() + expected_in
+        task = asyncio.ensure_future(self._warm(key, chat, tools, delay, probability, due))
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
@@ -176,7 +225,8 @@ class WarmPlanner:
 
     # -- the warm itself ---------------------------------------------------------------
 
-    async def _warm(self, key: str, chat: list[dict], tools: list, delay: float = 0.0) -> None:
+    async def _warm(self, key: str, chat: list[dict], tools: list, delay: float = 0.0,
+                    probability: float = 1.0, due: float | None = None) -> None:
         await asyncio.sleep(delay)  # cancelled meanwhile if the call comes early
         if not self.idle() or self.pressure():
             self._counts["skipped_busy"] += 1
@@ -194,10 +244,18 @@ class WarmPlanner:
             if cached is None:
                 self._counts["skipped_unknown"] += 1
                 return
-            if cached + block >= len(tokens) - len(tokens) % block:
+            whole = len(tokens) - len(tokens) % block
+            if cached + block >= whole:
                 self._counts["skipped_cached"] += 1  # all but the last block is resident
                 return
-            computed = await self.warmer.warm(tokens)
+            if not self.pays(probability, whole - cached, None):
+                self._counts["skipped_unlikely"] += 1  # too little to warm for its odds
+                return
+            if due is not None and not self.pays(probability, whole - cached,
+                                                 due - time.monotonic()):
+                self._counts["skipped_late"] += 1  # the call would come before it helped
+                return
+            computed = await self._timed(tokens)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a failed warm costs nothing but the attempt
@@ -209,6 +267,14 @@ class WarmPlanner:
             self._warmed[key] = len(tokens) - len(tokens) % block
             while len(self._warmed) > self._max_tracked:
                 self._warmed.popitem(last=False)
+
+    async def _timed(self, tokens: Sequence[int]) -> int:
+        """Warm, and teach the clock how long the engine took for the tokens it computed."""
+        start = time.monotonic()
+        computed = await self.warmer.warm(tokens)
+        if computed:
+            self.clock.observe(computed, time.monotonic() - start)
+        return computed
 
     # -- static heads ------------------------------------------------------------------
 
@@ -252,7 +318,7 @@ class WarmPlanner:
                 continue
             if not self.idle() or self.pressure():
                 return
-            task = asyncio.ensure_future(self.warmer.warm(tokens[:whole]))
+            task = asyncio.ensure_future(self._timed(tokens[:whole]))
             self._running[key] = task
             try:
                 computed = await task

@@ -211,6 +211,9 @@ async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].counter("preheat_warm_tokens_total", "Tokens warmed, hit and wasted.",
                          lambda: {k[:-7]: v for k, v in vars(planner.stats()).items()
                                   if k.endswith("_tokens")}, label="kind")
+    app[METRICS].gauge("preheat_warm_prefill_seconds_per_1k_tokens",
+                       "The engine's prefill time, learned from the warms it ran.",
+                       lambda: planner.clock.per_token * 1000)
     log.info("pre-warming on (model %s)", model)
     try:
         yield

@@ -251,3 +251,49 @@ async def test_warmer_and_tokenizer_refuse_work_once_closed():
     with pytest.raises(EngineRequestError, match="closed"):
         await tokenizer.encode_prompt("hello")
     assert tokenizer._client is None
+
+
+def test_the_prefill_clock_learns_the_engines_own_timings():
+    from engine.planner import PrefillClock
+
+    clock = PrefillClock()
+    prior = clock.seconds(1000)
+    for n in (256, 512, 1024, 2048):
+        clock.observe(n, 0.05 + 0.001 * n)  # an engine four times slower than the prior
+    assert clock.fixed == pytest.approx(0.05) and clock.per_token == pytest.approx(0.001)
+    assert clock.seconds(1000) == pytest.approx(1.05) and prior < 0.3
+    same = PrefillClock()
+    for _ in range(3):
+        same.observe(512, 0.256)  # no spread in size: all of it per token
+    assert same.fixed == 0.0 and same.per_token == pytest.approx(0.0005)
+
+
+async def test_a_warm_that_would_land_late_or_save_too_little_is_not_sent():
+    late = planner(idle=lambda: True)
+    late.clock.per_token = 0.01  # 256 missing tokens: 2.56 s of prefill, the call due in 0.3 s
+    late.offer("k", MESSAGES, ANSWER, [], 0.7, expected_in=0.3)
+    in_time = planner(idle=lambda: True)
+    in_time.clock.per_token = 0.01
+    in_time.offer("k", MESSAGES, ANSWER, [], 0.7, expected_in=4.0)
+    tiny = planner(idle=lambda: True)
+    tiny.clock.fixed = 1.0  # a request costs more than the prefill it would spare
+    tiny.offer("k", MESSAGES, ANSWER, [], 0.9, expected_in=4.0)
+    await _settle()
+    assert late.stats().skipped_late == 1 and late.warmer.warmed == []
+    assert tiny.stats().skipped_unlikely == 1 and tiny.warmer.warmed == []
+    assert in_time.stats().sent == 1
+
+
+async def test_warms_teach_the_clock():
+    class SlowWarmer(FakeWarmer):
+        async def warm(self, tokens):
+            await asyncio.sleep(0.02)
+            return await super().warm(tokens)
+
+    p = planner(SlowWarmer(), idle=lambda: True)
+    for i in range(3):
+        p.offer(f"k{i}", MESSAGES, ANSWER, [], 0.9, expected_in=1.0)
+        await asyncio.sleep(0.05)
+    assert p.stats().sent == 3
+    # 256 tokens in a little over 20 ms each time: faster than the prior's 0.25 ms a token
+    assert 0.02 / 256 <= p.clock.per_token < 0.00025
