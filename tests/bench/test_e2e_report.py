@@ -21,8 +21,10 @@ def test_repeated_runs_report_their_median_and_every_run():
     text = report({"loops": {"direct": direct, "preheat-on": on}},
                   Namespace(idle=3.0), "an engine")
     assert "| loops | direct | 42.00 | 63.00 | 52.00 |" in text
-    assert "| loops | direct | 40.0 / 44.0 / 42.0 | 60.0 / 66.0 / 63.0 | 50.0 / 52.0 / 70.0 |" in text
-    assert "| loops | preheat-on | 20.0 / 30.0 |" in text
+    assert "| loops | direct | 40.0 / 44.0 / 42.0 | 60.0 / 66.0 / 63.0 | 50.0 / 52.0 / 70.0 |  |" in text
+    assert "| loops | preheat-on | 20.0 / 30.0 | 30.0 / 45.0 | 49.0 / 51.0 | 2.00x / 1.47x |" in text
+    # Ratios without the modes left out (--modes direct preheat-on)
+    assert "| loops | 1.68x | 1.04x | - | - | - |" in text
 
 
 def test_a_single_run_is_reported_as_it_was():
