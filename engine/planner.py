@@ -78,9 +78,6 @@ class PrefillClock:
             fixed, slope = 0.0, mean_s / mean_t
         self.fixed, self.per_token = fixed, slope
 
-    def seconds(self, tokens: int) -> float:
-        return self.fixed + self.per_token * max(0, tokens)
-
 
 @dataclass(frozen=True)
 class PlannerStats:
