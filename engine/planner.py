@@ -141,11 +141,6 @@ class WarmPlanner:
     def stats(self) -> PlannerStats:
         return PlannerStats(**self._counts)
 
-    def worth_it(self, probability: float) -> bool:
-        """Expected saving p x prefill beats the expected waste (1 - p) x prefill x weight
-        (for a long prefix, landing in time; `pays` weighs the case in hand)."""
-        return probability * 1.0 > (1.0 - probability) * self.waste_weight
-
     def pays(self, probability: float, tokens: int, available: float | None) -> bool:
         """Warming `tokens` missing tokens, with `available` seconds before the call is
         expected (None: unknown), saves more than it costs (see the module's docstring)."""
@@ -161,7 +156,7 @@ class WarmPlanner:
         """A call ended; its session is expected to continue. `key` names its prompt prefix."""
         if answer is None or self._closed:
             return
-        if (probability < self.min_probability or not self.worth_it(probability)
+        if (probability < self.min_probability
                 or (expected_in is not None and expected_in < self.min_ahead)):
             self._counts["skipped_unlikely"] += 1
             return
