@@ -138,6 +138,30 @@ async def run_workload(base: str, model: str, instances: list[Instance],
     }
 
 
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """CPU seconds (user + system) a live process and its live descendants have used so far."""
+    if pid is None:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = set(), {pid}
+    while frontier:
+        tree |= frontier
+        frontier = {p for p, parent in parents.items() if parent in frontier} - tree
+    return used.get(pid, 0.0), sum(used.get(p, 0.0) for p in tree - {pid})
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -261,14 +285,19 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
             # Every mode starts on an engine left idle with an empty cache, as after a
             # restart or a quiet spell: time preheat-on may use to warm what it learned.
             await asyncio.sleep(idle)
+            before = _cpu_now(engine, proxy)
             rows[mode] = await run_workload(base, model, instances, sequential)
+            rows[mode].update({k: v - before[k] for k, v in _cpu_now(engine, proxy).items()})
             if proxy:
                 rows[mode].update(await proxy.counters())
         finally:
             if proxy:
                 proxy.stop()
-        print(f"  {name:<22} {mode:<12} e2e p50 {rows[mode]['e2e_p50']:6.2f} s  "
-              f"makespan {rows[mode]['makespan']:6.2f} s  cached {rows[mode]['cached_share']:.2f}"
+        r = rows[mode]
+        print(f"  {name:<22} {mode:<12} e2e p50 {r['e2e_p50']:6.2f} s  "
+              f"makespan {r['makespan']:6.2f} s  cached {r['cached_share']:.2f}  CPU s: engine "
+              f"{r['cpu_engine']:.1f} proxy {r['cpu_proxy']:.1f} observer {r['cpu_observer']:.1f}"
+              f" client {r['cpu_client']:.1f}"
               f"  working set {rows[mode]['working_set']} tokens  {_admission_note(rows[mode])}",
               flush=True)
     if "oracle" not in modes:
@@ -281,6 +310,14 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
     print(f"  {name:<22} {'oracle':<12} e2e p50 {rows['oracle']['e2e_p50']:6.2f} s  "
           f"makespan {rows['oracle']['makespan']:6.2f} s", flush=True)
     return rows
+
+
+def _cpu_now(engine: Engine, proxy: Proxy | None) -> dict[str, float]:
+    """CPU seconds so far of the engine (all its processes), the proxy's own process, the
+    proxy's observer (its children: capture and learning), and this client."""
+    proxy_own, observer = cpu_seconds(proxy.proc.pid if proxy else None)
+    return {"cpu_engine": sum(cpu_seconds(engine.pid)), "cpu_proxy": proxy_own,
+            "cpu_observer": observer, "cpu_client": time.process_time()}
 
 
 def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
@@ -297,14 +334,18 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "Working set: the peak of tokens that running instances will re-use (prompt prefixes "
         "and answers, held from first use to last), estimated from characters.",
         "",
-        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "CPU s: seconds of CPU the engine (all its processes) and preheat (the proxy + its "
+        "observer, which captures and learns) used during the measured run.",
+        "",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
-                         f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} |")
+                         f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} | "
+                         f"{_cpu(r)} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -339,6 +380,12 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                          f"{' / '.join(map(str, runs['e2e_p90']))} | "
                          f"{' / '.join(map(str, runs['makespan']))} | {ratios} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu(r: dict) -> str:
+    if "cpu_engine" not in r:
+        return "-"  # the oracle, or a report from before CPU was counted
+    return f"{r['cpu_engine']:.1f} / {r['cpu_proxy'] + r['cpu_observer']:.1f}"
 
 
 def _ratio(a: float, b: float) -> str:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from bench.e2e import _median_row, report
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench.e2e import _median_row, cpu_seconds, report
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -31,3 +37,30 @@ def test_a_single_run_is_reported_as_it_was():
     only = row(40.0, 50.0)
     assert _median_row([only]) is only
     assert "the runs themselves" not in report({"loops": {"direct": only}}, Namespace(idle=3.0), "x")
+
+
+def test_cpu_of_engine_and_preheat_is_reported_where_counted():
+    on = dict(row(20.0, 49.0), cpu_engine=123.04, cpu_proxy=1.1, cpu_observer=0.4, cpu_client=2.0)
+    text = report({"loops": {"preheat-on": on, "oracle": row(10.0, 30.0)}},
+                  Namespace(idle=3.0), "x")
+    assert "| 2001 | 123.0 / 1.5 |" in text  # the proxy and its observer together
+    assert "| 2001 | - |" in text  # the oracle runs without preheat and is not counted
+
+
+def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
+    # A child that burns CPU in a grandchild: the parent's own time stays small.
+    burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.5: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess,sys; subprocess.run([sys.executable,'-c',{burn!r}])"],
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while cpu_seconds(parent.pid)[1] < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        own, below = cpu_seconds(parent.pid)
+        assert below >= 0.5 and own < below
+        assert cpu_seconds(os.getpid())[0] > 0
+        assert cpu_seconds(None) == (0.0, 0.0)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
