@@ -40,6 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_seconds  # noqa: E402
 from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
                              map_reduce, tau_bench, working_set_tokens)
 from engine.model import ensure_default_model  # noqa: E402
@@ -136,30 +137,6 @@ async def run_workload(base: str, model: str, instances: list[Instance],
         "calls": len(calls), "prompt_tokens": prompt,
         "working_set": working_set_tokens(instances, spans),
     }
-
-
-def cpu_seconds(pid: int | None) -> tuple[float, float]:
-    """CPU seconds (user + system) a live process and its live descendants have used so far."""
-    if pid is None:
-        return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = set(), {pid}
-    while frontier:
-        tree |= frontier
-        frontier = {p for p, parent in parents.items() if parent in frontier} - tree
-    return used.get(pid, 0.0), sum(used.get(p, 0.0) for p in tree - {pid})
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -385,7 +362,8 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
 def _cpu(r: dict) -> str:
     if "cpu_engine" not in r:
         return "-"  # the oracle, or a report from before CPU was counted
-    return f"{r['cpu_engine']:.1f} / {r['cpu_proxy'] + r['cpu_observer']:.1f}"
+    preheat = r["cpu_proxy"] + r["cpu_observer"]  # 0 only where no proxy ran (direct)
+    return f"{r['cpu_engine']:.1f} / {preheat:.1f}" if preheat else f"{r['cpu_engine']:.1f} / -"
 
 
 def _ratio(a: float, b: float) -> str:

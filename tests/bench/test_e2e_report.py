@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from argparse import Namespace
-
 import os
 import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
-from bench.e2e import _median_row, cpu_seconds, report
+from bench.cpu import cpu_seconds
+from bench.e2e import _median_row, report
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -41,10 +41,12 @@ def test_a_single_run_is_reported_as_it_was():
 
 def test_cpu_of_engine_and_preheat_is_reported_where_counted():
     on = dict(row(20.0, 49.0), cpu_engine=123.04, cpu_proxy=1.1, cpu_observer=0.4, cpu_client=2.0)
-    text = report({"loops": {"preheat-on": on, "oracle": row(10.0, 30.0)}},
+    direct = dict(row(30.0, 50.0), cpu_engine=130.0, cpu_proxy=0.0, cpu_observer=0.0, cpu_client=2.0)
+    text = report({"loops": {"direct": direct, "preheat-on": on, "oracle": row(10.0, 30.0)}},
                   Namespace(idle=3.0), "x")
     assert "| 2001 | 123.0 / 1.5 |" in text  # the proxy and its observer together
-    assert "| 2001 | - |" in text  # the oracle runs without preheat and is not counted
+    assert "| 2001 | 130.0 / - |" in text  # direct: no proxy
+    assert "| 2001 | - |" in text  # the oracle is not counted
 
 
 def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
