@@ -11,11 +11,8 @@ all of them with none:
 - The resident working set is the union of the resident sessions' prompts, counted once per
   distinct message prefix (a system prompt shared by twenty sessions counts once), plus
   their outputs. Admission also reserves the growth each session still has before it: the
-  size recent sessions of the same agent grew to and the calls they made (their own tokens
-  and calls, upper quartiles; an agent is told by its prompt's first item) are learned
-  online from finished sessions. A session is expected to grow evenly to that size by its
-  last call and then leave, so one near its end keeps no room a new session would need
-  only later (the peak of the sum is what must fit).
+  size recent sessions of the same agent grew to (their own tokens, upper quartile; an
+  agent is told by its prompt's first item) is learned online from finished sessions.
 - Continuations of resident sessions go straight in. A new session goes in while the
   reserved set, with its expected size, stays within `fill` of the cache (`fill` is above 1
   by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
@@ -142,21 +139,6 @@ class AdmissionStats:
     waiting: int
     admitted: dict
     max_wait_seen: float
-
-
-MAX_STEPS = 256
-"""Calls ahead the expected peak of the resident set is looked for."""
-
-
-def _at(ramp: tuple[int, int, int], step: int) -> int:
-    """A session's tokens `step` calls from now: growing evenly to its peak by its last call,
-    then gone (it is done and leaves the cache); with calls left unknown, its peak for good."""
-    now, peak, left = ramp
-    if not left:
-        return peak
-    if step >= left:
-        return 0
-    return now + (peak - now) * (step + 1) // left
 
 
 class Admission:
@@ -339,38 +321,20 @@ class Admission:
             found = self._learned_by_kind[kind] = (finished, footprint, calls)
         return found
 
+    def _reserved_tokens(self) -> int:
+        """The resident set now, plus the growth its sessions are expected to have."""
+        growth = sum(max(0, self.expected_footprint(g.kind) - g.own_tokens)
+                     for g in self._groups.values())
+        return self._resident_tokens() + growth
+
     def _fits(self, t: Ticket) -> bool:
         if not self._groups:
             return True  # an empty engine takes anything, however large
-        return self._peak_with(t) <= self.fill * (self.capacity_tokens or 0)
-
-    def _peak_with(self, t: Ticket) -> int:
-        """The resident set at its expected peak, were `t` admitted now.
-
-        Each session grows to the size its agent's sessions grow to, a little each call, and
-        leaves the cache once it has made as many calls as they make: the peak of the sum is
-        found by stepping all of them forward a call at a time. A session near its end
-        reserves only what it still grows; a new one counts its full size only if the others
-        are still there when it gets there. Where a kind's sessions are not learned yet, a
-        session reserves what it is expected to grow to for good (nothing beyond its prompt
-        where that is unknown too).
-        """
-        own = sum(g.own_tokens for g in self._groups.values())
-        base = self._resident_tokens() - own  # prefixes sessions share, counted once
-        ramps = [self._ramp(g.own_tokens, g.kind, g.calls) for g in self._groups.values()]
+        budget = self.fill * (self.capacity_tokens or 0)
         need = self._increment(t)
-        if t.group in self._sessions:
-            ramps.append((need, need, 0))  # a session under way: what its prompt adds
-        else:
-            ramps.append(self._ramp(need, t.kind, 0))
-        horizon = min(max(left for _, _, left in ramps), MAX_STEPS)
-        return base + max(sum(_at(r, step) for r in ramps) for step in range(horizon + 1))
-
-    def _ramp(self, now: int, kind: str, calls: int) -> tuple[int, int, int]:
-        """(tokens now, tokens at its last call, calls left, 0 where unknown) of a session."""
-        peak = max(now, self.expected_footprint(kind))
-        expected = self.expected_calls(kind)
-        return now, peak, max(1, expected - calls) if expected else 0
+        if t.group not in self._sessions:  # a new session: room for all it will grow to
+            need = max(need, self.expected_footprint(t.kind))
+        return self._reserved_tokens() + need <= budget
 
     def _measure(self, g: Group) -> None:
         g.own_tokens = g.output_tokens + sum(

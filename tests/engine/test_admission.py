@@ -154,32 +154,6 @@ async def test_new_sessions_leave_room_for_what_sessions_grow_to():
     task.cancel()
 
 
-async def test_sessions_near_their_end_reserve_only_what_they_still_grow():
-    adm = make(2900, hold=0.05, max_wait=30)
-    shared = "S" * 200
-    await _finished_sessions(adm, shared)  # sessions make three calls, growing to ~1,000
-    # Two sessions on their second call: one more call (~1,000 tokens each), then done.
-    for i in range(2):
-        await _call(adm, body(shared, f"{i}" * 300), session=f"late{i}")
-        await asyncio.wait_for(adm.enter(ticket(adm, body(shared, f"{i}" * 600),
-                                                 session=f"late{i}")), 0.5)
-    # Reserving every session's full growth for good (~1,400 + 800 + 1,000 for a new one)
-    # would keep a new session out; it only reaches its size when the two have left.
-    new = ticket(adm, body(shared, "n" * 50))
-    await asyncio.wait_for(adm.enter(new), 0.5)
-    assert new.how == "fits"
-    # The same two sessions on their first call grow alongside it: it would wait.
-    again = make(2900, hold=0.05, max_wait=30)
-    await _finished_sessions(again, shared)
-    for i in range(2):
-        await asyncio.wait_for(again.enter(ticket(again, body(shared, f"{i}" * 300),
-                                                  session=f"early{i}")), 0.5)
-    task = asyncio.create_task(again.enter(ticket(again, body(shared, "n" * 50))))
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    task.cancel()
-
-
 async def test_a_session_is_done_by_the_length_of_its_own_agent():
     adm = make(3000, hold=0.05, max_wait=30)
     agent_a, agent_b = "A" * 200, "B" * 200
