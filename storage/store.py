@@ -54,6 +54,9 @@ class Store:
         try:
             self.engine = make_engine(url)
             Base.metadata.create_all(self.engine)
+            # Built once: SQLAlchemy rebuilds a statement's columns each time it is made.
+            self._insert_messages = _insert_ignore(Message, self.engine)
+            self._upsert_sessions = _upsert_sessions(self.engine)
             self._tenant_key = self._meta_value("tenant_key", lambda: secrets.token_hex(32))
             self._meta_value("schema_version", lambda: str(EXCHANGE_VERSION))
         except Exception as exc:
@@ -96,9 +99,9 @@ class Store:
                 s["exchanges"] += 1
         with self.engine.begin() as conn:
             if messages:
-                conn.execute(_insert_ignore(Message, self.engine), list(messages.values()))
+                conn.execute(self._insert_messages, list(messages.values()))
             if sessions:
-                conn.execute(_upsert_sessions(self.engine), list(sessions.values()))
+                conn.execute(self._upsert_sessions, list(sessions.values()))
             conn.execute(ExchangeRow.__table__.insert(), rows)
 
     # -- reading -------------------------------------------------------------------------
