@@ -22,10 +22,12 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.cpu import cpu_seconds
-from engine.process import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.cpu import cpu_seconds  # noqa: E402
+from engine.process import free_port  # noqa: E402
+
 BODY = {"model": "m", "messages": [{"role": "system", "content": "You are a helpful agent. " * 20},
                                    {"role": "user", "content": "What is the weather?"}]}
 
@@ -79,38 +81,27 @@ async def call(session: aiohttp.ClientSession, url: str, stream: bool, i: int) -
         return total, first or total, gaps
 
 
-async def run_mode(direct: str, proxied_url: str, stream: bool, concurrency: int,
-                   n: int) -> dict:
+async def run_mode(direct: str, proxied: str, stream: bool, concurrency: int, n: int) -> dict:
     results: dict[str, dict[str, list[float]]] = {
         k: {"total": [], "first": [], "gap": []} for k in ("direct", "proxied")}
-    counts = {"calls": 0, "events": 0}  # proxied ones, warm-up included: the CPU counted has them
-
-    async def timed(url: str, i: int) -> tuple[float, float, list[float]]:
-        out = await call(session, url, stream, i)
-        if url == proxied_url:
-            counts["calls"] += 1
-            counts["events"] += len(out[2]) + 1 if stream else 0
-        return out
-
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm both paths (connections, caches) before measuring.
-        for url in (direct, proxied_url):
-            await asyncio.gather(*(timed(url, -1) for _ in range(concurrency)))
+        for url in (direct, proxied):
+            await asyncio.gather(*(call(session, url, stream, -1) for _ in range(concurrency)))
         per_worker = max(1, n // concurrency)
 
         async def worker(w: int) -> None:
             for j in range(per_worker):
                 order = ("direct", "proxied") if (w + j) % 2 == 0 else ("proxied", "direct")
                 for name in order:
-                    url = direct if name == "direct" else proxied_url
-                    total, first, gaps = await timed(url, w * 10_000 + j)
+                    url = direct if name == "direct" else proxied
+                    total, first, gaps = await call(session, url, stream, w * 10_000 + j)
                     results[name]["total"].append(total)
                     results[name]["first"].append(first)
                     results[name]["gap"].extend(gaps)
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    results["counts"] = counts  # type: ignore[assignment]
     return results
 
 
@@ -125,11 +116,11 @@ def summarize(kind: str, concurrency: int, res: dict, cpu: tuple[float, float]) 
     row["added_p50"] = row["proxied_p50"] - row["direct_p50"]
     row["added_p99"] = row["proxied_p99"] - row["direct_p99"]
     row["ratio_p50"] = row["proxied_p50"] / row["direct_p50"]
-    # The proxy's CPU per proxied call, and per relayed event in streams: what a proxy takes
-    # from the cores an engine shares with it (the observer's capture and learning apart).
-    counts = res["counts"]
-    row["cpu_proxy_us"] = cpu[0] / max(1, counts["events"] or counts["calls"]) * 1e6
-    row["cpu_observer_us"] = cpu[1] / max(1, counts["events"] or counts["calls"]) * 1e6
+    # The proxy's CPU per proxied call: what a proxy takes from the cores an engine shares
+    # with it (the observer's capture and learning apart). Idle time's timers count too.
+    calls = len(p) + concurrency  # the warm-up calls ran while CPU was counted
+    row["cpu_proxy_ms"] = cpu[0] / calls * 1e3
+    row["cpu_observer_ms"] = cpu[1] / calls * 1e3
     if kind == "stream":
         row["gap_direct_p50"] = statistics.median(res["direct"]["gap"]) * 1e3
         row["gap_proxied_p50"] = statistics.median(res["proxied"]["gap"]) * 1e3
@@ -163,9 +154,9 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                 rows.append(summarize(kind, concurrency, res, cpu))
                 r = rows[-1]
                 print(f"{kind:>10} c={concurrency:<3} added p50 {r['added_p50']:+.2f} ms  "
-                      f"p99 {r['added_p99']:+.2f} ms  ratio p50 {r['ratio_p50']:.2f}x  CPU "
-                      f"{r['cpu_proxy_us']:.0f} us proxy + {r['cpu_observer_us']:.0f} us observer "
-                      f"per {'event' if kind == 'stream' else 'call'}", flush=True)
+                      f"p99 {r['added_p99']:+.2f} ms  ratio p50 {r['ratio_p50']:.2f}x  CPU per call "
+                      f"{r['cpu_proxy_ms']:.2f} ms proxy + {r['cpu_observer_ms']:.2f} ms observer",
+                      flush=True)
     finally:
         for p in procs:
             p.terminate()
@@ -184,10 +175,10 @@ def write_report(rows: list[dict], path: Path, requests: int) -> str:
         "which the proxy hands each exchange with one pickle and one socket write. Each worker "
         "alternates direct and proxied calls. Non-stream: whole-call latency; stream: time to the "
         "first event (16-event streams). CPU: the proxy's own, and its observer's (capture and "
-        "learning, in a child process at lower priority), per proxied call (non-stream) or per "
-        "relayed stream event.",
+        "learning, in a child process at lower priority) per proxied call, idle time's timers "
+        "included.",
         "",
-        "| kind | concurrency | calls | direct p50 ms | proxied p50 ms | added p50 ms | direct p99 ms | proxied p99 ms | added p99 ms | ratio p50 | CPU us proxy / observer |",
+        "| kind | concurrency | calls | direct p50 ms | proxied p50 ms | added p50 ms | direct p99 ms | proxied p99 ms | added p99 ms | ratio p50 | CPU ms per call, proxy / observer |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -195,8 +186,7 @@ def write_report(rows: list[dict], path: Path, requests: int) -> str:
             f"| {r['kind']} | {r['concurrency']} | {r['n']} | {r['direct_p50']:.2f} | "
             f"{r['proxied_p50']:.2f} | {r['added_p50']:+.2f} | {r['direct_p99']:.2f} | "
             f"{r['proxied_p99']:.2f} | {r['added_p99']:+.2f} | {r['ratio_p50']:.2f}x | "
-            f"{r['cpu_proxy_us']:.0f} / {r['cpu_observer_us']:.0f} per "
-            f"{'event' if r['kind'] == 'stream' else 'call'} |")
+            f"{r['cpu_proxy_ms']:.2f} / {r['cpu_observer_ms']:.2f} |")
     streams = [r for r in rows if r["kind"] == "stream"]
     if streams:
         lines += ["", "Per-event delay inside streams (median gap between events):", ""]
