@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 import time
 from typing import AsyncIterator
@@ -92,7 +93,25 @@ def build_app(settings: Settings) -> web.Application:
         "preheat_captures_written_total", "Exchanges written to the store.",
         lambda: app[OBSERVER].written if OBSERVER in app else 0,
     )
+    metrics.counter(
+        "preheat_cpu_seconds_total",
+        "CPU preheat has used: the proxy, and its observer (capture and learning).",
+        lambda: _cpu_seconds(app[OBSERVER].pid if OBSERVER in app else None), label="process",
+    )
     return app
+
+
+def _cpu_seconds(observer_pid: int | None) -> dict[str, float]:
+    """What preheat takes from the cores it may share with an engine (read at /metrics)."""
+    out = {"proxy": time.process_time()}
+    if observer_pid is not None:
+        try:  # Linux; elsewhere, or while the observer restarts, the proxy's alone
+            with open(f"/proc/{observer_pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out["observer"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:

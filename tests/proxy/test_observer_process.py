@@ -93,6 +93,10 @@ async def test_a_dead_observer_process_is_counted_and_started_again(proxy, sig):
     assert len(stored) + lost == 15  # each call stored or counted, none both
     assert set(observer.dropped) <= {"observer_down", "observer_died"}
     assert ("preheat_captures_dropped_total" in metrics) and (not lost or "observer_" in metrics)
+    # What preheat costs in CPU, the restarted observer's own included.
+    cpu = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+           if line.startswith("preheat_cpu_seconds_total{")}
+    assert set(cpu) == {"proxy", "observer"} and cpu["proxy"] > 0 and cpu["observer"] >= 0
 
 
 def _agent_call(session: int, turn: int, at: float) -> Exchange:
