@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import os
 
+from engine.process import cpu_seconds as own_cpu_seconds
+from engine.process import proc_fields
+
 
 def cpu_seconds(pid: int | None) -> tuple[float, float]:
-    """CPU seconds (user + system) a live process and its live descendants have used so far."""
+    """CPU seconds a live process and (apart) its live descendants have used so far."""
     if pid is None:
         return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
-    used: dict[int, float] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+        fields = proc_fields(entry) if entry.isdigit() else None
+        if fields:
+            parents[int(entry)] = int(fields[1])
     tree, frontier = set(), {pid}
     while frontier:
         tree |= frontier
         frontier = {p for p, parent in parents.items() if parent in frontier} - tree
-    return used.get(pid, 0.0), sum(used.get(p, 0.0) for p in tree - {pid})
+    below = sum(own_cpu_seconds(p) or 0.0 for p in tree - {pid})
+    return own_cpu_seconds(pid) or 0.0, below

@@ -102,16 +102,28 @@ def _group_has_live_member(pgid: int) -> bool:
     if not proc.is_dir():
         return True
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+        fields = proc_fields(entry.name) if entry.name.isdigit() else None
+        if fields and len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def proc_fields(pid: int | str) -> list[str] | None:
+    """A process's /proc/PID/stat after its name (state, parent, group, ...); None where it
+    is gone or there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pid: int | str) -> float | None:
+    """User + system CPU seconds a live process has used so far (Linux); None elsewhere."""
+    fields = proc_fields(pid)
+    if fields is None or len(fields) < 13:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tail(path: Path, n: int) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import sys
 import time
 from typing import AsyncIterator
@@ -18,6 +17,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from engine.admission import Admission, Ticket, prompt_chain
+from engine.process import cpu_seconds
 from engine.supervisor import cache_info
 from learn.sessions import EXPLICIT_HEADERS
 from proxy.cache import HEADER, PromptCache
@@ -104,13 +104,9 @@ def build_app(settings: Settings) -> web.Application:
 def _cpu_seconds(observer_pid: int | None) -> dict[str, float]:
     """What preheat takes from the cores it may share with an engine (read at /metrics)."""
     out = {"proxy": time.process_time()}
-    if observer_pid is not None:
-        try:  # Linux; elsewhere, or while the observer restarts, the proxy's alone
-            with open(f"/proc/{observer_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out["observer"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
+    observer = cpu_seconds(observer_pid) if observer_pid is not None else None
+    if observer is not None:  # None off Linux, or while the observer restarts
+        out["observer"] = observer
     return out
 
 
