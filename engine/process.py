@@ -120,7 +120,11 @@ def proc_fields(pid: int | str) -> list[str] | None:
 
 def cpu_seconds(pid: int | str) -> float | None:
     """User + system CPU seconds a live process has used so far (Linux); None elsewhere."""
-    fields = proc_fields(pid)
+    return stat_cpu_seconds(proc_fields(pid))
+
+
+def stat_cpu_seconds(fields: list[str] | None) -> float | None:
+    """The CPU seconds in a process's `proc_fields`."""
     if fields is None or len(fields) < 13:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
