@@ -123,8 +123,6 @@ class Ticket:
     """'direct' (no pressure), 'resident' (continuation), 'fits', 'waited', or 'timeout'."""
     priority: int = 0
     """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
-    load: int = 0
-    """Tokens of context the call keeps in the engine while it runs: its prompt and output."""
     _future: asyncio.Future | None = None
     _seq: int = 0
 
@@ -151,12 +149,8 @@ class Admission:
         max_wait: float = 60.0,
         hold: float = 3.0,
         max_hold: float = 30.0,
-        inflight_tokens: int = 0,
     ) -> None:
         self.capacity_tokens = capacity_tokens
-        self.inflight_tokens = inflight_tokens
-        """Most tokens of context (`Ticket.load`) running at once; 0 for no bound."""
-        self._load = 0
         self.fill = fill
         self.max_wait = max_wait
         self.hold = hold
@@ -196,23 +190,20 @@ class Admission:
     # -- the proxy's calls -------------------------------------------------------------
 
     def ticket(self, chain: Sequence[str], message_chars: Sequence[int],
-               session: str | None = None, output_tokens: int = 0) -> Ticket:
-        """A ticket for a prompt given as message prefix hashes and message lengths, and
-        the output it may generate."""
+               session: str | None = None) -> Ticket:
+        """A ticket for a prompt given as message prefix hashes and message lengths."""
         chain = tuple(chain)
         chars = tuple(message_chars)
         sizes = tuple(max(1, int(c / self.chars_per_token)) for c in chars)
         group = session or self._group_of(chain) or f"g{next(self._seq)}"
         return Ticket(chain=chain, sizes=sizes, chars=chars, group=group,
-                      kind=chain[0] if chain else "", load=sum(sizes) + max(0, output_tokens))
+                      kind=chain[0] if chain else "")
 
     async def enter(self, t: Ticket) -> None:
         """Wait until the request may go to the engine."""
         self._expire()
         g = self._groups.get(t.group)
-        if self.inflight_tokens and (self._waiting or not self._within_load(t)):
-            pass  # every decision is the queue's while the engine's load is bounded
-        elif self.capacity_tokens is None:
+        if self.capacity_tokens is None:
             self._admit(t, "direct")
         elif g is not None and (g.in_flight or self._held(g)):
             self._admit(t, "resident")
@@ -220,14 +211,11 @@ class Admission:
             self._admit(t, "returned" if t.group in self._sessions else "fits")
         elif not self._waiting and self._engine_idle():
             self._admit(t, "idle")
-        if t.admitted is None:
+        else:
             t._future = asyncio.get_running_loop().create_future()
             t._seq = next(self._seq)
             self._waiting.append(t)
-            if self.inflight_tokens:
-                self._release_ready()
-            else:
-                self._schedule()
+            self._schedule()
             try:
                 await t._future
             except asyncio.CancelledError:
@@ -245,7 +233,6 @@ class Admission:
         if g.in_flight:
             g.in_flight -= 1
             self._running(-1)
-            self._load -= t.load
         g.output_tokens = max(g.output_tokens, output_tokens)
         g.last_done = time.monotonic()
         self._measure(g)
@@ -360,12 +347,6 @@ class Admission:
         profile[0] = max(profile[0], g.own_tokens)
         profile[1] = max(profile[1], g.calls)
 
-    def _within_load(self, t: Ticket) -> bool:
-        """The engine's running context stays within its bound with `t` (an engine running
-        nothing takes any call, however large)."""
-        return (not self.inflight_tokens or not self._in_flight
-                or self._load + t.load <= self.inflight_tokens)
-
     def _engine_idle(self) -> bool:
         """Nothing admitted runs, and lately the engine was mostly idle: the sessions that
         fit the cache spend their time in tool calls. Work that waits then goes in
@@ -443,7 +424,6 @@ class Admission:
                     del self._gaps[::2]  # keep the distribution, halve the memory
         g.in_flight += 1
         self._running(+1)
-        self._load += t.load
         g.calls += 1
         self._set_chain(g, t.chain, t.sizes)
         self._remember(g)
@@ -506,25 +486,20 @@ class Admission:
                 heads.setdefault(t.group, t)
             resident = [t for t in heads.values() if t.group in self._groups]
             if resident:
-                best, how = resident[0], "resident"
-            elif self.capacity_tokens is None:  # waiting on the load bound alone: in order
-                best, how = next(iter(heads.values())), "waited"
+                self._take(resident[0], "resident")
+                continue
+            # Sessions under way finish before new ones start (their history is partly
+            # computed, and an agent half done is worth more than one not begun); among
+            # new sessions, the one adding the fewest tokens (the most shared prefix) first.
+            returning = [t for t in heads.values() if t.group in self._sessions]
+            best = returning[0] if returning else min(
+                heads.values(), key=lambda t: (self._increment(t), t._seq))
+            if self._fits(best):
+                self._take(best, "returned" if returning else "waited")
+            elif self._engine_idle():
+                self._take(best, "idle")
             else:
-                # Sessions under way finish before new ones start (their history is partly
-                # computed, and an agent half done is worth more than one not begun); among
-                # new sessions, the one adding the fewest tokens (the most shared prefix).
-                returning = [t for t in heads.values() if t.group in self._sessions]
-                best = returning[0] if returning else min(
-                    heads.values(), key=lambda t: (self._increment(t), t._seq))
-                if self._fits(best):
-                    how = "returned" if returning else "waited"
-                elif self._engine_idle():
-                    how = "idle"
-                else:
-                    break
-            if not self._within_load(best):
                 break
-            self._take(best, how)
         self._schedule()
 
     def _take(self, t: Ticket, how: str) -> None:

@@ -80,10 +80,6 @@ class Settings:
     admission_max_wait: float = _opt(
         60.0, "Longest a request waits for admission before it goes in regardless."
     )
-    admission_inflight_tokens: int = _opt(
-        0, "Most tokens of context (prompts and output limits) the calls running on the "
-        "engine may hold at once; past it calls wait, sessions under way first (0: no bound)."
-    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

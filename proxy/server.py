@@ -169,8 +169,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
         capacity = settings.admission_capacity_tokens or await _engine_capacity(app)
         if capacity:
             app[ADMISSION] = admission = Admission(
-                capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
-                inflight_tokens=settings.admission_inflight_tokens,
+                capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait
             )
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
@@ -279,11 +278,6 @@ class UsageFeedback:
             self.admission.record_output(ticket.group, output)
 
 
-OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-DEFAULT_OUTPUT_TOKENS = 256
-"""Output a call is expected to keep in the engine when it sets no limit."""
-
-
 def _ticket(admission: Admission, ex: Exchange):
     request = ex.request_object()
     if request is None:
@@ -292,9 +286,7 @@ def _ticket(admission: Admission, ex: Exchange):
     if prompt is None:
         return None
     session = next((v for v in map(ex.header, EXPLICIT_HEADERS) if v), None)
-    output = next((n for n in map(request.get, OUTPUT_LIMITS) if isinstance(n, int)),
-                  DEFAULT_OUTPUT_TOKENS)
-    return admission.ticket(prompt[0], prompt[1], session=session, output_tokens=output)
+    return admission.ticket(prompt[0], prompt[1], session=session)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -255,65 +255,6 @@ async def test_cancelled_waiter_leaves_no_trace():
     assert adm.stats().waiting == 0
 
 
-def load_ticket(adm: Admission, b: dict, output: int = 0):
-    chain, chars = prompt_chain(b)
-    return adm.ticket(chain, chars, output_tokens=output)
-
-
-@pytest.mark.parametrize("capacity", [None, 1_000_000])
-async def test_load_bound_holds_calls_past_it_in_order(capacity):
-    adm = make(capacity, inflight_tokens=1000, max_wait=30)
-    running = [load_ticket(adm, body(f"{i}" * 400), output=50) for i in range(2)]  # 451 each
-    for t in running:
-        await asyncio.wait_for(adm.enter(t), 1)
-    later = [load_ticket(adm, body(f"{i}" * 400), output=50) for i in range(2, 5)]
-    tasks = [asyncio.create_task(adm.enter(t)) for t in later]
-    await asyncio.sleep(0.05)
-    assert not any(t.done() for t in tasks)  # a third would run 1,353 tokens of context
-    assert adm.stats().waiting == 3
-    adm.leave(running[0], 50)
-    await asyncio.wait_for(tasks[0], 1)  # one left, the first waiting goes in: no more
-    await asyncio.sleep(0.05)
-    assert later[0].how == "waited" and not tasks[1].done() and not tasks[2].done()
-    adm.leave(running[1], 50)
-    adm.leave(later[0], 50)
-    await asyncio.wait_for(asyncio.gather(*tasks[1:]), 1)
-    assert later[1].admitted <= later[2].admitted
-
-
-async def test_load_bound_lets_one_large_call_into_an_empty_engine():
-    adm = make(None, inflight_tokens=100)
-    big = load_ticket(adm, body("x" * 5000), output=500)
-    await asyncio.wait_for(adm.enter(big), 1)
-    assert big.how == "direct"
-    small = load_ticket(adm, body("y" * 10))
-    waiting = asyncio.create_task(adm.enter(small))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    adm.leave(big, 500)
-    await asyncio.wait_for(waiting, 1)
-
-
-async def test_load_bound_puts_sessions_under_way_first_and_bounds_every_wait():
-    adm = make(1_000_000, inflight_tokens=1000, max_wait=0.3)
-    a1 = load_ticket(adm, body("A" * 80))
-    other = load_ticket(adm, body("O" * 700))  # with JSON, ~730 tokens
-    await adm.enter(a1)
-    await adm.enter(other)
-    new = load_ticket(adm, body("N" * 600))
-    t_new = asyncio.create_task(adm.enter(new))
-    await asyncio.sleep(0.02)
-    adm.leave(a1, 10)
-    a2 = load_ticket(adm, body("A" * 80, "tool result"))  # back from its tool call
-    t_a2 = asyncio.create_task(adm.enter(a2))
-    await asyncio.wait_for(t_a2, 1)
-    assert a2.group == a1.group and a2.how == "resident" and not t_new.done()
-    # The new session came first, but would not fit beside `other`; a2 does, and is a
-    # session under way. The new one's wait is bounded all the same.
-    await asyncio.wait_for(t_new, 1)
-    assert new.how == "timeout" and 0.25 < new.waited < 0.6
-
-
 @pytest.mark.parametrize("b,n", [
     (body("a", "b"), 2),
     (body("a", tools=True), 2),
