@@ -136,6 +136,7 @@ async def run_workload(base: str, model: str, instances: list[Instance],
         "cached_share": sum(c.cached_tokens for c in calls) / prompt if prompt else 0.0,
         "calls": len(calls), "prompt_tokens": prompt,
         "working_set": working_set_tokens(instances, spans),
+        "instances": {inst.name: round(o[0], 2) for inst, o in zip(instances, outs)},
     }
 
 
@@ -237,6 +238,9 @@ def _median_row(rows: list[dict]) -> dict:
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]
            if all(isinstance(r.get(k), (int, float)) for r in rows)}
     out["runs"] = {k: [round(r[k], 2) for r in rows] for k in ("e2e_p50", "e2e_p90", "makespan")}
+    if all("instances" in r for r in rows):  # each instance's end to end, median of the runs
+        out["instances"] = {name: round(statistics.median(r["instances"][name] for r in rows), 2)
+                            for name in rows[0]["instances"]}
     return out
 
 

@@ -33,6 +33,12 @@ def test_repeated_runs_report_their_median_and_every_run():
     assert "| loops | 1.68x | 1.04x | - | - | - |" in text
 
 
+def test_each_instance_keeps_its_median_time_over_the_runs():
+    runs = [dict(row(40.0, 50.0), instances={"debate-0": 10.0 + i, "desk-0": 50.0 - i})
+            for i in (0, 4, 1)]
+    assert _median_row(runs)["instances"] == {"debate-0": 11.0, "desk-0": 49.0}
+
+
 def test_a_single_run_is_reported_as_it_was():
     only = row(40.0, 50.0)
     assert _median_row([only]) is only
