@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    serve.add_argument("--db", help="capture store URL (default sqlite:///preheat.db)")
+    serve.add_argument("--db", help="capture store URL or SQLite file (default sqlite:///preheat.db)")
     serve.add_argument("--no-capture", dest="capture", action="store_false", default=None)
     serve.add_argument("--admin-token", help="token for the admin page (default: generated, logged)")
     for name in OPTIMISATIONS:  # each optimisation has its switch, to compare them in one run

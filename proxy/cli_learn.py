@@ -23,7 +23,7 @@ def register(sub) -> None:
                        description="The call templates learned from captured traffic: "
                                    "tools, leading messages with {slots}, and the newest turn.")
     t.add_argument("--json", action="store_true", help="print JSON")
-    t.add_argument("--db", help="capture store URL (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    t.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
     t.add_argument("--all", action="store_true", help="include templates seen only once")
     t.set_defaults(func=cmd_templates)
 
@@ -31,13 +31,13 @@ def register(sub) -> None:
                        description="One DAG per workflow type: call templates, and the edges "
                                    "between them with probability, fan-out and gap.")
     w.add_argument("--json", action="store_true", help="print JSON")
-    w.add_argument("--db", help="capture store URL (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    w.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
     w.set_defaults(func=cmd_workflows)
 
     learn = sub.add_parser("learn", help="rebuild what is learned from the captured exchanges",
                            description="Replay every captured exchange through a fresh learner "
                                        "and save its templates and workflows in the store.")
-    learn.add_argument("--db", help="capture store URL (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    learn.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
     learn.set_defaults(func=cmd_learn)
 
 

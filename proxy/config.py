@@ -37,7 +37,10 @@ class Settings:
     )
     host: str = _opt("127.0.0.1", "Address to listen on. Loopback unless told otherwise.")
     port: int = _opt(8080, "Port to listen on.")
-    db: str = _opt("sqlite:///preheat.db", "Capture store URL (SQLite file, or PostgreSQL).")
+    db: str = _opt(
+        "sqlite:///preheat.db",
+        "Capture store: a database URL (SQLite or PostgreSQL), or a SQLite file's path.",
+    )
     capture: bool = _opt(True, "Capture exchanges on the chat, completions and responses routes.")
     max_body_bytes: int = _opt(
         64 * 1024 * 1024, "Largest request body accepted; larger ones get 413."

@@ -29,7 +29,13 @@ class StoreError(Exception):
     """The store could not be opened or written; the message says why."""
 
 
+def store_url(url: str) -> str:
+    """A database URL, or a plain file path taken as a SQLite file (`--db data/preheat.db`)."""
+    return url if "://" in url else f"sqlite:///{url}"
+
+
 def make_engine(url: str) -> Engine:
+    url = store_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30},
@@ -50,7 +56,7 @@ def make_engine(url: str) -> Engine:
 
 class Store:
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url = store_url(url)
         try:
             self.engine = make_engine(url)
             Base.metadata.create_all(self.engine)

@@ -56,6 +56,16 @@ def test_learn_then_templates_and_workflows(captured, capsys):
     assert capsys.readouterr().out.count("workflow w") == len(flows)
 
 
+def test_a_plain_file_path_names_the_same_sqlite_store(captured, capsys):
+    url, instances = captured
+    path = url.removeprefix("sqlite:///")
+    assert main(["learn", "--db", path]) == 0
+    calls = sum(len(i.calls) for i in instances)
+    assert f"learned from {calls} of {calls} exchanges" in capsys.readouterr().out
+    assert main(["workflows", "--db", url, "--json"]) == 0  # learned through the path
+    assert len(json.loads(capsys.readouterr().out)) == 2  # map-reduce and debate
+
+
 def test_nothing_learned_yet(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PREHEAT_DB", f"sqlite:///{tmp_path / 'empty.db'}")
     assert main(["templates"]) == 0
