@@ -17,13 +17,16 @@ import sys
 from dataclasses import asdict
 
 
+DB_HELP = "capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)"
+
+
 def register(sub) -> None:
     """Add the learning commands to the `preheat` sub-command parsers."""
     t = sub.add_parser("templates", help="list learned call and message templates",
                        description="The call templates learned from captured traffic: "
                                    "tools, leading messages with {slots}, and the newest turn.")
     t.add_argument("--json", action="store_true", help="print JSON")
-    t.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    t.add_argument("--db", help=DB_HELP)
     t.add_argument("--all", action="store_true", help="include templates seen only once")
     t.set_defaults(func=cmd_templates)
 
@@ -31,13 +34,13 @@ def register(sub) -> None:
                        description="One DAG per workflow type: call templates, and the edges "
                                    "between them with probability, fan-out and gap.")
     w.add_argument("--json", action="store_true", help="print JSON")
-    w.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    w.add_argument("--db", help=DB_HELP)
     w.set_defaults(func=cmd_workflows)
 
     learn = sub.add_parser("learn", help="rebuild what is learned from the captured exchanges",
                            description="Replay every captured exchange through a fresh learner "
                                        "and save its templates and workflows in the store.")
-    learn.add_argument("--db", help="capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)")
+    learn.add_argument("--db", help=DB_HELP)
     learn.set_defaults(func=cmd_learn)
 
 

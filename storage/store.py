@@ -35,7 +35,6 @@ def store_url(url: str) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    url = store_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30},
