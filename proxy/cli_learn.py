@@ -16,7 +16,6 @@ import json
 import sys
 from dataclasses import asdict
 
-
 DB_HELP = "capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)"
 
 
