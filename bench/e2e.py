@@ -413,7 +413,7 @@ async def main_async(args) -> None:
     small, medium = args.small_cache, 2 * args.small_cache
     # Seeds 3 and 8: the second reflection re-uses the first one's document, and no prompt
     # outgrows the pressure runs' 7,168-token context.
-    shapes, shapes_train = _shapes_mix(q, seed=3), _shapes_mix(True, seed=30)
+    shapes, shapes_train = _shapes_mix(q, seed=3), _shapes_mix(q, seed=30, train=True)
     mixed = _mixed(q, range(176, 178 if q else 180), seed=8)
     mixed_train = _mixed(True, range(182, 184), seed=80)
     workloads = [
@@ -479,10 +479,13 @@ async def main_async(args) -> None:
     print(save())
 
 
-def _shapes_mix(quick: bool, seed: int) -> list[Instance]:
-    """Multi-agent workflows (bench/shapes.py) sharing the engine, one starting every 3 s."""
+def _shapes_mix(quick: bool, seed: int, train: bool = False) -> list[Instance]:
+    """Multi-agent workflows (bench/shapes.py) sharing the engine, one starting every 3 s
+    (to learn from first: one instance of each)."""
     counts = {"debate": 1, "parallel_chains": 1} if quick else {
         "trading_desk": 1, "debate": 2, "reflection": 2, "parallel_chains": 2}
+    if train:
+        counts = dict.fromkeys(counts, 1)
     return interleave([generated(shape, n, seed) for shape, n in counts.items()], stagger=3.0)
 
 

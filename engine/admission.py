@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from engine.runs import FLOOR, PREFILL_WEIGHT, Runs
 from learn.canonical import prefix_chain
 
 log = logging.getLogger("preheat.admission")
@@ -61,11 +64,21 @@ DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""
+SIZE_RATIO = 2.0
+"""With the engine loaded, a workflow run expected to be this many times the size of another
+run under way waits for it (runs of about one size share the engine as they come)."""
 PRIORITY = {"resident": -1, "returned": -1}
 """vLLM `priority` (lower runs first, and is preempted last) by how a call was admitted under
 pressure: a session under way before one that starts. Without pressure every call keeps the
 engine's default, 0. (Also sending work let in over the cache's size at +1 measured worse:
 mixed workload median 39.9, 39.8 and 30.4 s in three runs, 29.5 and 28.9 s in two without.)"""
+
+
+def _size_class(size: float | None) -> int:
+    """0 for unknown and small sizes, then one more per factor of SIZE_RATIO."""
+    if not size or size <= FLOOR:
+        return 0
+    return int(math.log(size / FLOOR, SIZE_RATIO)) + 1
 
 
 def prompt_chain(body: dict[str, Any]) -> tuple[list[str], list[int]] | None:
@@ -123,6 +136,11 @@ class Ticket:
     """'direct' (no pressure), 'resident' (continuation), 'fits', 'waited', or 'timeout'."""
     priority: int = 0
     """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
+    run: str = ""
+    """The workflow run the call belongs to (`engine.runs`), with ordering on."""
+    prompt_hashes: list[int] | None = None
+    """The prompt's chunk hashes, for the first call of a new session (placed again later)."""
+    _pending: bool = False
     _future: asyncio.Future | None = None
     _seq: int = 0
 
@@ -149,8 +167,15 @@ class Admission:
         max_wait: float = 60.0,
         hold: float = 3.0,
         max_hold: float = 30.0,
+        ordering: bool = False,
+        running: int = 4,
     ) -> None:
         self.capacity_tokens = capacity_tokens
+        self.runs = Runs() if ordering else None
+        """Workflow runs, for serving the run with the least work left first."""
+        self.running = running
+        """With ordering: calls in flight beyond which a run much larger than another run
+        under way waits (`SIZE_RATIO`)."""
         self.fill = fill
         self.max_wait = max_wait
         self.hold = hold
@@ -190,21 +215,32 @@ class Admission:
     # -- the proxy's calls -------------------------------------------------------------
 
     def ticket(self, chain: Sequence[str], message_chars: Sequence[int],
-               session: str | None = None) -> Ticket:
-        """A ticket for a prompt given as message prefix hashes and message lengths."""
+               session: str | None = None,
+               hashes: Callable[[], list[int]] | None = None) -> Ticket:
+        """A ticket for a prompt given as message prefix hashes and message lengths;
+        `hashes` gives the prompt's chunk hashes (`engine.runs.prompt_hashes`), asked for
+        only when ordering needs them (the first call of a new session)."""
         chain = tuple(chain)
         chars = tuple(message_chars)
         sizes = tuple(max(1, int(c / self.chars_per_token)) for c in chars)
         group = session or self._group_of(chain) or f"g{next(self._seq)}"
-        return Ticket(chain=chain, sizes=sizes, chars=chars, group=group,
-                      kind=chain[0] if chain else "")
+        t = Ticket(chain=chain, sizes=sizes, chars=chars, group=group,
+                   kind=chain[0] if chain else "")
+        if self.runs is not None and self.capacity_tokens is not None:
+            t.run, t.prompt_hashes = self.runs.place(group, t.kind, hashes or list)
+        return t
 
     async def enter(self, t: Ticket) -> None:
         """Wait until the request may go to the engine."""
         self._expire()
         g = self._groups.get(t.group)
+        if t.run and not t._pending:
+            t._pending = True
+            self.runs.arrived(t.run)
         if self.capacity_tokens is None:
             self._admit(t, "direct")
+        elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
+            await self._wait(t)  # the run with the least work left first
         elif g is not None and (g.in_flight or self._held(g)):
             self._admit(t, "resident")
         elif not self._waiting and self._fits(t):
@@ -212,21 +248,29 @@ class Admission:
         elif not self._waiting and self._engine_idle():
             self._admit(t, "idle")
         else:
-            t._future = asyncio.get_running_loop().create_future()
-            t._seq = next(self._seq)
-            self._waiting.append(t)
+            await self._wait(t)
+
+    async def _wait(self, t: Ticket) -> None:
+        t._future = asyncio.get_running_loop().create_future()
+        t._seq = next(self._seq)
+        self._waiting.append(t)
+        if self.runs is not None:
+            self._release_ready()
+        else:
             self._schedule()
-            try:
-                await t._future
-            except asyncio.CancelledError:
-                if t in self._waiting:
-                    self._waiting.remove(t)
-                elif t.admitted is not None:
-                    self.leave(t, 0)
-                raise
+        try:
+            await t._future
+        except asyncio.CancelledError:
+            if t in self._waiting:
+                self._waiting.remove(t)
+                self._run_left(t)
+            elif t.admitted is not None:
+                self.leave(t, 0)
+            raise
 
     def leave(self, t: Ticket, output_tokens: int = 0) -> None:
         """The request's answer is complete (or it failed); release what it held."""
+        self._run_left(t)
         g = self._groups.get(t.group)
         if g is None or t.admitted is None:
             return
@@ -237,6 +281,26 @@ class Admission:
         g.last_done = time.monotonic()
         self._measure(g)
         self._release_ready()
+
+    def _run_left(self, t: Ticket) -> None:
+        if t._pending:
+            t._pending = False
+            self.runs.left(t.run)
+
+    def answered(self, t: Ticket, usage: dict | None, cached_tokens: int | None,
+                 answer_hashes: Sequence[int] = ()) -> None:
+        """What the observer read of a finished call: its usage, and its answer's chunk
+        hashes (which later prompts that contain the answer are placed by)."""
+        usage = usage if isinstance(usage, dict) else {}
+        prompt, output = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(output, int):
+            self.calibrate(sum(t.chars), prompt)
+            self.record_output(t.group, output)
+        if self.runs is not None and t.run:
+            service = 0.0
+            if isinstance(prompt, int) and isinstance(output, int):
+                service = output + PREFILL_WEIGHT * max(0, prompt - (cached_tokens or 0))
+            self.runs.answered(t.run, service, answer_hashes, t.prompt_hashes)
 
     def record_output(self, group: str, output_tokens: int) -> None:
         """The true output length of a group's last call, once usage is known."""
@@ -405,8 +469,8 @@ class Admission:
     def _admit(self, t: Ticket, how: str) -> None:
         now = time.monotonic()
         t.admitted, t.how = now, how
-        if self.pressured:
-            t.priority = PRIORITY.get(how, 0)
+        if self.pressured and not (self.runs is not None and self._larger_run(t)):
+            t.priority = PRIORITY.get(how, 0)  # (a run larger than one under way: no boost)
         self.admitted[how] = self.admitted.get(how, 0) + 1
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)
@@ -459,6 +523,8 @@ class Admission:
         self._union -= self._sizes.pop(h, 0)
 
     def _expire(self) -> None:
+        if self.runs is not None:
+            self.runs.expire()
         for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
             log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, self._hold_for(g))
             profile = self._profiles.get(g.id)
@@ -484,16 +550,27 @@ class Admission:
             heads: dict[str, Ticket] = {}
             for t in self._waiting:  # calls of one group keep their order
                 heads.setdefault(t.group, t)
-            resident = [t for t in heads.values() if t.group in self._groups]
+            candidates = list(heads.values())
+            if self.runs is not None:
+                # With the engine loaded, runs much larger than another under way wait; of
+                # the rest, the run with the least work left goes first.
+                if self._in_flight >= self.running:
+                    smallest = self._smallest_runs()
+                    candidates = [t for t in candidates if not self._larger_run(t, smallest)]
+                    if not candidates:
+                        break
+                candidates.sort(key=self._order_key)
+            resident = [t for t in candidates if t.group in self._groups]
             if resident:
                 self._take(resident[0], "resident")
                 continue
             # Sessions under way finish before new ones start (their history is partly
             # computed, and an agent half done is worth more than one not begun); among
             # new sessions, the one adding the fewest tokens (the most shared prefix) first.
-            returning = [t for t in heads.values() if t.group in self._sessions]
+            returning = [t for t in candidates if t.group in self._sessions]
             best = returning[0] if returning else min(
-                heads.values(), key=lambda t: (self._increment(t), t._seq))
+                candidates, key=lambda t: (self._order_key(t)[0] if self.runs else 0,
+                                           self._increment(t), t._seq))
             if self._fits(best):
                 self._take(best, "returned" if returning else "waited")
             elif self._engine_idle():
@@ -501,6 +578,37 @@ class Admission:
             else:
                 break
         self._schedule()
+
+    def _order_key(self, t: Ticket) -> tuple[int, int]:
+        """Smaller runs first, by size class (a factor of SIZE_RATIO apart); within a class,
+        as they came."""
+        run = self.runs.get(t.run) if t.run else None
+        size = self.runs.expected_size(run) if run is not None else None
+        return (_size_class(size), t._seq)
+
+    def _smallest_runs(self) -> list[tuple[float, str]]:
+        """The two smallest expected sizes among runs under way (a call pending, or within
+        their tool time), with their runs."""
+        now, gap = time.monotonic(), self._gap_p90()
+        sizes = []
+        for run in self.runs.active():
+            if run.pending or now - run.last < gap:
+                size = self.runs.expected_size(run)
+                if size is not None:
+                    sizes.append((size, run.id))
+        return heapq.nsmallest(2, sizes)
+
+    def _larger_run(self, t: Ticket, smallest: list[tuple[float, str]] | None = None) -> bool:
+        """Another run under way is expected to be at most 1/SIZE_RATIO of the size of this
+        call's run."""
+        run = self.runs.get(t.run) if t.run else None
+        mine = self.runs.expected_size(run) if run is not None else None
+        if mine is None:
+            return False
+        for size, rid in self._smallest_runs() if smallest is None else smallest:
+            if rid != run.id:
+                return size * SIZE_RATIO <= mine
+        return False
 
     def _take(self, t: Ticket, how: str) -> None:
         self._waiting.remove(t)
@@ -517,6 +625,10 @@ class Admission:
         deadlines = [t.arrived + self.max_wait for t in self._waiting]
         deadlines += [g.last_done + self._hold_for(g) for g in self._groups.values()
                       if not g.in_flight]
+        if self.runs is not None:  # a run's tool time ends: larger runs may go
+            gap = self._gap_p90()
+            deadlines += [r.last + gap for r in self.runs.active()
+                          if not r.pending and r.last + gap > now]
         if not self._in_flight:  # the engine's recent busy share falls while it idles
             deadlines.append(now + 1.0)
         delay = max(0.0, min(deadlines) - now) + 0.001

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from learn.canonical import function_of, message_text, tool_calls_of
 
@@ -36,8 +36,10 @@ class FlowSource:
     """Share of that answer's (indexed) text found in the prompt."""
 
 
-def chunks(text: str, min_chunk: int = 24, limit: int = 1_000_000) -> dict[int, int]:
-    """Content-defined chunks of a text: hash -> length. Short pieces are ignored."""
+def chunks(text: str, min_chunk: int = 24, limit: int = 1_000_000,
+           key: Callable[[str], int] = hash) -> dict[int, int]:
+    """Content-defined chunks of a text: hash -> length. Short pieces are ignored. (`hash`
+    differs between processes; pass a stable `key` to compare chunks across them.)"""
     out: dict[int, int] = {}
     for line in text[:limit].replace("\\n", "\n").split("\n"):
         if len(line) < min_chunk:
@@ -45,7 +47,7 @@ def chunks(text: str, min_chunk: int = 24, limit: int = 1_000_000) -> dict[int, 
         for piece in line.split(". ") if len(line) > 2 * min_chunk else (line,):
             piece = piece.strip(_TRIM)
             if len(piece) >= min_chunk:
-                out[hash(piece)] = len(piece)
+                out[key(piece)] = len(piece)
     return out
 
 

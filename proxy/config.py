@@ -88,6 +88,15 @@ class Settings:
         "(sessions under way before new ones; needs --scheduling-policy priority, as "
         "preheat's own engine runs, and is ignored by a first-come-first-served vLLM)."
     )
+    ordering: bool = _opt(
+        True, "Serve the workflow run with the least work left first: runs are told from "
+        "the traffic (sessions, answers pasted into later prompts) and their sizes learned; "
+        "with the engine loaded, a run expected to be twice another's size waits for it "
+        "(needs admission)."
+    )
+    ordering_running: int = _opt(
+        4, "Calls in flight at which ordering starts holding larger runs back."
+    )
     prewarm: bool = _opt(
         True, "Pre-warm the predicted next prompt of a session while its agent runs a tool, "
         "on idle engine capacity only (vLLM upstreams)."

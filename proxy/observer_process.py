@@ -8,7 +8,7 @@ competes with the event loop for the GIL (bench/results/overhead.md says what it
     proxy: ObserverProcess                         observer process: _Child
     submit(ex) ─────── ("ex", raw, feedback) ──▶  Observer.process(batch) ─▶ store, learn/
                ◀── ("done", n, written, dropped) ─ after every batch
-               ◀── ("usage", id, usage, cached) ─ for calls admission wants to hear about
+               ◀── ("usage", id, usage, cached, answer hashes) ─ for calls admission wants
                ◀── ("offer", key, ..., expected) ─ predictions, once the planner listens
                ◀── ("heads", [(key, messages, tools, sessions)]) ─ static heads, when changed
     learned()  ──────────── ("learned",) ──────▶
@@ -40,6 +40,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from engine.admission import Ticket, prompt_chain
+from engine.runs import HASHES_PER_ANSWER, text_hashes
+from learn.dataflow import answer_text
 from learn.learner import Learner
 from learn.predict import Prediction
 from learn.sessions import SessionLinker
@@ -94,8 +96,9 @@ class ObserverProcess:
         self.dropped = Drops()
         self.written = 0
         self.restarts = 0
-        self.on_usage: Callable[[Ticket, dict | None, int | None], None] | None = None
-        """Called with (ticket, usage, cached tokens) once the child read a ticketed call."""
+        self.on_usage: Callable[[Ticket, dict | None, int | None, list[int]], None] | None = None
+        """Called with (ticket, usage, cached tokens, the answer's chunk hashes:
+        `engine.runs.text_hashes`) once the child read a ticketed call."""
         self._on_offer: Callable[..., None] | None = None
         self._on_heads: Callable[[list], None] | None = None
         self._submitted = 0
@@ -258,7 +261,7 @@ class ObserverProcess:
         elif kind == "usage":
             ticket = self._tickets.pop(message[1], None)
             if ticket is not None and self.on_usage is not None:
-                self.on_usage(ticket, message[2], message[3])
+                self.on_usage(ticket, message[2], message[3], message[4])
         elif kind == "offer":
             if self._on_offer is not None:
                 self._on_offer(*message[1:])
@@ -469,7 +472,8 @@ class _Child:
         """Sink: the proxy waits on the usage of calls that admission let in."""
         if ex.id in self.feedback:
             self.feedback.discard(ex.id)
-            self._send(("usage", ex.id, ex.usage, ex.cached_tokens))
+            hashes = text_hashes([answer_text(ex.answer)], HASHES_PER_ANSWER)
+            self._send(("usage", ex.id, ex.usage, ex.cached_tokens, hashes))
 
     def _offer(self, ex: Exchange, predictions: list[Prediction]) -> None:
         """Learner listener: the likeliest continuation of this call's session, for warming."""

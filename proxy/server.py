@@ -18,6 +18,7 @@ from aiohttp import web
 
 from engine.admission import Admission, Ticket, prompt_chain
 from engine.process import cpu_seconds
+from engine.runs import prompt_hashes
 from engine.supervisor import cache_info
 from learn.sessions import EXPLICIT_HEADERS
 from proxy.cache import HEADER, PromptCache
@@ -169,7 +170,8 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
         capacity = settings.admission_capacity_tokens or await _engine_capacity(app)
         if capacity:
             app[ADMISSION] = admission = Admission(
-                capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait
+                capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
+                ordering=settings.ordering, running=settings.ordering_running,
             )
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
@@ -268,14 +270,11 @@ class UsageFeedback:
         self.admission = admission
         self.planner = None
 
-    def __call__(self, ticket: Ticket, usage: dict | None, cached_tokens: int | None) -> None:
+    def __call__(self, ticket: Ticket, usage: dict | None, cached_tokens: int | None,
+                 answer_hashes: list[int]) -> None:
         if self.planner is not None:
             self.planner.completed(ticket.chain, cached_tokens)
-        usage = usage or {}
-        prompt, output = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(output, int):
-            self.admission.calibrate(sum(ticket.chars), prompt)
-            self.admission.record_output(ticket.group, output)
+        self.admission.answered(ticket, usage, cached_tokens, answer_hashes)
 
 
 def _ticket(admission: Admission, ex: Exchange):
@@ -286,7 +285,8 @@ def _ticket(admission: Admission, ex: Exchange):
     if prompt is None:
         return None
     session = next((v for v in map(ex.header, EXPLICIT_HEADERS) if v), None)
-    return admission.ticket(prompt[0], prompt[1], session=session)
+    return admission.ticket(prompt[0], prompt[1], session=session,
+                            hashes=lambda: prompt_hashes(request))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -104,3 +104,36 @@ async def test_without_pressure_the_engine_gets_requests_as_sent(upstream, tmp_p
         assert proxy.app[ADMISSION].stats().admitted.get("resident", 0) > 0
     finally:
         await proxy.runner.cleanup()
+
+
+async def test_a_call_reading_another_agents_answer_joins_its_workflow_run(upstream, tmp_path):
+    """Ordering's runs through the proxy: the observer reports each answer's chunks, and a
+    new agent whose prompt pastes that answer is placed in the same run on arrival."""
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/r.db",
+                        admission_capacity_tokens=1_000_000, prewarm=False)
+    proxy = await start_proxy(settings)
+    try:
+        runs = proxy.app[ADMISSION].runs
+
+        async def call(client, system: str, user: str) -> str:
+            r = await client.post(proxy.url + "/v1/chat/completions", json={
+                "model": "m", "temperature": 0.5, "messages": [
+                    {"role": "system", "content": system}, {"role": "user", "content": user}]},
+                headers={"x-fake-events": "40"})
+            assert r.status_code == 200
+            return r.json()["choices"][0]["message"]["content"]
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await call(client, "You are the market expert.", "Assess the outlook.")
+            for _ in range(200):  # the observer reports the answer beside the hot path
+                if any(r.service for r in runs.active()):
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.6)  # past the window of agents launched together
+            await call(client, "You are an unrelated agent.", "Something else entirely.")
+            await asyncio.sleep(0.6)
+            await call(client, "You summarise reports.", f"Report:\n{answer}\nSummarise it.")
+        calls = sorted(r.calls for r in runs.active())
+        assert calls == [1, 2]  # the summariser joined the expert's run, not a new one
+    finally:
+        await proxy.runner.cleanup()

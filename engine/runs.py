@@ -1,0 +1,290 @@
+"""Workflow runs as a call arrives, and how much work each has left.
+
+One engine serves several workflows at once, and they differ in size: a trading desk makes
+~88 calls, a reflection three. Served together, every call shares each decode step with all
+the others, so the three-call workflow takes as long as the big one's busiest minute
+(bench/results/alone.md: the short workflows' median 10.3 s alone, 28.7 s together).
+Admission serves the run with the least work left first (`Admission`'s ordering), and this
+module says which run a call belongs to, and how much that run has left, before the call
+is forwarded:
+
+- A call continuing a session is in that session's run.
+- A new session's prompt that contains an earlier answer (a summariser reading its experts,
+  a debater the others, a hand-off) is in that answer's run. Answers are known by the
+  content-defined chunks of their text (`learn.dataflow.chunks`, hashed with xxhash so the
+  observer process, which reads the answers, and the proxy agree); the observer reports
+  them with each call's usage. A prompt that arrived before its source's answer was
+  reported is placed again when its own answer is, and the two runs become one.
+- A new session with neither starts a run, or joins one another root started within
+  `together` seconds (agents a framework launches at once).
+
+A run's size is its service: output tokens plus `PREFILL_WEIGHT` per uncached prompt token
+(a decode token costs a step; a prefill token a share of one). Runs idle for `idle` seconds
+have ended, and their sizes are kept per kind (the smallest of the agent kinds that started
+the run: the same for every run of one workflow, whichever agent happened to arrive first).
+A run's expected size is the median of the finished sizes of its kind (of all kinds, where
+that kind is rare) above what it has already used: sizes are heavy-tailed, and a run that
+has used much is likely a big one. A run larger than any seen is taken to need as much again
+as it has used. Until a few runs have finished nothing is said, and nothing is ordered.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import Counter, OrderedDict, deque
+from typing import Callable, Iterable
+
+import xxhash
+
+from learn.canonical import message_text
+from learn.dataflow import chunks
+
+PREFILL_WEIGHT = 0.1
+"""Service of one uncached prompt token, in decode tokens (CPU engine: prefill runs ~10x
+the tokens per second of one sequence's decoding)."""
+FLOOR = 64.0
+"""The least size a run is taken to have (a run with nothing served yet is not size 0)."""
+MIN_KIND = 2
+"""Finished runs of a kind from which its sizes are taken."""
+MIN_FINISHED = 3
+"""Finished runs (of any kind) before sizes are guessed at all: until then nothing is ordered."""
+WINDOW = 200
+"""Finished runs remembered for sizes."""
+MAX_GROUPS = 50_000
+MAX_CHUNKS = 200_000
+HASHES_PER_ANSWER = 64
+HASHES_PER_PROMPT = 4096
+log = logging.getLogger("preheat.runs")
+
+
+def stable_hash(text: str) -> int:
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
+
+
+def text_hashes(texts: Iterable[str], limit: int = HASHES_PER_PROMPT) -> list[int]:
+    """Chunk hashes of texts, the same in every process (xxhash, not `hash`)."""
+    out: list[int] = []
+    for text in texts:
+        for piece in chunks(text, key=stable_hash):
+            out.append(piece)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def prompt_hashes(body: dict) -> list[int]:
+    """Chunk hashes of a chat or responses request's prompt (every message's text)."""
+    prompt = body.get("messages", body.get("input"))
+    if isinstance(prompt, str):
+        return text_hashes([prompt])
+    if not isinstance(prompt, list):
+        return []
+    texts = []
+    for m in prompt:
+        if isinstance(m, dict):
+            texts.append(message_text(m) or str(m.get("output") or ""))
+        elif isinstance(m, str):
+            texts.append(m)
+    return text_hashes(texts)
+
+
+class Run:
+    __slots__ = ("id", "started", "kinds", "service", "pending", "last", "calls")
+
+    def __init__(self, rid: str, started: float) -> None:
+        self.id = rid
+        self.started = started
+        self.kinds: set[str] = set()
+        self.service = 0.0
+        self.pending = 0
+        """Calls arrived and not answered yet (waiting for admission or in flight)."""
+        self.last = started
+        self.calls = 0
+
+    @property
+    def kind(self) -> str:
+        return min(self.kinds) if self.kinds else ""
+
+
+class Runs:
+    """Not thread-safe (the proxy's event loop only)."""
+
+    def __init__(self, together: float = 0.5, idle: float = 10.0) -> None:
+        self.together = together
+        self.idle = idle
+        self._runs: dict[str, Run] = {}
+        """Runs under way (not ended)."""
+        self._merged: dict[str, str] = {}
+        self._of_group: OrderedDict[str, str] = OrderedDict()
+        self._chunks: OrderedDict[int, str | None] = OrderedDict()
+        """Answer chunk -> the run that wrote it (None: more than one did)."""
+        self._roots: deque[tuple[float, str]] = deque(maxlen=64)
+        self._finished: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._sizes: dict[str, list[float]] | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, rid: str) -> Run | None:
+        return self._runs.get(self.find(rid))
+
+    def find(self, rid: str) -> str:
+        while rid in self._merged:
+            rid = self._merged[rid]
+        return rid
+
+    def active(self) -> Iterable[Run]:
+        return self._runs.values()
+
+    # -- placing calls ---------------------------------------------------------------------
+
+    def place(self, group: str, kind: str, hashes: Callable[[], list[int]],
+              now: float | None = None) -> tuple[str, list[int] | None]:
+        """The run of a call of `group`; for a new session also the prompt's chunk hashes
+        (kept to place it again once its own answer is in)."""
+        now = time.monotonic() if now is None else now
+        rid = self._of_group.get(group)
+        if rid is not None:
+            rid = self.find(rid)
+            if rid in self._runs:
+                self._of_group.move_to_end(group)
+                return rid, None
+        found = hashes()
+        rid, how = self._source(found), "reads"
+        if rid is None:
+            rid, how = self._costart(now), "costarts"
+            if rid is None:
+                rid, how = self._new(now), "starts"
+            self._runs[rid].kinds.add(kind)
+            self._roots.append((now, rid))
+        log.debug("session %s %s run %s (%d chunks)", group, how, rid, len(found))
+        self._of_group[group] = rid
+        while len(self._of_group) > MAX_GROUPS:
+            self._of_group.popitem(last=False)
+        return rid, found
+
+    def _source(self, hashes: list[int]) -> str | None:
+        votes: Counter = Counter()
+        for h in hashes:
+            rid = self._chunks.get(h)
+            if rid:
+                votes[self.find(rid)] += 1
+        for rid, _ in votes.most_common():
+            if rid in self._runs:
+                return rid
+        return None
+
+    def _costart(self, now: float) -> str | None:
+        for t, rid in reversed(self._roots):
+            if now - t > self.together:
+                break
+            rid = self.find(rid)
+            if rid in self._runs:
+                return rid
+        return None
+
+    def _new(self, now: float) -> str:
+        self._next += 1
+        rid = f"r{self._next}"
+        self._runs[rid] = Run(rid, now)
+        return rid
+
+    # -- what the engine did ---------------------------------------------------------------
+
+    def arrived(self, rid: str) -> None:
+        run = self.get(rid)
+        if run is not None:
+            run.pending += 1
+            run.calls += 1
+
+    def left(self, rid: str, now: float | None = None) -> None:
+        run = self.get(rid)
+        if run is not None:
+            run.pending = max(0, run.pending - 1)
+            run.last = time.monotonic() if now is None else now
+
+    def answered(self, rid: str, service: float, answer: Iterable[int],
+                 prompt: list[int] | None = None) -> str:
+        """A call's usage and its answer's chunk hashes are known; returns its run (again
+        placed by its prompt, for a new session, now that earlier answers are in)."""
+        rid = self.find(rid)
+        if prompt:
+            source = self._source(prompt)
+            if source is not None and source != rid and rid in self._runs:
+                log.debug("run %s joins %s: it read its answers", rid, source)
+                rid = self._union(source, rid)
+        run = self._runs.get(rid)
+        if run is not None:
+            run.service += max(0.0, service)
+        for h in answer:  # a chunk two runs wrote says nothing about either
+            seen = self._chunks.get(h, rid)
+            self._chunks[h] = rid if seen is not None and self.find(seen) == rid else None
+            self._chunks.move_to_end(h)
+        while len(self._chunks) > MAX_CHUNKS:
+            self._chunks.popitem(last=False)
+        return rid
+
+    def _union(self, keep: str, other: str) -> str:
+        a, b = self._runs[keep], self._runs.pop(other)
+        self._merged[other] = keep
+        a.service += b.service
+        a.pending += b.pending
+        a.calls += b.calls
+        a.last = max(a.last, b.last)
+        if b.started - a.started <= self.together:  # a root of the run, not a late misplacement
+            a.kinds |= b.kinds
+        a.started = min(a.started, b.started)
+        return keep
+
+    def expire(self, now: float | None = None) -> None:
+        """End the runs idle for `idle` seconds; their sizes are learned."""
+        now = time.monotonic() if now is None else now
+        for run in [r for r in self._runs.values() if not r.pending and now - r.last > self.idle]:
+            del self._runs[run.id]
+            log.debug("run %s (%s) ended: %d calls, size %.0f", run.id, run.kind[:8],
+                      run.calls, run.service)
+            if run.service > 0:
+                self._finished[run.id] = (run.kind, run.service)
+                while len(self._finished) > WINDOW:
+                    self._finished.popitem(last=False)
+                self._sizes = None
+        if len(self._merged) > 4 * MAX_GROUPS:
+            live = set(self._of_group.values()) | set(filter(None, self._chunks.values()))
+            self._merged = {k: self.find(k) for k in live if k in self._merged}
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def _finished_sizes(self, kind: str) -> list[float]:
+        if self._sizes is None:
+            self._sizes = {}
+            for k, size in self._finished.values():
+                self._sizes.setdefault(k, []).append(size)
+                self._sizes.setdefault("", []).append(size)
+            for sizes in self._sizes.values():
+                sizes.sort()
+        same = self._sizes.get(kind, [])
+        if len(same) >= MIN_KIND:
+            return same
+        pooled = self._sizes.get("", [])
+        return pooled if len(pooled) >= MIN_FINISHED else []
+
+    def expected_size(self, run: Run) -> float | None:
+        """The median finished size of the run's kind (of all kinds, where that kind is
+        rare) above what it has used; as much again as it has used where it is larger than
+        any seen; None until enough runs have finished to say."""
+        sizes = self._finished_sizes(run.kind)
+        if not sizes:
+            return None
+        used = run.service
+        above = sizes[bisect.bisect_right(sizes, used):]
+        if above:
+            return max(FLOOR, above[len(above) // 2])
+        return 2 * max(FLOOR, used)
+
+    def remaining(self, run: Run) -> float:
+        """Expected work left (0 where nothing can be said: such runs are not held back)."""
+        size = self.expected_size(run)
+        return 0.0 if size is None else size - run.service

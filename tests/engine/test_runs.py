@@ -1,0 +1,184 @@
+"""Workflow runs at arrival, and admission serving the run with the least work left first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from engine.admission import Admission, prompt_chain
+from engine.runs import Runs, prompt_hashes, text_hashes
+
+ANSWER = ("Revenue rose in the third quarter while margins held steady.\n"
+          "The guidance for next year assumes modest growth in every region.")
+
+
+def test_calls_are_placed_by_session_by_answer_read_and_by_start_time():
+    runs = Runs(together=0.5)
+    expert, _ = runs.place("expert-1", "kind-expert", list, now=0.0)
+    other, _ = runs.place("expert-2", "kind-expert", list, now=0.2)
+    assert other == expert  # launched together: one run
+    again, hashes = runs.place("expert-1", "kind-expert", list, now=3.0)
+    assert again == expert and hashes is None  # a continuation: its session's run
+    unrelated, _ = runs.place("lonely", "kind-x", list, now=5.0)
+    assert unrelated != expert  # a root started later: a run of its own
+    runs.answered(expert, 100, text_hashes([ANSWER]))
+    prompt = {"messages": [{"role": "system", "content": "You summarise expert reports."},
+                           {"role": "user", "content": "Report one:\n" + ANSWER + "\nSummarise."}]}
+    summary, hashes = runs.place("summariser", "kind-sum", lambda: prompt_hashes(prompt), now=6.0)
+    assert summary == expert and hashes  # it reads the expert's answer
+    assert runs.get(expert).service == 100
+
+
+def test_a_prompt_that_came_before_its_sources_answer_joins_the_run_later():
+    runs = Runs(together=0.5)
+    expert, _ = runs.place("expert", "k1", list, now=0.0)
+    prompt = {"messages": [{"role": "user", "content": "Review this:\n" + ANSWER}]}
+    early, hashes = runs.place("reviewer", "k2", lambda: prompt_hashes(prompt), now=2.0)
+    assert early != expert  # the expert's answer was not reported yet
+    runs.answered(expert, 50, text_hashes([ANSWER]))
+    joined = runs.answered(early, 30, [], hashes)
+    assert joined == expert and runs.find(early) == expert
+    assert runs.get(early).service == 80  # one run, both calls' work
+    assert runs.place("reviewer", "k2", list, now=3.0)[0] == expert
+
+
+def teach(runs: Runs, kind: str, sizes: tuple[float, ...], t0: float = -10_000.0) -> None:
+    """Runs of `kind` with these sizes, long ended."""
+    for i, size in enumerate(sizes):
+        rid, _ = runs.place(f"{kind}-old-{i}", kind, list, now=t0 + i * 100)
+        runs.arrived(rid)
+        runs.answered(rid, size, [])
+        runs.left(rid, now=t0 + i * 100 + 1)
+    runs.expire(now=t0 + len(sizes) * 100 + 1000)
+
+
+def test_sizes_are_learned_from_ended_runs_of_the_same_kind():
+    runs = Runs(together=0.0, idle=10.0)
+    teach(runs, "big", (1000, 1200, 5000), t0=0.0)
+    teach(runs, "small", (50, 60, 70), t0=1000.0)
+    assert len(runs) == 0  # all ended
+    big, _ = runs.place("big-new", "big", list, now=6000.0)
+    small, _ = runs.place("small-new", "small", list, now=6001.0)
+    assert runs.expected_size(runs.get(big)) == 1200  # the median of its kind
+    assert runs.expected_size(runs.get(small)) == 64  # 60, floored
+    runs.answered(big, 1100, [])  # past most runs of its kind: likely the big one
+    assert runs.expected_size(runs.get(big)) == 5000
+    assert runs.remaining(runs.get(big)) == 3900
+    runs.answered(big, 5000, [])  # larger than any seen: as much again
+    assert runs.expected_size(runs.get(big)) == 12200
+    rare, _ = runs.place("rare", "never-seen", list, now=6002.0)
+    assert runs.expected_size(runs.get(rare)) == 1000  # the median of all kinds
+
+
+def test_until_runs_have_ended_nothing_is_said_of_sizes():
+    runs = Runs(together=0.0)
+    a, _ = runs.place("a", "k", list, now=0.0)
+    runs.answered(a, 5000, [])
+    assert runs.expected_size(runs.get(a)) is None and runs.remaining(runs.get(a)) == 0
+
+
+def test_a_chunk_two_runs_wrote_links_neither():
+    runs = Runs(together=0.0)
+    a, _ = runs.place("a", "k", list, now=0.0)
+    b, _ = runs.place("b", "k", list, now=1.0)
+    runs.answered(a, 1, text_hashes([ANSWER]))
+    runs.answered(b, 1, text_hashes([ANSWER]))  # a degenerate model answers alike
+    prompt = {"messages": [{"role": "user", "content": ANSWER}]}
+    c, _ = runs.place("c", "k", lambda: prompt_hashes(prompt), now=2.0)
+    assert c not in (a, b)
+
+
+SYSTEMS = {"big": "You are one of the big workflow's many agents.",
+           "small": "You are the small workflow's only agent."}
+
+
+def _ticket(adm: Admission, workflow: str, text: str, session: str):
+    chain, chars = prompt_chain({"messages": [{"role": "system", "content": SYSTEMS[workflow]},
+                                              {"role": "user", "content": text}]})
+    return adm.ticket(chain, chars, session=session)
+
+
+def _learned(running: int, max_wait: float = 5.0, **kw) -> Admission:
+    """Admission that has seen big runs of ~5,000 tokens and small ones of ~100 end."""
+    adm = Admission(1_000_000, ordering=True, running=running, max_wait=max_wait, **kw)
+    for workflow, size in (("big", 5000), ("small", 100)):
+        kind = _ticket(adm, workflow, "x", "probe").kind
+        teach(adm.runs, kind, (size, size, size), t0=time.monotonic() - 10_000)
+    return adm
+
+
+async def test_a_loaded_engine_serves_a_small_run_before_a_big_one():
+    adm = _learned(running=2)
+    big = [_ticket(adm, "big", f"agent {i}", f"big-{i}") for i in range(2)]
+    for t in big:
+        await adm.enter(t)
+    assert adm.runs.find(big[0].run) == adm.runs.find(big[1].run)  # launched together
+    await asyncio.sleep(0.6)  # the next run starts later
+    small = _ticket(adm, "small", "task", "small-0")
+    await asyncio.wait_for(adm.enter(small), 0.1)  # the engine is loaded: the small run goes
+    big_next = _ticket(adm, "big", "agent 0 continues", "big-0")
+    waiting_big = asyncio.create_task(adm.enter(big_next))
+    await asyncio.sleep(0.01)
+    assert not waiting_big.done()  # the big run waits while the small one runs
+    adm.leave(big[1], 10)  # a place frees up, but the engine is still loaded
+    await asyncio.sleep(0.01)
+    assert not waiting_big.done()
+    adm.leave(small, 10)  # the load falls below the bound
+    await asyncio.wait_for(waiting_big, 2.0)
+
+
+async def test_ordering_never_holds_a_call_past_the_bound():
+    adm = _learned(running=1, max_wait=0.3, hold=30.0)
+    big = _ticket(adm, "big", "agent", "big")
+    await adm.enter(big)
+    await asyncio.sleep(0.6)
+    small = _ticket(adm, "small", "task", "small")
+    await adm.enter(small)
+    nxt = _ticket(adm, "big", "agent again", "big")
+    await asyncio.wait_for(adm.enter(nxt), 2.0)  # it waits for the bound at most
+    assert nxt.how == "timeout" and 0.25 < nxt.waited < 1.0
+
+
+async def test_without_load_sizes_or_ordering_nothing_waits():
+    cases = {"loaded, sized": (1, True, True), "not loaded": (100, True, True),
+             "no sizes": (1, False, True), "ordering off": (1, True, False)}
+    waited = {}
+    for case, (running, learned, ordering) in cases.items():
+        adm = (_learned(running, max_wait=0.2) if learned
+               else Admission(1_000_000, ordering=True, running=running, max_wait=0.2))
+        adm.runs.together = 0.0  # every session a run of its own
+        if not ordering:
+            adm.runs = None
+        tickets = [_ticket(adm, "big" if i % 2 else "small", f"task {i}", f"s{i}")
+                   for i in range(20)]
+        await asyncio.gather(*(adm.enter(t) for t in tickets))
+        waited[case] = max(t.waited for t in tickets)
+    assert waited.pop("loaded, sized") > 0.15  # big runs wait for the small ones
+    assert max(waited.values()) < 0.01
+
+
+async def test_when_the_cache_frees_up_the_smaller_run_goes_first():
+    """Both wait for room in the cache; the small run arrived last but goes in first. Runs
+    of one size keep their order of arrival."""
+    for workflows, first in ((("big", "small"), "small-b"), (("big", "big"), "big-a")):
+        adm = _learned(running=100, hold=0.05)
+        adm.capacity_tokens, adm.fill, adm.chars_per_token = 1000, 1.0, 1.0
+        adm.runs.together = 0.0
+        filler = _ticket(adm, "big", "F" * 900, "filler")
+        await adm.enter(filler)
+        names = ["big-a", workflows[1] + "-b"]
+        tickets = {}
+        for name, workflow in zip(names, workflows):
+            tickets[name] = _ticket(adm, workflow, name * 50, name)
+        order: list[str] = []
+
+        async def enter(name):
+            await adm.enter(tickets[name])
+            order.append(name)
+
+        tasks = [asyncio.create_task(enter(n)) for n in names]
+        await asyncio.sleep(0.05)
+        assert not order  # the cache is full
+        adm.leave(filler, 10)
+        await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
+        assert order[0] == first
