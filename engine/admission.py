@@ -141,6 +141,7 @@ class Ticket:
     prompt_hashes: list[int] | None = None
     """The prompt's chunk hashes, for the first call of a new session (placed again later)."""
     _pending: bool = False
+    _held: bool = False
     _future: asyncio.Future | None = None
     _seq: int = 0
 
@@ -211,6 +212,8 @@ class Admission:
         self._timer: asyncio.TimerHandle | None = None
         self.admitted: dict[str, int] = {}
         self.max_wait_seen = 0.0
+        self.held_for_smaller = 0
+        """Calls that waited for a smaller workflow run (ordering)."""
 
     # -- the proxy's calls -------------------------------------------------------------
 
@@ -556,7 +559,12 @@ class Admission:
                 # the rest, the run with the least work left goes first.
                 if self._in_flight >= self.running:
                     smallest = self._smallest_runs()
-                    candidates = [t for t in candidates if not self._larger_run(t, smallest)]
+                    held = [t for t in candidates if self._larger_run(t, smallest)]
+                    for t in held:
+                        if not t._held:
+                            t._held = True
+                            self.held_for_smaller += 1
+                    candidates = [t for t in candidates if t not in held]
                     if not candidates:
                         break
                 candidates.sort(key=self._order_key)

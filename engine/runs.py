@@ -53,7 +53,8 @@ MIN_FINISHED = 3
 WINDOW = 200
 """Finished runs remembered for sizes."""
 MAX_GROUPS = 50_000
-MAX_CHUNKS = 200_000
+MAX_CHUNKS = 50_000
+"""Answer chunks remembered (hand-offs read answers of the last minutes; ~6 MB)."""
 HASHES_PER_ANSWER = 64
 HASHES_PER_PROMPT = 4096
 log = logging.getLogger("preheat.runs")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 from proxy.exchange import CAPTURED_PATHS, Exchange
 
@@ -19,7 +19,7 @@ class Metrics:
         self.latency_sum = 0.0
         self.latency_n = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self.counters: dict[str, tuple[str, str, Callable[[], dict[str, float]]]] = {}
+        self.counters: dict[str, tuple[str, str | None, Callable[[], Any]]] = {}
 
     def observe(self, ex: Exchange) -> None:
         route = ex.path if ex.path in KNOWN_ROUTES else "other"
@@ -38,9 +38,11 @@ class Metrics:
         self.gauges[name] = (help, read)
 
     def counter(
-        self, name: str, help: str, read: Callable[[], dict[str, float]], label: str = "reason"
+        self, name: str, help: str, read: Callable[[], dict[str, float] | float],
+        label: str | None = "reason",
     ) -> None:
-        """A counter family read at render time: {value of `label`: count}."""
+        """A counter family read at render time: {value of `label`: count}, or one count
+        (`label` None)."""
         self.counters[name] = (help, label, read)
 
     def render(self) -> str:
@@ -67,6 +69,10 @@ class Metrics:
             out += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {read()}"]
         for name, (help, label, read) in sorted(self.counters.items()):
             out += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
-            for value, n in sorted(read().items()):
+            counts = read()
+            if label is None:
+                out.append(f"{name} {counts}")
+                continue
+            for value, n in sorted(counts.items()):
                 out.append(f'{name}{{{label}="{value}"}} {n}')
         return "\n".join(out) + "\n"

@@ -192,6 +192,12 @@ def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
                   lambda: admission.stats().resident_tokens)
     metrics.gauge("preheat_admission_wait_seconds_max", "Longest admission wait so far.",
                   lambda: admission.max_wait_seen)
+    if admission.runs is not None:
+        metrics.counter("preheat_ordering_held_total",
+                        "Calls that waited for a smaller workflow run on a loaded engine.",
+                        lambda: admission.held_for_smaller, label=None)
+        metrics.gauge("preheat_ordering_runs", "Workflow runs under way.",
+                      lambda: len(admission.runs))
 
 
 async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -120,6 +120,7 @@ async def test_a_loaded_engine_serves_a_small_run_before_a_big_one():
     waiting_big = asyncio.create_task(adm.enter(big_next))
     await asyncio.sleep(0.01)
     assert not waiting_big.done()  # the big run waits while the small one runs
+    assert adm.held_for_smaller == 1
     adm.leave(big[1], 10)  # a place frees up, but the engine is still loaded
     await asyncio.sleep(0.01)
     assert not waiting_big.done()

@@ -133,6 +133,9 @@ async def test_a_call_reading_another_agents_answer_joins_its_workflow_run(upstr
             await call(client, "You are an unrelated agent.", "Something else entirely.")
             await asyncio.sleep(0.6)
             await call(client, "You summarise reports.", f"Report:\n{answer}\nSummarise it.")
+            metrics = (await client.get(proxy.url + "/metrics")).text
+        assert "preheat_ordering_runs 2" in metrics
+        assert "preheat_ordering_held_total 0" in metrics
         calls = sorted(r.calls for r in runs.active())
         assert calls == [1, 2]  # the summariser joined the expert's run, not a new one
     finally:
