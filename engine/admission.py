@@ -170,6 +170,7 @@ class Admission:
         max_hold: float = 30.0,
         ordering: bool = False,
         running: int = 4,
+        order_wait: float = 30.0,
     ) -> None:
         self.capacity_tokens = capacity_tokens
         self.runs = Runs() if ordering else None
@@ -177,6 +178,9 @@ class Admission:
         self.running = running
         """With ordering: calls in flight beyond which a run much larger than another run
         under way waits (`SIZE_RATIO`)."""
+        self.order_wait = min(order_wait, max_wait)
+        """The longest a call waits for smaller runs (a long conversation on an engine that
+        is always busy is not put off for the whole `max_wait`)."""
         self.fill = fill
         self.max_wait = max_wait
         self.hold = hold
@@ -559,7 +563,8 @@ class Admission:
                 # the rest, the run with the least work left goes first.
                 if self._in_flight >= self.running:
                     smallest = self._smallest_runs()
-                    held = [t for t in candidates if self._larger_run(t, smallest)]
+                    held = [t for t in candidates if now - t.arrived < self.order_wait
+                            and self._larger_run(t, smallest)]
                     for t in held:
                         if not t._held:
                             t._held = True
@@ -630,7 +635,8 @@ class Admission:
         if not self._waiting:
             return
         now = time.monotonic()
-        deadlines = [t.arrived + self.max_wait for t in self._waiting]
+        bound = self.max_wait if self.runs is None else self.order_wait
+        deadlines = [t.arrived + bound for t in self._waiting]
         deadlines += [g.last_done + self._hold_for(g) for g in self._groups.values()
                       if not g.in_flight]
         if self.runs is not None:  # a run's tool time ends: larger runs may go

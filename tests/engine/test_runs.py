@@ -130,6 +130,7 @@ async def test_a_loaded_engine_serves_a_small_run_before_a_big_one():
 
 async def test_ordering_never_holds_a_call_past_the_bound():
     adm = _learned(running=1, max_wait=0.3, hold=30.0)
+    assert adm.order_wait == 0.3
     big = _ticket(adm, "big", "agent", "big")
     await adm.enter(big)
     await asyncio.sleep(0.6)
@@ -183,3 +184,15 @@ async def test_when_the_cache_frees_up_the_smaller_run_goes_first():
         adm.leave(filler, 10)
         await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
         assert order[0] == first
+
+
+async def test_a_call_waits_for_smaller_runs_at_most_its_own_bound():
+    adm = _learned(running=1, max_wait=60.0, hold=30.0, order_wait=0.3)
+    big = _ticket(adm, "big", "agent", "big")
+    await adm.enter(big)
+    await asyncio.sleep(0.6)
+    small = _ticket(adm, "small", "task", "small")
+    await adm.enter(small)
+    nxt = _ticket(adm, "big", "agent again", "big")
+    await asyncio.wait_for(adm.enter(nxt), 2.0)
+    assert nxt.how == "resident" and 0.25 < nxt.waited < 1.0  # not the minute of max_wait
