@@ -27,6 +27,11 @@ all of them with none:
   is released with its last answer, and the next waiting session starts at once.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
+- Workflows sharing the engine are served smallest first (`ordering`; `engine.runs` tells
+  a call's workflow run and its expected size on arrival): with `running` calls in flight, a
+  call of a run expected to be SIZE_RATIO times the size of another run under way waits for
+  it, at most `order_wait`; waiting calls go smaller size class first. Runs of about one
+  size are never held, so sessions of one agent keep the order above.
 - Under pressure, the engine is told what admission knows (`Ticket.priority`, sent as vLLM's
   `priority`): continuations of sessions under way run before new sessions' first calls, and
   when the running calls outgrow the cache, vLLM preempts a new session, not one mid-loop.
@@ -174,7 +179,7 @@ class Admission:
     ) -> None:
         self.capacity_tokens = capacity_tokens
         self.runs = Runs() if ordering else None
-        """Workflow runs, for serving the run with the least work left first."""
+        """Workflow runs, for serving the smallest run first."""
         self.running = running
         """With ordering: calls in flight beyond which a run much larger than another run
         under way waits (`SIZE_RATIO`)."""
@@ -247,7 +252,7 @@ class Admission:
         if self.capacity_tokens is None:
             self._admit(t, "direct")
         elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
-            await self._wait(t)  # the run with the least work left first
+            await self._wait(t)  # the smallest run first
         elif g is not None and (g.in_flight or self._held(g)):
             self._admit(t, "resident")
         elif not self._waiting and self._fits(t):
@@ -560,7 +565,7 @@ class Admission:
             candidates = list(heads.values())
             if self.runs is not None:
                 # With the engine loaded, runs much larger than another under way wait; of
-                # the rest, the run with the least work left goes first.
+                # the rest, the runs expected to be smallest go first.
                 if self._in_flight >= self.running:
                     smallest = self._smallest_runs()
                     held = [t for t in candidates if now - t.arrived < self.order_wait

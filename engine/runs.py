@@ -4,9 +4,9 @@ One engine serves several workflows at once, and they differ in size: a trading 
 ~88 calls, a reflection three. Served together, every call shares each decode step with all
 the others, so the three-call workflow takes as long as the big one's busiest minute
 (bench/results/alone.md: the short workflows' median 10.3 s alone, 28.7 s together).
-Admission serves the run with the least work left first (`Admission`'s ordering), and this
-module says which run a call belongs to, and how much that run has left, before the call
-is forwarded:
+Admission serves the smallest runs first (`Admission`'s ordering), and this module says
+which run a call belongs to, and how large that run is expected to be, before the call is
+forwarded:
 
 - A call continuing a session is in that session's run.
 - A new session's prompt that contains an earlier answer (a summariser reading its experts,
@@ -285,7 +285,3 @@ class Runs:
             return max(FLOOR, above[len(above) // 2])
         return 2 * max(FLOOR, used)
 
-    def remaining(self, run: Run) -> float:
-        """Expected work left (0 where nothing can be said: such runs are not held back)."""
-        size = self.expected_size(run)
-        return 0.0 if size is None else size - run.service

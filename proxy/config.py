@@ -89,7 +89,7 @@ class Settings:
         "preheat's own engine runs, and is ignored by a first-come-first-served vLLM)."
     )
     ordering: bool = _opt(
-        True, "Serve the workflow run with the least work left first: runs are told from "
+        True, "Serve the smallest workflow runs first: runs are told from "
         "the traffic (sessions, answers pasted into later prompts) and their sizes learned; "
         "with the engine loaded, a run expected to be twice another's size waits for it "
         "(needs admission)."

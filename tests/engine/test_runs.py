@@ -1,9 +1,11 @@
-"""Workflow runs at arrival, and admission serving the run with the least work left first."""
+"""Workflow runs at arrival, and admission serving the smallest runs first."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+
+import pytest
 
 from engine.admission import Admission, prompt_chain
 from engine.runs import Runs, prompt_hashes, text_hashes
@@ -63,7 +65,6 @@ def test_sizes_are_learned_from_ended_runs_of_the_same_kind():
     assert runs.expected_size(runs.get(small)) == 64  # 60, floored
     runs.answered(big, 1100, [])  # past most runs of its kind: likely the big one
     assert runs.expected_size(runs.get(big)) == 5000
-    assert runs.remaining(runs.get(big)) == 3900
     runs.answered(big, 5000, [])  # larger than any seen: as much again
     assert runs.expected_size(runs.get(big)) == 12200
     rare, _ = runs.place("rare", "never-seen", list, now=6002.0)
@@ -74,7 +75,7 @@ def test_until_runs_have_ended_nothing_is_said_of_sizes():
     runs = Runs(together=0.0)
     a, _ = runs.place("a", "k", list, now=0.0)
     runs.answered(a, 5000, [])
-    assert runs.expected_size(runs.get(a)) is None and runs.remaining(runs.get(a)) == 0
+    assert runs.expected_size(runs.get(a)) is None
 
 
 def test_a_chunk_two_runs_wrote_links_neither():
@@ -128,19 +129,6 @@ async def test_a_loaded_engine_serves_a_small_run_before_a_big_one():
     await asyncio.wait_for(waiting_big, 2.0)
 
 
-async def test_ordering_never_holds_a_call_past_the_bound():
-    adm = _learned(running=1, max_wait=0.3, hold=30.0)
-    assert adm.order_wait == 0.3
-    big = _ticket(adm, "big", "agent", "big")
-    await adm.enter(big)
-    await asyncio.sleep(0.6)
-    small = _ticket(adm, "small", "task", "small")
-    await adm.enter(small)
-    nxt = _ticket(adm, "big", "agent again", "big")
-    await asyncio.wait_for(adm.enter(nxt), 2.0)  # it waits for the bound at most
-    assert nxt.how == "timeout" and 0.25 < nxt.waited < 1.0
-
-
 async def test_without_load_sizes_or_ordering_nothing_waits():
     cases = {"loaded, sized": (1, True, True), "not loaded": (100, True, True),
              "no sizes": (1, False, True), "ordering off": (1, True, False)}
@@ -186,13 +174,18 @@ async def test_when_the_cache_frees_up_the_smaller_run_goes_first():
         assert order[0] == first
 
 
-async def test_a_call_waits_for_smaller_runs_at_most_its_own_bound():
-    adm = _learned(running=1, max_wait=60.0, hold=30.0, order_wait=0.3)
+@pytest.mark.parametrize("max_wait, order_wait, how", [
+    (0.3, 30.0, "timeout"),  # admission's own bound
+    (60.0, 0.3, "resident"),  # ordering's: not the minute of max_wait
+])
+async def test_ordering_never_holds_a_call_past_its_bound(max_wait, order_wait, how):
+    adm = _learned(running=1, max_wait=max_wait, hold=30.0, order_wait=order_wait)
+    assert adm.order_wait == 0.3
     big = _ticket(adm, "big", "agent", "big")
     await adm.enter(big)
     await asyncio.sleep(0.6)
     small = _ticket(adm, "small", "task", "small")
-    await adm.enter(small)
+    await adm.enter(small)  # the engine is loaded, the small run goes in
     nxt = _ticket(adm, "big", "agent again", "big")
     await asyncio.wait_for(adm.enter(nxt), 2.0)
-    assert nxt.how == "resident" and 0.25 < nxt.waited < 1.0  # not the minute of max_wait
+    assert nxt.how == how and 0.25 < nxt.waited < 1.0
