@@ -189,3 +189,21 @@ async def test_ordering_never_holds_a_call_past_its_bound(max_wait, order_wait, 
     nxt = _ticket(adm, "big", "agent again", "big")
     await asyncio.wait_for(adm.enter(nxt), 2.0)
     assert nxt.how == how and 0.25 < nxt.waited < 1.0
+
+
+async def test_when_the_cache_decides_ordering_holds_nothing_back():
+    """A session with its history resident is not held for a smaller run while the cache is
+    full: holding it would keep its share of the cache idle."""
+    adm = _learned(running=1, max_wait=5.0)
+    adm.capacity_tokens, adm.fill, adm.chars_per_token = 1000, 1.0, 1.0
+    adm.runs.together = 0.0
+    big = _ticket(adm, "big", "B" * 1200, "big")
+    await adm.enter(big)  # an empty engine takes anything; now the cache is full
+    small = _ticket(adm, "small", "task", "small")
+    waiting_small = asyncio.create_task(adm.enter(small))
+    await asyncio.sleep(0.01)
+    assert not waiting_small.done()  # no room in the cache
+    nxt = _ticket(adm, "big", "B" * 1200 + "more", "big")
+    await asyncio.wait_for(adm.enter(nxt), 0.1)
+    assert nxt.how == "resident" and adm.held_for_smaller == 0
+    waiting_small.cancel()
