@@ -305,13 +305,12 @@ class Admission:
         hashes (which later prompts that contain the answer are placed by)."""
         usage = usage if isinstance(usage, dict) else {}
         prompt, output = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        service = 0.0
         if isinstance(prompt, int) and isinstance(output, int):
             self.calibrate(sum(t.chars), prompt)
             self.record_output(t.group, output)
+            service = output + PREFILL_WEIGHT * max(0, prompt - (cached_tokens or 0))
         if self.runs is not None and t.run:
-            service = 0.0
-            if isinstance(prompt, int) and isinstance(output, int):
-                service = output + PREFILL_WEIGHT * max(0, prompt - (cached_tokens or 0))
             self.runs.answered(t.run, service, answer_hashes, t.prompt_hashes)
 
     def record_output(self, group: str, output_tokens: int) -> None:

@@ -38,8 +38,7 @@ from typing import Callable, Iterable
 
 import xxhash
 
-from learn.canonical import message_text
-from learn.dataflow import chunks
+from learn.dataflow import chunks, prompt_text
 
 PREFILL_WEIGHT = 0.1
 """Service of one uncached prompt token, in decode tokens (CPU engine: prefill runs ~10x
@@ -85,7 +84,7 @@ def prompt_hashes(body: dict) -> list[int]:
     texts = []
     for m in prompt:
         if isinstance(m, dict):
-            texts.append(message_text(m) or str(m.get("output") or ""))
+            texts.append(prompt_text(m))
         elif isinstance(m, str):
             texts.append(m)
     return text_hashes(texts)

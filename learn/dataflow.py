@@ -51,6 +51,14 @@ def chunks(text: str, min_chunk: int = 24, limit: int = 1_000_000,
     return out
 
 
+def prompt_text(message: dict) -> str:
+    """A prompt message's text (a Responses API function_call_output: its output)."""
+    text = message_text(message)
+    if not text and "output" in message:
+        text = str(message.get("output"))
+    return text
+
+
 def answer_text(answer: dict | None) -> str:
     """An answer's text plus the arguments of its tool calls (hand-offs travel in both)."""
     if not isinstance(answer, dict):
@@ -93,10 +101,7 @@ class FlowIndex:
         if hit is not None:
             self._message_chunks.move_to_end(key)
             return hit
-        text = message_text(message)
-        if not text and "output" in message:  # a Responses API function_call_output
-            text = str(message.get("output"))
-        found = chunks(text, self.min_chunk)
+        found = chunks(prompt_text(message), self.min_chunk)
         self._message_chunks[key] = found
         if len(self._message_chunks) > self._cache:
             self._message_chunks.popitem(last=False)
