@@ -17,7 +17,9 @@ all of them with none:
   reserved set, with its expected size, stays within `fill` of the cache (`fill` is above 1
   by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
 - Otherwise it waits. Waiting sessions already under way go first, in arrival order; then
-  the new session adding the fewest tokens (the most shared prefix). Every wait is bounded by
+  new sessions of workflow runs under way (a run ends with its last agent: a debater let in
+  without the others cannot start its next round); then the new session adding the fewest
+  tokens (the most shared prefix). Every wait is bounded by
   `max_wait`; an engine that has been mostly idle lately takes waiting work even when it
   overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
 - A session stays resident while it has calls in flight and, after its last answer, for the
@@ -498,6 +500,8 @@ class Admission:
                 bisect.insort(self._gaps, gap)
                 if len(self._gaps) > 2000:
                     del self._gaps[::2]  # keep the distribution, halve the memory
+        if t.run and self.runs is not None:
+            self.runs.admitted(t.run)
         g.in_flight += 1
         self._running(+1)
         g.calls += 1
@@ -584,11 +588,10 @@ class Admission:
                 continue
             # Sessions under way finish before new ones start (their history is partly
             # computed, and an agent half done is worth more than one not begun); among
-            # new sessions, the one adding the fewest tokens (the most shared prefix) first.
+            # new sessions, those of workflow runs under way first, then the one adding
+            # the fewest tokens (the most shared prefix).
             returning = [t for t in candidates if t.group in self._sessions]
-            best = returning[0] if returning else min(
-                candidates, key=lambda t: (self._order_key(t)[0] if self.runs else 0,
-                                           self._increment(t), t._seq))
+            best = returning[0] if returning else min(candidates, key=self._new_session_key)
             if self._fits(best):
                 self._take(best, "returned" if returning else "waited")
             elif self._engine_idle():
@@ -596,6 +599,17 @@ class Admission:
             else:
                 break
         self._schedule()
+
+    def _new_session_key(self, t: Ticket) -> tuple[int, int, int, int]:
+        """Which new session goes first. A run is done when its last agent is: a debater
+        let in while the other two wait holds its share of the cache and cannot start its
+        second round, and a map's last branch keeps the reduce waiting. So the agents of
+        runs under way go before runs not begun; then smaller runs (by size class), then
+        the most shared prefix."""
+        if self.runs is None:
+            return (0, 0, self._increment(t), t._seq)
+        begun = bool(t.run) and self.runs.under_way(t.run)
+        return (0 if begun else 1, self._order_key(t)[0], self._increment(t), t._seq)
 
     def _order_key(self, t: Ticket) -> tuple[int, int]:
         """Smaller runs first, by size class (a factor of SIZE_RATIO apart); within a class,

@@ -91,7 +91,7 @@ def prompt_hashes(body: dict) -> list[int]:
 
 
 class Run:
-    __slots__ = ("id", "started", "kinds", "service", "pending", "last", "calls")
+    __slots__ = ("id", "started", "kinds", "service", "pending", "last", "calls", "admitted")
 
     def __init__(self, rid: str, started: float) -> None:
         self.id = rid
@@ -102,6 +102,9 @@ class Run:
         """Calls arrived and not answered yet (waiting for admission or in flight)."""
         self.last = started
         self.calls = 0
+        self.admitted = 0
+        """Calls admission let go to the engine: a run with some is under way, and its
+        other agents should not wait behind runs not yet begun."""
 
     @property
     def kind(self) -> str:
@@ -200,6 +203,16 @@ class Runs:
             run.pending += 1
             run.calls += 1
 
+    def admitted(self, rid: str) -> None:
+        run = self.get(rid)
+        if run is not None:
+            run.admitted += 1
+
+    def under_way(self, rid: str) -> bool:
+        """Some call of the run has gone to the engine."""
+        run = self.get(rid)
+        return run is not None and run.admitted > 0
+
     def left(self, rid: str, now: float | None = None) -> None:
         run = self.get(rid)
         if run is not None:
@@ -233,6 +246,7 @@ class Runs:
         a.service += b.service
         a.pending += b.pending
         a.calls += b.calls
+        a.admitted += b.admitted
         a.last = max(a.last, b.last)
         if b.started - a.started <= self.together:  # a root of the run, not a late misplacement
             a.kinds |= b.kinds

@@ -207,3 +207,44 @@ async def test_when_the_cache_decides_ordering_holds_nothing_back():
     await asyncio.wait_for(adm.enter(nxt), 0.1)
     assert nxt.how == "resident" and adm.held_for_smaller == 0
     waiting_small.cancel()
+
+
+async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
+    """Two debaters launched together: one fits the cache, the other waits. A smaller
+    session of another workflow arrives later. When room frees, the second debater goes
+    first (the first cannot start its next round without it), though the other adds less."""
+    adm = Admission(1000, fill=1.0, ordering=True, running=100, hold=0.05, max_wait=10.0)
+    adm.chars_per_token = 1.0
+    adm.runs.together = 0.5
+
+    def call(text: str, session: str):
+        chain, chars = prompt_chain({"messages": [{"role": "user", "content": text}]})
+        return adm.ticket(chain, chars, session=session)
+
+    filler = call("F" * 580, "filler")
+    await adm.enter(filler)
+    await asyncio.sleep(0.6)  # the debate starts a run of its own
+    first, second = call("D" * 280, "debater-1"), call("E" * 480, "debater-2")
+    assert adm.runs.find(first.run) == adm.runs.find(second.run)
+    await adm.enter(first)
+    assert first.how == "fits"
+    order: list[str] = []
+
+    async def enter(t, name):
+        await adm.enter(t)
+        order.append(name)
+
+    waiting = [asyncio.create_task(enter(second, "debater-2"))]
+    await asyncio.sleep(0.6)
+    other = call("O" * 430, "other-workflow")
+    assert adm.runs.find(other.run) != adm.runs.find(first.run)
+    waiting.append(asyncio.create_task(enter(other, "other-workflow")))
+    await asyncio.sleep(0.05)
+    assert not order  # neither fits beside the filler
+    adm.leave(filler, 10)  # its hold lapses: room for one of them
+    await asyncio.sleep(0.3)
+    assert order == ["debater-2"]
+    adm.leave(first, 10)
+    adm.leave(second, 10)
+    await asyncio.wait_for(waiting[1], 2.0)
+    assert order == ["debater-2", "other-workflow"]
