@@ -600,16 +600,21 @@ class Admission:
                 break
         self._schedule()
 
-    def _new_session_key(self, t: Ticket) -> tuple[int, int, int, int]:
+    def _new_session_key(self, t: Ticket) -> tuple[int, float, int]:
         """Which new session goes first. A run is done when its last agent is: a debater
         let in while the other two wait holds its share of the cache and cannot start its
         second round, and a map's last branch keeps the reduce waiting. So the agents of
-        runs under way go before runs not begun; then smaller runs (by size class), then
-        the most shared prefix."""
+        runs under way go before runs not begun. Then the least cache held for the least
+        work: the tokens the session adds to the cache times its run's expected size (a
+        short run with a long document and a long run with a small prompt both hold the
+        cache a while; where sizes are unknown, the tokens alone)."""
+        increment = self._increment(t)
         if self.runs is None:
-            return (0, 0, self._increment(t), t._seq)
-        begun = bool(t.run) and self.runs.under_way(t.run)
-        return (0 if begun else 1, self._order_key(t)[0], self._increment(t), t._seq)
+            return (0, increment, t._seq)
+        run = self.runs.get(t.run) if t.run else None
+        begun = run is not None and run.admitted > 0
+        size = self.runs.expected_size(run) if run is not None else None
+        return (0 if begun else 1, increment * (size or 1.0), t._seq)
 
     def _order_key(self, t: Ticket) -> tuple[int, int]:
         """Smaller runs first, by size class (a factor of SIZE_RATIO apart); within a class,
