@@ -415,7 +415,8 @@ async def main_async(args) -> None:
     # outgrows the pressure runs' 7,168-token context.
     shapes, shapes_train = _shapes_mix(q, seed=3), _shapes_mix(q, seed=30, train=True)
     mixed = _mixed(q, range(176, 178 if q else 180), seed=8)
-    mixed_train = _mixed(True, range(182, 184), seed=80)
+    # Learned from the same mix (tau agents of as many calls, the same generated shapes).
+    mixed_train = _mixed(q, range(182, 184 if q else 186), seed=80)
     workloads = [
         (f"agent loops x{loops}, {medium} MiB cache (pressure 2x)",
          agent_loops(loops, 4 if q else 8, seed=4), agent_loops(6, 4 if q else 8, seed=40),
