@@ -373,7 +373,7 @@ class Admission:
 
     def expected_footprint(self, kind: str | None = None) -> int:
         """Own tokens a session grows to (upper quartile of recent finished sessions of the
-        same kind, or of all where too few of that kind finished; 0 unknown)."""
+        same kind, or of all where none of that kind finished; 0 unknown)."""
         return self._learned(kind)[1]
 
     def expected_calls(self, kind: str | None = None) -> int:
@@ -381,17 +381,21 @@ class Admission:
         return self._learned(kind)[2]
 
     def _learned(self, kind: str | None) -> tuple[list[tuple[int, int, str]], int, int]:
-        """Finished sessions of the kind (all of them where that kind is too rare), and the
-        upper quartiles of their footprints and calls. Remembered until the next session
-        finishes: admission asks for them per resident group on every decision."""
+        """Finished sessions of the kind (from the first one: other agents' sessions say
+        little of this one's, as a debater's three calls and a support agent's six; all
+        kinds' where none of the kind finished and at least PROFILE_MIN_SESSIONS did), and
+        the upper quartiles of their footprints and calls. Remembered until the next
+        session finishes: admission asks for them per resident group on every decision."""
         found = self._learned_by_kind.get(kind)
         if found is None:
             finished = list(self._finished.values())
             same = [p for p in finished if p[2] == kind]
-            if len(same) >= PROFILE_MIN_SESSIONS:
+            if same:
                 finished = same
+            elif len(finished) < PROFILE_MIN_SESSIONS:
+                finished = []
             footprint = calls = 0
-            if len(finished) >= PROFILE_MIN_SESSIONS:
+            if finished:
                 at = int(0.75 * (len(finished) - 1))
                 footprint = sorted(p[0] for p in finished)[at]
                 calls = sorted(p[1] for p in finished)[at]
@@ -470,7 +474,7 @@ class Admission:
         """Nearly every finished session of its kind stopped within the calls `g` has made.
         (One that does come back is a session under way again: it goes before new ones.)"""
         finished = self._learned(g.kind)[0]
-        if len(finished) < PROFILE_MIN_SESSIONS:
+        if not finished:
             return False
         return sum(1 for p in finished if p[1] > g.calls) < DONE_BEYOND * len(finished)
 

@@ -171,6 +171,25 @@ async def test_a_session_is_done_by_the_length_of_its_own_agent():
     assert adm.stats().resident_groups == 1
 
 
+async def test_one_finished_session_of_an_agent_says_more_than_other_agents_sessions():
+    """A debater's sessions make one call, a long-running agent's three: after the first
+    debater finishes, the next one leaves with its answer rather than being held for a
+    tool call that the long agent's sessions would make."""
+    adm = make(3000, hold=0.05, max_wait=30)
+    agent_a, debater = "A" * 200, "D" * 200
+    await _finished_sessions(adm, agent_a)  # three sessions of three calls
+    await _call(adm, body(debater, "first debate" * 20))
+    await _let_go(adm)
+    assert adm.expected_calls(ticket(adm, body(debater)).kind) == 1
+    long_kind = ticket(adm, body(agent_a)).kind
+    assert adm.expected_footprint(ticket(adm, body(debater)).kind) < 600
+    assert adm.expected_footprint(long_kind) > 1000
+    await _call(adm, body(debater, "second debate"))
+    assert adm.stats().resident_groups == 0  # done: its place is free at once
+    never = ticket(adm, body("N" * 200))  # an agent none of whose sessions finished
+    assert adm.expected_calls(never.kind) == 3  # all agents' sessions, as before
+
+
 async def test_a_session_as_long_as_finished_ones_leaves_with_its_last_answer():
     adm = make(3000, hold=0.05, max_wait=30)
     shared = "S" * 200

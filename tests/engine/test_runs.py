@@ -90,7 +90,8 @@ def test_a_chunk_two_runs_wrote_links_neither():
 
 
 SYSTEMS = {"big": "You are one of the big workflow's many agents.",
-           "small": "You are the small workflow's only agent."}
+           "small": "You are the small workflow's only agent.",
+           "other": "You are an agent of some other app."}
 
 
 def _ticket(adm: Admission, workflow: str, text: str, session: str):
@@ -154,7 +155,7 @@ async def test_when_the_cache_frees_up_the_smaller_run_goes_first():
         adm = _learned(running=100, hold=0.05)
         adm.capacity_tokens, adm.fill, adm.chars_per_token = 1000, 1.0, 1.0
         adm.runs.together = 0.0
-        filler = _ticket(adm, "big", "F" * 900, "filler")
+        filler = _ticket(adm, "other", "F" * 900, "filler")  # (its size says nothing of theirs)
         await adm.enter(filler)
         names = ["big-a", workflows[1] + "-b"]
         tickets = {}
