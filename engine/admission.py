@@ -51,7 +51,7 @@ import itertools
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -591,11 +591,14 @@ class Admission:
                 self._take(resident[0], "resident")
                 continue
             # Sessions under way finish before new ones start (their history is partly
-            # computed, and an agent half done is worth more than one not begun); among
-            # new sessions, those of workflow runs under way first, then the one adding
-            # the fewest tokens (the most shared prefix).
+            # computed, and an agent half done is worth more than one not begun); then new
+            # sessions, as `_new_session_key` says.
             returning = [t for t in candidates if t.group in self._sessions]
-            best = returning[0] if returning else min(candidates, key=self._new_session_key)
+            if returning:
+                best = returning[0]
+            else:
+                sharing = Counter(h for t in candidates for h in t.chain if h not in self._refs)
+                best = min(candidates, key=lambda t: self._new_session_key(t, sharing))
             if self._fits(best):
                 self._take(best, "returned" if returning else "waited")
             elif self._engine_idle():
@@ -604,15 +607,19 @@ class Admission:
                 break
         self._schedule()
 
-    def _new_session_key(self, t: Ticket) -> tuple[int, float, int]:
+    def _new_session_key(self, t: Ticket, sharing: Counter) -> tuple[int, float, int]:
         """Which new session goes first. A run is done when its last agent is: a debater
         let in while the other two wait holds its share of the cache and cannot start its
         second round, and a map's last branch keeps the reduce waiting. So the agents of
         runs under way go before runs not begun. Then the least cache held for the least
         work: the tokens the session adds to the cache times its run's expected size (a
         short run with a long document and a long run with a small prompt both hold the
-        cache a while; where sizes are unknown, the tokens alone)."""
-        increment = self._increment(t)
+        cache a while; where sizes are unknown, the tokens alone). A prefix that waiting
+        sessions share (`sharing`: waiting sessions per prefix not resident) is computed
+        once for all of them, so each is charged its share: three agents waiting with one
+        4,600-token system prompt are not each the most costly newcomer."""
+        increment = sum(s / sharing.get(h, 1) for h, s in zip(t.chain, t.sizes)
+                        if h not in self._refs)
         if self.runs is None:
             return (0, increment, t._seq)
         run = self.runs.get(t.run) if t.run else None
@@ -630,10 +637,7 @@ class Admission:
     def _cache_bound(self) -> bool:
         """The sessions admitted, at the size they grow to, fill the cache's share: then the
         cache decides who goes, and ordering holds nothing back (holding a session that has
-        its history resident keeps its share of the cache idle). On the mixed workload
-        (64 MiB), which is bimodal from run to run, preheat-on medians were 41.8, 42.3, 23.2
-        and 45.6 s with ordering acting there, 41.3, 31.9 and 33.1 s with ordering off, and
-        46.3 and 30.2 s with this guard: too few runs to tell."""
+        its history resident keeps its share of the cache idle)."""
         return self._reserved_tokens() > self.fill * (self.capacity_tokens or 0)
 
     def _smallest_runs(self) -> list[tuple[float, str]]:

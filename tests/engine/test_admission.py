@@ -227,6 +227,25 @@ async def test_shared_prefix_adds_little_and_is_preferred():
     other_task.cancel()
 
 
+async def test_waiting_sessions_that_share_a_prompt_head_go_in_together():
+    """Three agents wait with one long system prompt, not resident; another waits with a
+    prompt shorter than that head but longer than its share. The three go first: the head
+    is computed once for all of them."""
+    adm = make(1000, hold=0.05, max_wait=5)
+    filler = ticket(adm, body("F" * 900))
+    await adm.enter(filler)
+    head = "H" * 600
+    agents = [ticket(adm, body(head, f"task {i}" * 6)) for i in range(3)]
+    other = ticket(adm, body("U" * 400))
+    tasks = [asyncio.create_task(adm.enter(t)) for t in (*agents, other)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in tasks)  # the filler's history fills the cache
+    adm.leave(filler, 0)  # its hold lapses
+    await asyncio.wait_for(asyncio.gather(*tasks[:3]), 1)
+    assert not tasks[3].done()  # the other waits for room
+    tasks[3].cancel()
+
+
 async def test_every_wait_is_bounded():
     adm = make(100, hold=60, max_wait=0.2)
     a = ticket(adm, body("A" * 90))
