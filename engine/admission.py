@@ -18,8 +18,9 @@ all of them with none:
   by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
 - Otherwise it waits. Waiting sessions already under way go first, in arrival order; then
   new sessions of workflow runs under way (a run ends with its last agent: a debater let in
-  without the others cannot start its next round); then the new session adding the fewest
-  tokens (the most shared prefix). Every wait is bounded by
+  without the others cannot start its next round); then the new session holding the least
+  cache for the least work (the tokens it adds, a prefix other waiting sessions share
+  charged by its share, times its run's expected size). Every wait is bounded by
   `max_wait`; an engine that has been mostly idle lately takes waiting work even when it
   overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
 - A session stays resident while it has calls in flight and, after its last answer, for the

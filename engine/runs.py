@@ -208,11 +208,6 @@ class Runs:
         if run is not None:
             run.admitted += 1
 
-    def under_way(self, rid: str) -> bool:
-        """Some call of the run has gone to the engine."""
-        run = self.get(rid)
-        return run is not None and run.admitted > 0
-
     def left(self, rid: str, now: float | None = None) -> None:
         run = self.get(rid)
         if run is not None:
