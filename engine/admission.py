@@ -365,9 +365,12 @@ class Admission:
             if self._by_chain_end.get(end) == gid:
                 del self._by_chain_end[end]
 
-    def _increment(self, t: Ticket) -> int:
-        """Tokens the ticket's prompt adds to the resident union."""
-        return sum(s for h, s in zip(t.chain, t.sizes) if h not in self._refs)
+    def _increment(self, t: Ticket, sharing: Counter | None = None) -> float:
+        """Tokens the ticket's prompt adds to the resident union; with `sharing` (waiting
+        sessions per prefix), a prefix several waiting sessions share counts by its share."""
+        if sharing is None:
+            return sum(s for h, s in zip(t.chain, t.sizes) if h not in self._refs)
+        return sum(s / (sharing[h] or 1) for h, s in zip(t.chain, t.sizes) if h not in self._refs)
 
     def _resident_tokens(self) -> int:
         return self._union + sum(g.output_tokens for g in self._groups.values())
@@ -619,8 +622,7 @@ class Admission:
         sessions share (`sharing`: waiting sessions per prefix not resident) is computed
         once for all of them, so each is charged its share: three agents waiting with one
         4,600-token system prompt are not each the most costly newcomer."""
-        increment = sum(s / sharing.get(h, 1) for h, s in zip(t.chain, t.sizes)
-                        if h not in self._refs)
+        increment = self._increment(t, sharing)
         if self.runs is None:
             return (0, increment, t._seq)
         run = self.runs.get(t.run) if t.run else None
