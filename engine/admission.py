@@ -517,9 +517,11 @@ class Admission:
         self._remember(g)
         self._measure(g)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("admitted %s call %d (%s) after %.2f s; %d groups, %d of %d tokens",
+            log.debug("admitted %s call %d (%s) after %.2f s; %d groups, %d of %d tokens "
+                      "(%d reserved), %d in flight, %d waiting",
                       t.group, g.calls, how, t.waited, len(self._groups),
-                      self._resident_tokens(), self.capacity_tokens or 0)
+                      self._resident_tokens(), self.capacity_tokens or 0,
+                      self._reserved_tokens(), self._in_flight, len(self._waiting))
         if t._future is not None and not t._future.done():
             t._future.set_result(None)
 
