@@ -68,9 +68,6 @@ PROFILE_MIN_SESSIONS = 3
 BUSY_WINDOW = 20.0
 IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
-SPARE_BELOW = 2
-"""With fewer admitted calls than this running, a waiting session that fits the cache as it is
-now goes in (`_spare`)."""
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
@@ -265,8 +262,6 @@ class Admission:
             self._admit(t, "returned" if t.group in self._sessions else "fits")
         elif not self._waiting and self._engine_idle():
             self._admit(t, "idle")
-        elif not self._waiting and self._spare(t):
-            self._admit(t, "spare")
         else:
             await self._wait(t)
 
@@ -425,18 +420,6 @@ class Admission:
         if t.group not in self._sessions:  # a new session: room for all it will grow to
             need = max(need, self.expected_footprint(t.kind))
         return self._reserved_tokens() + need <= budget
-
-    def _spare(self, t: Ticket) -> bool:
-        """The engine has room now: fewer than SPARE_BELOW calls run, and the cache holds
-        what is resident now with the session at the size it grows to. The reservation for
-        what resident sessions will grow to is a forecast; while the engine idles, the space
-        it keeps free is lent."""
-        if self._in_flight >= SPARE_BELOW:
-            return False
-        need = self._increment(t)
-        if t.group not in self._sessions:
-            need = max(need, self.expected_footprint(t.kind))
-        return self._resident_tokens() + need <= (self.capacity_tokens or 0)
 
     def _measure(self, g: Group) -> None:
         g.own_tokens = g.output_tokens + sum(
@@ -626,8 +609,6 @@ class Admission:
                 self._take(best, "returned" if returning else "waited")
             elif self._engine_idle():
                 self._take(best, "idle")
-            elif self._spare(best):
-                self._take(best, "spare")
             else:
                 break
         self._schedule()
