@@ -72,9 +72,6 @@ DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""
-SURELY_MORE = 0.75
-"""The share of finished sessions of its agent with more calls from which a session is surely
-coming back (held MID_SESSION_HOLD times the tool gap)."""
 SIZE_RATIO = 2.0
 """With the engine loaded, a workflow run expected to be this many times the size of another
 run under way waits for it (runs of about one size share the engine as they come)."""
@@ -473,9 +470,7 @@ class Admission:
         if not g.calls or self._done(g):
             return 0.0
         hold = self._gap_p90()
-        finished = self._learned(g.kind)[0]
-        more = sum(1 for p in finished if p[1] > g.calls)
-        if finished and more >= SURELY_MORE * len(finished):
+        if g.calls < self.expected_calls(g.kind):
             hold *= MID_SESSION_HOLD
         return min(self.max_hold, hold)
 
