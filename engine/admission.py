@@ -20,7 +20,8 @@ all of them with none:
   new sessions of workflow runs under way (a run ends with its last agent: a debater let in
   without the others cannot start its next round); then the new session holding the least
   cache for the least work (the tokens it adds, a prefix other waiting sessions share
-  charged by its share, times its run's expected size). Every wait is bounded by
+  charged by its share, times its run's expected size). When the first in that order does
+  not fit, the first after it that does goes in (backfill). Every wait is bounded by
   `max_wait`; an engine that has been mostly idle lately takes waiting work even when it
   overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
 - A session stays resident while it has calls in flight and, after its last answer, for the
@@ -141,7 +142,9 @@ class Ticket:
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     how: str = ""
-    """'direct' (no pressure), 'resident' (continuation), 'fits', 'waited', or 'timeout'."""
+    """'direct' (no pressure), 'resident' (continuation), 'fits' (a new session, at once),
+    'returned' (a session under way, back after leaving the cache), 'waited' (first in the
+    waiting order), 'backfill' (past one that did not fit), 'idle' or 'timeout'."""
     priority: int = 0
     """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
     run: str = ""
@@ -412,14 +415,16 @@ class Admission:
                      for g in self._groups.values())
         return self._resident_tokens() + growth
 
-    def _fits(self, t: Ticket) -> bool:
+    def _fits(self, t: Ticket, reserved: int | None = None) -> bool:
         if not self._groups:
             return True  # an empty engine takes anything, however large
         budget = self.fill * (self.capacity_tokens or 0)
         need = self._increment(t)
         if t.group not in self._sessions:  # a new session: room for all it will grow to
             need = max(need, self.expected_footprint(t.kind))
-        return self._reserved_tokens() + need <= budget
+        if reserved is None:
+            reserved = self._reserved_tokens()
+        return reserved + need <= budget
 
     def _measure(self, g: Group) -> None:
         g.own_tokens = g.output_tokens + sum(
@@ -598,17 +603,23 @@ class Admission:
                 continue
             # Sessions under way finish before new ones start (their history is partly
             # computed, and an agent half done is worth more than one not begun); then new
-            # sessions, as `_new_session_key` says.
-            returning = [t for t in candidates if t.group in self._sessions]
-            if returning:
-                best = returning[0]
-            else:
-                sharing = Counter(h for t in candidates for h in t.chain if h not in self._refs)
-                best = min(candidates, key=lambda t: self._new_session_key(t, sharing))
-            if self._fits(best):
-                self._take(best, "returned" if returning else "waited")
+            # sessions, as `_new_session_key` says. When the first does not fit, the first
+            # after it that does goes in (backfill): a tau agent whose system prompt is
+            # resident need not wait while a debater's run waits for room.
+            ranked = [t for t in candidates if t.group in self._sessions]
+            new = [t for t in candidates if t.group not in self._sessions]
+            if new:
+                sharing = Counter(h for t in new for h in t.chain if h not in self._refs)
+                new.sort(key=lambda t: self._new_session_key(t, sharing))
+            ranked += new
+            reserved = self._reserved_tokens()
+            fit = next((t for t in ranked if self._fits(t, reserved)), None)
+            if fit is not None:
+                how = ("returned" if fit.group in self._sessions else
+                       "waited" if fit is ranked[0] else "backfill")
+                self._take(fit, how)
             elif self._engine_idle():
-                self._take(best, "idle")
+                self._take(ranked[0], "idle")
             else:
                 break
         self._schedule()

@@ -210,10 +210,9 @@ async def test_when_the_cache_decides_ordering_holds_nothing_back():
     waiting_small.cancel()
 
 
-async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
-    """Two debaters launched together: one fits the cache, the other waits. A smaller
-    session of another workflow arrives later. When room frees, the second debater goes
-    first (the first cannot start its next round without it), though the other adds less."""
+async def _debate_beside_a_filler():
+    """A cache of 1,000 tokens, 580 of them a filler's call in flight; then a debate starts
+    (a run of its own) with two debaters: the first fits, the second (480) will not."""
     adm = Admission(1000, fill=1.0, ordering=True, running=100, hold=0.05, max_wait=10.0)
     adm.chars_per_token = 1.0
     adm.runs.together = 0.5
@@ -224,8 +223,16 @@ async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
 
     filler = call("F" * 580, "filler")
     await adm.enter(filler)
-    await asyncio.sleep(0.6)  # the debate starts a run of its own
+    await asyncio.sleep(0.6)
     first, second = call("D" * 280, "debater-1"), call("E" * 480, "debater-2")
+    return adm, call, filler, first, second
+
+
+async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
+    """Two debaters launched together: one fits the cache, the other waits. A smaller
+    session of another workflow arrives later. When room frees, the second debater goes
+    first (the first cannot start its next round without it), though the other adds less."""
+    adm, call, filler, first, second = await _debate_beside_a_filler()
     assert adm.runs.find(first.run) == adm.runs.find(second.run)
     await adm.enter(first)
     assert first.how == "fits"
@@ -249,3 +256,21 @@ async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
     adm.leave(second, 10)
     await asyncio.wait_for(waiting[1], 2.0)
     assert order == ["debater-2", "other-workflow"]
+
+
+async def test_a_session_that_fits_goes_in_while_a_larger_one_waits_for_room():
+    """The second debater goes first but does not fit beside the first; a small session of
+    another workflow that fits does not wait behind it (backfill). The debater goes in as
+    soon as there is room."""
+    adm, call, filler, first, second = await _debate_beside_a_filler()
+    await adm.enter(first)
+    waiting = asyncio.create_task(adm.enter(second))
+    await asyncio.sleep(0.6)
+    small = call("S" * 40, "small-workflow")
+    assert adm.runs.find(small.run) != adm.runs.find(first.run)
+    await asyncio.wait_for(adm.enter(small), 0.1)
+    assert small.how == "backfill"
+    assert not waiting.done()  # still no room for the debater
+    adm.leave(filler, 10)  # its hold lapses
+    await asyncio.wait_for(waiting, 2.0)
+    assert second.how == "waited"
