@@ -604,14 +604,14 @@ class Admission:
             # Sessions under way finish before new ones start (their history is partly
             # computed, and an agent half done is worth more than one not begun); then new
             # sessions, as `_new_session_key` says. When the first does not fit, the first
-            # after it that does goes in (backfill): a tau agent whose system prompt is
-            # resident need not wait while a debater's run waits for room.
-            ranked = [t for t in candidates if t.group in self._sessions]
+            # after it that does goes in (backfill): a small session need not wait, with the
+            # engine half idle, while a large one waits for room.
+            returning = [t for t in candidates if t.group in self._sessions]
             new = [t for t in candidates if t.group not in self._sessions]
             if new:
                 sharing = Counter(h for t in new for h in t.chain if h not in self._refs)
                 new.sort(key=lambda t: self._new_session_key(t, sharing))
-            ranked += new
+            ranked = returning + new
             reserved = self._reserved_tokens()
             fit = next((t for t in ranked if self._fits(t, reserved)), None)
             if fit is not None:
