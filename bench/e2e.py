@@ -189,8 +189,6 @@ class Proxy:
                     out[f"{family[8:-6]}_{label}"] = float(line.rsplit(" ", 1)[1])
             if line.startswith("preheat_admission_wait_seconds_max "):
                 out["admission_wait_max"] = float(line.rsplit(" ", 1)[1])
-            if line.startswith("preheat_admission_projected_total "):
-                out["projected"] = float(line.rsplit(" ", 1)[1])
         return out
 
     def stop(self) -> None:
@@ -203,9 +201,7 @@ def _admission_note(row: dict) -> str:
               k != "admission_wait_max"}
     if not counts:
         return ""
-    projected = f" ({int(row['projected'])} by projection)" if row.get("projected") else ""
-    return (f"admitted {counts}{projected}, longest wait "
-            f"{row.get('admission_wait_max', 0):.1f} s")
+    return f"admitted {counts}, longest wait {row.get('admission_wait_max', 0):.1f} s"
 
 
 async def reset_cache(engine: Engine) -> None:

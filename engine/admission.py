@@ -16,10 +16,6 @@ all of them with none:
 - Continuations of resident sessions go straight in. A new session goes in while the
   reserved set, with its expected size, stays within `fill` of the cache (`fill` is above 1
   by default: sessions do not all peak at once, and vLLM evicts the idlest blocks first).
-  It also goes in when it fits in time (`project`): the sessions resident now, each
-  projected to grow to its expected size and leave at its agent's learned pace, leave
-  room for it before it has grown. Sessions started apart then overlap like a pipeline
-  rather than running in waves.
 - Otherwise it waits. Waiting sessions already under way go first, in arrival order; then
   new sessions of workflow runs under way (a run ends with its last agent: a debater let in
   without the others cannot start its next round); then the new session holding the least
@@ -186,14 +182,8 @@ class Admission:
         ordering: bool = False,
         running: int = 4,
         order_wait: float = 30.0,
-        project: bool = True,
     ) -> None:
         self.capacity_tokens = capacity_tokens
-        self.project = project
-        """Admit a new session that overflows the reserved set if the sessions resident now
-        are expected to leave before it grows (`_fits_in_time`)."""
-        self.projected = 0
-        """Sessions admitted so (a projection let them in; the static reservation would not)."""
         self.runs = Runs() if ordering else None
         """Workflow runs, for serving the smallest run first."""
         self.running = running
@@ -216,17 +206,14 @@ class Admission:
         self._by_chain_end: dict[str, str] = {}
         self._shared: dict[str, None] = {}
         """Prefixes two sessions have sent (system prompts, tools): counted once, not per session."""
-        self._profiles: OrderedDict[str, list[float]] = OrderedDict()
-        """[largest own-token count, calls, first admitted, last answered] of each recent
-        session, kept up to date."""
-        self._finished: OrderedDict[str, tuple[int, int, str, float]] = OrderedDict()
+        self._profiles: OrderedDict[str, list[int]] = OrderedDict()
+        """[largest own-token count, calls] of each recent session, kept up to date."""
+        self._finished: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         """The same with the session's kind, taken when a session left the cache (again if
         it came back): what a new session of that kind is expected to grow to (admitting it
         leaves room for its later calls), how many calls it makes, and when it is done.
-        Sessions under way are not counted: their sizes so far would make all look small.
-        The last item is the session's seconds per call (first admission to last answer,
-        tool time included): how soon a session under way will be done."""
-        self._learned_by_kind: dict[str | None, tuple[list, int, int, float]] = {}
+        Sessions under way are not counted: their sizes so far would make all look small."""
+        self._learned_by_kind: dict[str | None, tuple[list, int, int]] = {}
         """Per kind: what `_learned` found, until the next session finishes."""
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
@@ -400,19 +387,12 @@ class Admission:
         """Calls a session makes (upper quartile, as `expected_footprint`)."""
         return self._learned(kind)[2]
 
-    def seconds_per_call(self, kind: str | None = None) -> float:
-        """How long a session takes per call, tool time included (median of recent finished
-        sessions, as `expected_footprint`; 0 unknown)."""
-        return self._learned(kind)[3]
-
-    def _learned(self, kind: str | None) -> tuple[list[tuple[int, int, str, float]], int,
-                                                  int, float]:
+    def _learned(self, kind: str | None) -> tuple[list[tuple[int, int, str]], int, int]:
         """Finished sessions of the kind (from the first one: other agents' sessions say
         little of this one's, as a debater's three calls and a support agent's six; all
-        kinds' where none of the kind finished and at least PROFILE_MIN_SESSIONS did), the
-        upper quartiles of their footprints and calls, and their median seconds per call.
-        Remembered until the next session finishes: admission asks for them per resident
-        group on every decision."""
+        kinds' where none of the kind finished and at least PROFILE_MIN_SESSIONS did), and
+        the upper quartiles of their footprints and calls. Remembered until the next
+        session finishes: admission asks for them per resident group on every decision."""
         found = self._learned_by_kind.get(kind)
         if found is None:
             finished = list(self._finished.values())
@@ -422,13 +402,11 @@ class Admission:
             elif len(finished) < PROFILE_MIN_SESSIONS:
                 finished = []
             footprint = calls = 0
-            pace = 0.0
             if finished:
                 at = int(0.75 * (len(finished) - 1))
                 footprint = sorted(p[0] for p in finished)[at]
                 calls = sorted(p[1] for p in finished)[at]
-                pace = sorted(p[3] / max(1, p[1]) for p in finished)[len(finished) // 2]
-            found = self._learned_by_kind[kind] = (finished, footprint, calls, pace)
+            found = self._learned_by_kind[kind] = (finished, footprint, calls)
         return found
 
     def _reserved_tokens(self) -> int:
@@ -446,75 +424,18 @@ class Admission:
             need = max(need, self.expected_footprint(t.kind))
         if reserved is None:
             reserved = self._reserved_tokens()
-        if reserved + need <= budget:
-            return True
-        if self.project and self._fits_in_time(t, self.capacity_tokens or 0):
-            self.projected += 1
-            return True
-        return False
-
-    def _fits_in_time(self, t: Ticket, budget: float) -> bool:
-        """The ticket's session fits when the sessions resident now finish before it peaks.
-
-        `_reserved_tokens` holds every resident session at its final size until it leaves,
-        and a new one at its final size from its first call: sessions that start together
-        peak together. Sessions started apart do not: a loop near its last call leaves
-        before one that starts now has grown. So each session's own tokens are projected
-        as a line from now to its expected size, reached when its expected calls are done
-        (at its kind's seconds per call, or its own so far where slower: an engine busier
-        than when its kind was learned), where it leaves; the newcomer's line starts at the
-        tokens it adds. The total must stay within the cache (not `fill` of it: the peaks
-        that `fill` bets against are projected here) at every point where it can peak: just
-        before each resident session leaves, and once the newcomer is full.
-        Only sessions of kinds with finished sessions are projected; an unknown kind is
-        held at its full size throughout, as `_reserved_tokens` does."""
-        calls, pace = self.expected_calls(t.kind), self.seconds_per_call(t.kind)
-        if not pace or not calls:
-            return False
-        start = self._increment(t)
-        peak = max(start, self.expected_footprint(t.kind))
-        profile = self._profiles.get(t.group)
-        done = int(profile[1]) if profile and t.group in self._sessions else 0
-        span = max(1, calls - done) * pace
-        lines: list[tuple[float, int, int]] = []  # (leaves in, own tokens now, at the end)
-        own_now, now = 0, time.monotonic()
-        for g in self._groups.values():
-            own_now += g.own_tokens
-            g_calls, g_pace = self.expected_calls(g.kind), self.seconds_per_call(g.kind)
-            g_peak = max(g.own_tokens, self.expected_footprint(g.kind))
-            if not g_pace or not g_calls:
-                lines.append((math.inf, g_peak, g_peak))
-                continue
-            profile = self._profiles.get(g.id)
-            if profile and g.calls > 1:  # this session's own pace, when slower (a busier engine)
-                g_pace = max(g_pace, (now - profile[2]) / (g.calls - 0.5))
-            left = max(0, g_calls - g.calls) + (0.5 if g.in_flight else 0.0)
-            lines.append((left * g_pace, g.own_tokens, g_peak))
-        base = self._resident_tokens() - own_now  # prefixes sessions share: they stay
-
-        def total(at: float) -> float:
-            mine = start + (peak - start) * min(1.0, at / span)
-            return base + mine + sum(
-                size + (end - size) * (min(1.0, at / leaves) if leaves else 0.0)
-                for leaves, size, end in lines if at <= leaves)
-
-        points = {leaves for leaves, _, _ in lines if leaves != math.inf}
-        points.add(span)
-        points.add(max(points) + span)  # every session that leaves has left
-        return all(total(at) <= budget for at in points)
+        return reserved + need <= budget
 
     def _measure(self, g: Group) -> None:
         g.own_tokens = g.output_tokens + sum(
             self._sizes[h] for h in g.chain if h not in self._shared)
         profile = self._profiles.get(g.id)
         if profile is None:
-            now = time.monotonic()
-            profile = self._profiles[g.id] = [0, 0, now, now]
+            profile = self._profiles[g.id] = [0, 0]
             while len(self._profiles) > PROFILE_WINDOW:
                 self._profiles.popitem(last=False)
         profile[0] = max(profile[0], g.own_tokens)
         profile[1] = max(profile[1], g.calls)
-        profile[3] = max(profile[3], g.last_done)
 
     def _engine_idle(self) -> bool:
         """Nothing admitted runs, and lately the engine was mostly idle: the sessions that
@@ -583,7 +504,7 @@ class Admission:
         if g is None:
             g = self._groups[t.group] = Group(t.group, t.kind)
             profile = self._profiles.get(t.group)
-            g.calls = int(profile[1]) if profile else 0  # a session returning to the cache
+            g.calls = profile[1] if profile else 0  # a session returning to the cache
         if g.in_flight == 0 and g.calls:
             # The client's own tool or think time: from the last answer to this call's
             # arrival, not to its admission (waiting here is not a gap to hold for).
@@ -640,8 +561,7 @@ class Admission:
             profile = self._profiles.get(g.id)
             if profile is not None:
                 self._finished.pop(g.id, None)
-                self._finished[g.id] = (int(profile[0]), int(profile[1]), g.kind,
-                                        profile[3] - profile[2])
+                self._finished[g.id] = (profile[0], profile[1], g.kind)
                 while len(self._finished) > PROFILE_WINDOW:
                     self._finished.popitem(last=False)
                 self._learned_by_kind.clear()

@@ -80,11 +80,6 @@ class Settings:
         1.25, "Share of the KV cache that the sessions admitted, at the size sessions grow to, "
         "may reserve (over 1: their peaks do not coincide, and the idlest blocks go first)."
     )
-    admission_project: bool = _opt(
-        True, "Let a new session in beyond the reservation when the sessions resident now are "
-        "expected to finish before it has grown (their pace learned from finished sessions "
-        "of the same agent)."
-    )
     admission_max_wait: float = _opt(
         60.0, "Longest a request waits for admission before it goes in regardless."
     )

@@ -172,7 +172,6 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
             app[ADMISSION] = admission = Admission(
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
-                project=settings.admission_project,
             )
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
@@ -193,10 +192,6 @@ def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
                   lambda: admission.stats().resident_tokens)
     metrics.gauge("preheat_admission_wait_seconds_max", "Longest admission wait so far.",
                   lambda: admission.max_wait_seen)
-    metrics.counter("preheat_admission_projected_total",
-                    "New sessions let in because the sessions resident were expected to finish "
-                    "before they grew (beyond the static reservation).",
-                    lambda: admission.projected, label=None)
     if admission.runs is not None:
         metrics.counter("preheat_ordering_held_total",
                         "Calls that waited for a smaller workflow run on a loaded engine.",

@@ -190,31 +190,6 @@ async def test_one_finished_session_of_an_agent_says_more_than_other_agents_sess
     assert adm.expected_calls(never.kind) == 3  # all agents' sessions, as before
 
 
-@pytest.mark.parametrize("project", [True, False])
-async def test_a_new_session_goes_in_beside_one_on_its_last_call(project):
-    """A session on its last call leaves long before one that starts now has grown: the
-    newcomer goes in, although the two at their full sizes would overflow the cache. (Beside
-    sessions that have just begun it waits: the test above.) Switched off, it waits."""
-    adm = make(1600, hold=0.05, max_wait=30, project=project)
-    shared = "S" * 200
-    await _finished_sessions(adm, shared)  # three calls, growing to 1,000 tokens of their own
-    assert adm.seconds_per_call(ticket(adm, body(shared)).kind) > 0
-    for own in (300, 600):
-        await _call(adm, body(shared, "L" * own), session="late")
-    last = ticket(adm, body(shared, "L" * 1000), session="late")
-    await asyncio.wait_for(adm.enter(last), 0.5)  # its third call: as long as sessions run
-    new = ticket(adm, body(shared, "N" * 100))
-    task = asyncio.create_task(adm.enter(new))
-    await asyncio.sleep(0.05)
-    if project:
-        assert task.done() and new.how == "fits" and adm.projected == 1
-    else:
-        assert not task.done() and adm.projected == 0
-    adm.leave(last, 0)
-    await asyncio.wait_for(task, 1)
-    assert new.how == ("fits" if project else "waited")
-
-
 async def test_a_session_as_long_as_finished_ones_leaves_with_its_last_answer():
     adm = make(3000, hold=0.05, max_wait=30)
     shared = "S" * 200
