@@ -9,6 +9,7 @@ Modes, in one run on the same engine (its prefix cache reset before each):
 
 Before preheat-on is measured, the same proxy first serves other instances of the same
 workflows (learning: session sizes, tool gaps, templates), then the engine's cache is reset.
+With --cold it learns nothing first: preheat-on as on its first day, learning as it serves.
 
 Workloads (bench/workloads.py): tool-using agent loops (notes/where-the-time-goes.md B) on a
 KV cache 2x and 4x smaller than their working set, tau-bench airline agents replayed
@@ -308,7 +309,10 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         f"`{' '.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; {engines}.",
         f"Each mode starts on an engine left idle for {args.idle:g} s with its prefix cache "
-        "emptied (preheat-on after learning on other instances of the same workflows). "
+        "emptied (preheat-on " + ("cold: it learned nothing before the run). "
+                                  if getattr(args, "cold", False)
+                                  else "after learning on other instances of the same "
+                                  "workflows). ") +
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
         "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
         "",
@@ -439,6 +443,8 @@ async def main_async(args) -> None:
          tau_bench(range(196, 198), tau_calls, 0.0, seed=30), None, True),
     ]
     workloads = [w for w in workloads if not args.only or any(o in w[0] for o in args.only)]
+    if args.cold:  # nothing learned first
+        workloads = [(name, instances, [], *rest) for name, instances, _, *rest in workloads]
 
     engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
                f"{args.big_cache} MiB (pressure runs: {medium} and {small} MiB)")
@@ -522,6 +528,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each workload, the modes taking turns; figures are medians")
+    parser.add_argument("--cold", action="store_true",
+                        help="preheat-on learns nothing before the measured run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")

@@ -71,6 +71,8 @@ IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
+GAPS_TRUSTED = 20
+"""Tool gaps seen before their p90 alone sets how long idle sessions are held."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""
 SIZE_RATIO = 2.0
@@ -213,6 +215,11 @@ class Admission:
         it came back): what a new session of that kind is expected to grow to (admitting it
         leaves room for its later calls), how many calls it makes, and when it is done.
         Sessions under way are not counted: their sizes so far would make all look small."""
+        self._leaving: OrderedDict[str, tuple[float, tuple[int, int, str]]] = OrderedDict()
+        """Sessions that left the cache, with when they count as finished (their profile
+        then goes to `_finished`) unless they come back first: a session whose tool call
+        outlasts its hold is under way, not finished, and taking it for a finished one
+        before any has finished makes its agent look one call long."""
         self._learned_by_kind: dict[str | None, tuple[list, int, int]] = {}
         """Per kind: what `_learned` found, until the next session finishes."""
         self._refs: dict[str, int] = {}
@@ -488,9 +495,14 @@ class Admission:
         return sum(1 for p in finished if p[1] > g.calls) < DONE_BEYOND * len(finished)
 
     def _gap_p90(self) -> float:
+        """The tool time to hold an idle session for: p90 of the gaps seen, x1.2. Until
+        GAPS_TRUSTED gaps are seen, never below `hold`: the first gaps to end are the short
+        ones (the long ones are still going on), so the first few say gaps are shorter
+        than they are."""
         if len(self._gaps) < 5:
             return self.hold
-        return self._gaps[int(0.9 * (len(self._gaps) - 1))] * 1.2
+        p90 = self._gaps[int(0.9 * (len(self._gaps) - 1))] * 1.2
+        return p90 if len(self._gaps) >= GAPS_TRUSTED else max(p90, self.hold)
 
     def _admit(self, t: Ticket, how: str) -> None:
         now = time.monotonic()
@@ -505,6 +517,9 @@ class Admission:
             g = self._groups[t.group] = Group(t.group, t.kind)
             profile = self._profiles.get(t.group)
             g.calls = profile[1] if profile else 0  # a session returning to the cache
+            if self._leaving.pop(t.group, None) is None and t.group in self._finished:
+                del self._finished[t.group]  # under way after all, not finished
+                self._learned_by_kind.clear()
         if g.in_flight == 0 and g.calls:
             # The client's own tool or think time: from the last answer to this call's
             # arrival, not to its admission (waiting here is not a gap to hold for).
@@ -557,16 +572,23 @@ class Admission:
         if self.runs is not None:
             self.runs.expire()
         for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
-            log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, self._hold_for(g))
+            hold = self._hold_for(g)
+            log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, hold)
             profile = self._profiles.get(g.id)
-            if profile is not None:
-                self._finished.pop(g.id, None)
-                self._finished[g.id] = (profile[0], profile[1], g.kind)
-                while len(self._finished) > PROFILE_WINDOW:
-                    self._finished.popitem(last=False)
-                self._learned_by_kind.clear()
+            if profile is not None:  # finished if away as long again (at once if done)
+                self._leaving.pop(g.id, None)
+                self._leaving[g.id] = (g.last_done + 2 * hold, (profile[0], profile[1], g.kind))
+                while len(self._leaving) > PROFILE_WINDOW:
+                    self._leaving.popitem(last=False)
             self._set_chain(g, (), ())
             del self._groups[g.id]
+        now = time.monotonic()
+        for gid in [gid for gid, (due, _) in self._leaving.items() if due <= now]:
+            self._finished.pop(gid, None)
+            self._finished[gid] = self._leaving.pop(gid)[1]
+            while len(self._finished) > PROFILE_WINDOW:
+                self._finished.popitem(last=False)
+            self._learned_by_kind.clear()
 
     # -- the waiting queue ---------------------------------------------------------------
 

@@ -190,6 +190,25 @@ async def test_one_finished_session_of_an_agent_says_more_than_other_agents_sess
     assert adm.expected_calls(never.kind) == 3  # all agents' sessions, as before
 
 
+async def test_a_session_that_outstays_its_hold_is_not_yet_a_finished_one():
+    """Before any session has finished, one whose tool call outlasts its hold leaves the
+    cache, but it is not a finished session of one call: the next sessions of its agent
+    are still held through their tool calls, not let go after every call as if one call
+    were all the agent makes. It counts as finished once it has stayed away."""
+    adm = make(3000, hold=0.05, max_wait=30)
+    agent = "A" * 200
+    kind = ticket(adm, body(agent)).kind
+    await _call(adm, body(agent, "first task " * 20), session="a")
+    await asyncio.sleep(0.06)  # past its hold: A leaves the cache during its tool call
+    assert adm.stats().resident_groups == 0
+    await _call(adm, body(agent, "second task " * 20), session="b")
+    assert adm.stats().resident_groups == 1  # B is held through its tool call
+    assert adm.expected_calls(kind) == 0  # no session has finished yet
+    await asyncio.sleep(0.25)  # neither comes back: both have finished, after one call
+    adm.stats()
+    assert adm.expected_calls(kind) == 1
+
+
 async def test_a_session_as_long_as_finished_ones_leaves_with_its_last_answer():
     adm = make(3000, hold=0.05, max_wait=30)
     shared = "S" * 200
