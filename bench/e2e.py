@@ -10,6 +10,7 @@ Modes, in one run on the same engine (its prefix cache reset before each):
 Before preheat-on is measured, the same proxy first serves other instances of the same
 workflows (learning: session sizes, tool gaps, templates), then the engine's cache is reset.
 With --cold it learns nothing first: preheat-on as on its first day, learning as it serves.
+With --restart the proxy that learned is stopped and a new one started on its store first.
 
 Workloads (bench/workloads.py): tool-using agent loops (notes/where-the-time-goes.md B) on a
 KV cache 2x and 4x smaller than their working set, tau-bench airline agents replayed
@@ -150,9 +151,9 @@ class Proxy:
     """`preheat serve` in its own process, in front of the engine."""
 
     def __init__(self, upstream: str, optimised: bool, capacity: int,
-                 kv_events: str | None = None) -> None:
+                 kv_events: str | None = None, directory: str | None = None) -> None:
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="preheat-e2e-")
+        self.dir = directory or tempfile.mkdtemp(prefix="preheat-e2e-")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL=os.environ.get("PREHEAT_LOG_LEVEL", "WARNING"),
                    PREHEAT_ADMISSION="1" if optimised else "0",
                    PREHEAT_PROMPT_CACHE="1" if optimised else "0",
@@ -222,13 +223,14 @@ async def reset_cache(engine: Engine) -> None:
 async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                   instances: list[Instance], train: list[Instance], capacity: int,
                   modes: list[str], sequential: bool = False, idle: float = 0.5,
-                  repeat: int = 1) -> dict[str, dict]:
+                  repeat: int = 1, restart: bool = False) -> dict[str, dict]:
     """Each mode's figures; with `repeat`, the modes run in turn that many times (drift in the
     machine hits them alike) and each figure is the median of the runs."""
     runs: dict[str, list[dict]] = {}
     for _ in range(repeat):
         for mode, row in (await _compare_once(engine, oracle_engine, name, instances, train,
-                                              capacity, modes, sequential, idle)).items():
+                                              capacity, modes, sequential, idle,
+                                              restart)).items():
             runs.setdefault(mode, []).append(row)
     return {mode: _median_row(rows) for mode, rows in runs.items()}
 
@@ -247,7 +249,8 @@ def _median_row(rows: list[dict]) -> dict:
 
 async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
                         instances: list[Instance], train: list[Instance], capacity: int,
-                        modes: list[str], sequential: bool, idle: float) -> dict[str, dict]:
+                        modes: list[str], sequential: bool, idle: float,
+                        restart: bool = False) -> dict[str, dict]:
     model = engine.served_model_name
     rows: dict[str, dict] = {}
     for mode in (m for m in MODES[:3] if m in modes):
@@ -263,6 +266,11 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
                 # Learning first, on other instances of the same workflows; then the
                 # engine starts cold, as it does for the other modes.
                 await run_workload(base, model, train, sequential)
+                if restart:  # what was learned must come back from the store
+                    proxy.stop()
+                    proxy = await Proxy(engine.base_url, True, capacity,
+                                        engine.kv_events_endpoint, directory=proxy.dir).ready()
+                    base = proxy.url
                 await reset_cache(engine)
             # Every mode starts on an engine left idle with an empty cache, as after a
             # restart or a quiet spell: time preheat-on may use to warm what it learned.
@@ -312,7 +320,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "emptied (preheat-on " + ("cold: it learned nothing before the run). "
                                   if getattr(args, "cold", False)
                                   else "after learning on other instances of the same "
-                                  "workflows). ") +
+                                  "workflows" + (", then restarted on its store"
+                                                 if getattr(args, "restart", False) else "") +
+                                  "). ") +
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
         "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
         "",
@@ -473,13 +483,14 @@ async def main_async(args) -> None:
                 for name, instances, train, _, sequential in (w for w in workloads
                                                               if w[3] == size):
                     results[name] = await compare(engine, big, name, instances, train, 0,
-                                                  args.modes, sequential, args.idle, args.repeat)
+                                                  args.modes, sequential, args.idle, args.repeat,
+                                                  args.restart)
                     save()
             finally:
                 await engine.stop()
         for name, instances, train, _, sequential in (w for w in workloads if not w[3]):
             results[name] = await compare(big, None, name, instances, train, 0, args.modes,
-                                          sequential, args.idle, args.repeat)
+                                          sequential, args.idle, args.repeat, args.restart)
             save()
     finally:
         await big.stop()
@@ -530,6 +541,8 @@ def main() -> None:
                         help="runs of each workload, the modes taking turns; figures are medians")
     parser.add_argument("--cold", action="store_true",
                         help="preheat-on learns nothing before the measured run")
+    parser.add_argument("--restart", action="store_true",
+                        help="preheat-on is restarted on its store between learning and the run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")

@@ -65,10 +65,15 @@ CHARS_PER_TOKEN = 3.6
 MAX_SESSIONS = 50_000
 """Sessions remembered after they leave the cache (their latest prompt's hash, a few bytes)."""
 PROFILE_WINDOW = 200
+SNAPSHOT_VERSION = 1
+SNAPSHOT_GAPS = 500
+"""Tool gaps a snapshot keeps (evenly spaced through the sorted ones: their distribution)."""
 PROFILE_MIN_SESSIONS = 3
 BUSY_WINDOW = 20.0
 IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
+IDLE_RECHECK = 0.25
+"""Seconds between looks at the busy share while work waits and nothing runs."""
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 GAPS_TRUSTED = 20
@@ -230,6 +235,7 @@ class Admission:
         self._in_flight = 0
         self._busy: deque[tuple[float, float]] = deque()
         self._busy_since: float | None = None
+        self._first_call: float | None = None
         self._gaps: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
         self.admitted: dict[str, int] = {}
@@ -353,6 +359,63 @@ class Admission:
             dict(self.admitted), self.max_wait_seen,
         )
 
+    # -- what it learned, across restarts ----------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """What admission has learned, as plain JSON, to start from after a restart: the
+        finished sessions' sizes and lengths by agent, the tool gaps, characters per
+        token, and the sizes of the workflow runs that ended. The sessions under way count
+        as finished here, as they are so far (a session that comes back after a restart is
+        a new one, and those that run on past a snapshot are a few among many finished)."""
+        self._expire()
+        finished = list(self._finished.values()) + [p for _, p in self._leaving.values()]
+        for g in self._groups.values():
+            profile = self._profiles.get(g.id)
+            if profile is not None and g.id not in self._finished:
+                finished.append((profile[0], profile[1], g.kind))
+        gaps = self._gaps
+        if len(gaps) > SNAPSHOT_GAPS:  # evenly spaced through the sorted gaps
+            gaps = [gaps[i * (len(gaps) - 1) // (SNAPSHOT_GAPS - 1)] for i in range(SNAPSHOT_GAPS)]
+        return {
+            "version": SNAPSHOT_VERSION,
+            "finished": [[own, calls, kind] for own, calls, kind in finished[-PROFILE_WINDOW:]],
+            "gaps": [round(g, 3) for g in gaps],
+            "chars_per_token": round(self.chars_per_token, 4),
+            "runs": self.runs.snapshot() if self.runs is not None else [],
+        }
+
+    def restore(self, data: Any) -> int:
+        """Start from a `snapshot()` (an earlier process's): its sessions count as finished
+        before any finished now, so sessions finished since replace them in turn. Returns
+        the sessions restored; a snapshot that cannot be read changes nothing (0)."""
+        try:
+            if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
+                raise ValueError(f"version {data.get('version') if isinstance(data, dict) else data!r}")
+            finished = [(int(own), int(calls), str(kind))
+                        for own, calls, kind in data.get("finished", [])[-PROFILE_WINDOW:]]
+            gaps = sorted(float(g) for g in data.get("gaps", []) if 0 <= float(g) < self.max_hold)
+            cpt = float(data.get("chars_per_token", self.chars_per_token))
+            if not 0.5 <= cpt <= 20:
+                raise ValueError(f"chars_per_token {cpt}")
+            runs = list(data.get("runs", []))
+            if self.runs is not None:
+                self.runs.restore(runs)
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.warning("could not restore admission's snapshot (%s); learning afresh", exc)
+            return 0
+        live = list(self._finished.items())
+        self._finished.clear()
+        for i, profile in enumerate(finished):
+            self._finished[f"restored-{i}"] = profile
+        for gid, profile in live:
+            self._finished[gid] = profile
+        while len(self._finished) > PROFILE_WINDOW:
+            self._finished.popitem(last=False)
+        self._learned_by_kind.clear()
+        self._gaps = sorted(self._gaps + gaps)
+        self.chars_per_token = cpt
+        return len(finished)
+
     # -- working set ---------------------------------------------------------------------
 
     def _group_of(self, chain: tuple[str, ...]) -> str | None:
@@ -452,15 +515,22 @@ class Admission:
         return not self._in_flight and self._busy_share() < IDLE_BELOW
 
     def _busy_share(self) -> float:
-        """Share of the last BUSY_WINDOW seconds with at least one admitted call running."""
+        """Share of the last BUSY_WINDOW seconds with at least one admitted call running;
+        of the time since the first call, where that is shorter (a process just started,
+        its engine busy since, is not idle for the quiet before it)."""
         now = time.monotonic()
-        start = now - BUSY_WINDOW
+        if self._first_call is None:
+            return 0.0
+        span = min(BUSY_WINDOW, now - self._first_call)
+        if span <= 0:
+            return 1.0
+        start = now - span
         while self._busy and self._busy[0][1] < start:
             self._busy.popleft()
         busy = sum(min(e, now) - max(b, start) for b, e in self._busy)
         if self._busy_since is not None:
             busy += now - max(self._busy_since, start)
-        return busy / BUSY_WINDOW
+        return busy / span
 
     def _running(self, delta: int) -> None:
         """Track when the engine has admitted calls running (for `_busy_share`)."""
@@ -469,6 +539,8 @@ class Admission:
         now = time.monotonic()
         if before == 0 and self._in_flight > 0:
             self._busy_since = now
+            if self._first_call is None:
+                self._first_call = now
         elif before > 0 and self._in_flight == 0 and self._busy_since is not None:
             self._busy.append((self._busy_since, now))
             self._busy_since = None
@@ -723,6 +795,6 @@ class Admission:
             deadlines += [r.last + gap for r in self.runs.active()
                           if not r.pending and r.last + gap > now]
         if not self._in_flight:  # the engine's recent busy share falls while it idles
-            deadlines.append(now + 1.0)
+            deadlines.append(now + IDLE_RECHECK)
         delay = max(0.0, min(deadlines) - now) + 0.001
         self._timer = asyncio.get_running_loop().call_later(delay, self._release_ready)

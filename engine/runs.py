@@ -264,6 +264,24 @@ class Runs:
             live = set(self._of_group.values()) | set(filter(None, self._chunks.values()))
             self._merged = {k: self.find(k) for k in live if k in self._merged}
 
+    def snapshot(self) -> list[list]:
+        """The sizes of the runs that ended, as [kind, size] (plain JSON, for a restart)."""
+        return [[kind, round(size, 1)] for kind, size in self._finished.values()]
+
+    def restore(self, finished: list) -> None:
+        """Take the run sizes of a snapshot as runs that ended before any run now."""
+        restored = [(str(kind), float(size)) for kind, size in finished[-WINDOW:]
+                    if float(size) > 0]
+        old = list(self._finished.items())
+        self._finished.clear()
+        for i, item in enumerate(restored):
+            self._finished[f"restored-{i}"] = item
+        for rid, item in old:
+            self._finished[rid] = item
+        while len(self._finished) > WINDOW:
+            self._finished.popitem(last=False)
+        self._sizes = None
+
     # -- sizes -----------------------------------------------------------------------------
 
     def _finished_sizes(self, kind: str) -> list[float]:

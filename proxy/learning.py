@@ -7,7 +7,9 @@ newest one is restored and the learner catches up on what the store holds beyond
 (captures after the last save, imported traces), so templates and workflows survive
 restarts. Predictions go to `listeners` (on to the pre-warm planner), each called in order.
 The static heads of the agents seen (`learn/heads.py`: the leading messages sessions
-share) are learned beside it and saved in the same snapshot, for warming after a restart.
+share) are learned beside it and saved in the same snapshot, for warming after a restart,
+and so is what the proxy's admission learned (session sizes and lengths, tool gaps), which
+the proxy sends here and reads back at start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from storage.store import Store
 log = logging.getLogger("preheat.learn")
 UNTIL_KEY = "preheat_until"
 HEADS_KEY = "preheat_heads"
+ADMISSION_KEY = "preheat_admission"
+"""Admission's own snapshot (`Admission.snapshot`), sent by the proxy, saved alongside."""
 CATCH_UP_LIMIT = 50_000
 
 
@@ -36,6 +40,8 @@ class LearnSink:
         self.until = 0.0
         """Arrival time of the newest exchange learned from."""
         self.heads = StaticHeads()
+        self.admission: dict | None = None
+        """The proxy's admission, as it last sent it (kept through restarts)."""
         self.learner = self._restore()
         self.listeners: list[Callable[[Exchange, list[Prediction]], None]] = []
         self._saved_at = time.monotonic()
@@ -48,6 +54,7 @@ class LearnSink:
                 if data is not None:
                     self.until = float(data.get(UNTIL_KEY) or 0.0)
                     self.heads.restore(data.get(HEADS_KEY) or [])
+                    self.admission = data.get(ADMISSION_KEY)
                     learner = Learner.restore(data)
                     log.info("restored what was learned from %d calls", learner.observed)
                     return learner
@@ -85,6 +92,12 @@ class LearnSink:
         self.heads.observe(self.learner.session_of(ex.id), ex.messages, ex.tools, ex.started_at)
         return predictions
 
+    def keep_admission(self, snapshot: dict) -> None:
+        """The proxy's admission sent what it has learned: saved with the next snapshot."""
+        if snapshot != self.admission:
+            self.admission = snapshot
+            self._unsaved += 1
+
     def save(self) -> None:
         """Persist the snapshot."""
         self._saved_at = time.monotonic()
@@ -94,6 +107,8 @@ class LearnSink:
             snapshot = self.learner.snapshot()
             snapshot[UNTIL_KEY] = self.until
             snapshot[HEADS_KEY] = self.heads.snapshot()
+            if self.admission is not None:
+                snapshot[ADMISSION_KEY] = self.admission
             save_learned(self.store, snapshot)
             self._unsaved = 0
         except Exception:

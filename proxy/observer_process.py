@@ -13,6 +13,7 @@ competes with the event loop for the GIL (bench/results/overhead.md says what it
                ◀── ("heads", [(key, messages, tools, sessions)]) ─ static heads, when changed
     learned()  ──────────── ("learned",) ──────▶
                ◀─────── ("learned", snapshot) ─── for the admin pages
+    keep_admission(s) ─── ("admission", s) ────▶  saved with the learned snapshot
 
 Each frame is a 4-byte length and a pickle. Captures stay countable: `depth` is submitted
 minus processed; a full queue, a child that died holding exchanges, and a child not running
@@ -173,6 +174,11 @@ class ObserverProcess:
         if feedback:
             self._tickets[ex.id] = ex.ticket
         return True
+
+    def keep_admission(self, snapshot: dict) -> None:
+        """Have admission's snapshot saved with the learner's (read back after a restart)."""
+        if self._transport is not None and not self._closed:
+            self._transport.write(_frame(("admission", snapshot)))
 
     def listen(self, on_offer: Callable[..., None],
                on_heads: Callable[[list], None] | None = None) -> None:
@@ -436,6 +442,8 @@ class _Child:
                 self._send(("learned", self._snapshot()))
             elif kind == "listen":
                 self.offers = True
+            elif kind == "admission" and self.learning is not None:
+                self.learning.keep_admission(message[1])
         self._process(batch, unreadable)
         self._send_heads()
         self._flush_out()

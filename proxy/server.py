@@ -26,9 +26,12 @@ from proxy.config import Settings
 from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
+from proxy.learning import ADMISSION_KEY
 from proxy.observer_process import ObserverProcess
 from proxy.stages import Pipeline, Reply, default_stages
 from proxy.upstream import Upstream, forward_headers, relay_headers
+from storage.learned import load_learned
+from storage.store import Store
 
 log = logging.getLogger("preheat.proxy")
 
@@ -47,6 +50,9 @@ ENGINE = web.AppKey("engine", object)
 """The embedded engine supervisor, when preheat runs one (engine/supervisor.py)."""
 MIRROR = web.AppKey("kv_mirror", object)
 """The mirror of the embedded engine's KV cache (engine/mirror.py)."""
+
+KEEP_ADMISSION_EVERY = 60.0
+"""Seconds between the snapshots of admission sent to be saved (and one at shutdown)."""
 
 # Bodies up to this size are read whole (and forwarded with their Content-Length);
 # larger ones stream through as they arrive.
@@ -173,13 +179,46 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
             )
+            keeper = None
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
+                if settings.learn:  # what an earlier run learned, kept with the learner's
+                    stored = await asyncio.to_thread(_stored_admission, settings.db)
+                    if stored is not None and (n := admission.restore(stored)):
+                        log.info("admission: restored the sizes of %d finished sessions", n)
+                    keeper = asyncio.create_task(_keep_admission(app[OBSERVER], admission))
             _admission_metrics(app[METRICS], admission)
             log.info("admission on: KV cache of %d tokens", capacity)
-        else:
-            log.info("admission off: the upstream does not report its KV-cache size")
+            try:
+                yield
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
+                    app[OBSERVER].keep_admission(admission.snapshot())  # before capture ends
+            return
+        log.info("admission off: the upstream does not report its KV-cache size")
     yield
+
+
+def _stored_admission(db: str) -> dict | None:
+    """Admission's snapshot in the store's newest learned snapshot (None if there is none)."""
+    try:
+        store = Store(db)
+        try:
+            data = load_learned(store)
+        finally:
+            store.close()
+    except Exception:  # a store we cannot read: admission learns afresh
+        log.exception("could not read admission's snapshot from the store")
+        return None
+    return data.get(ADMISSION_KEY) if isinstance(data, dict) else None
+
+
+async def _keep_admission(observer: ObserverProcess, admission: Admission) -> None:
+    """Send what admission has learned to be saved, every KEEP_ADMISSION_EVERY seconds."""
+    while True:
+        await asyncio.sleep(KEEP_ADMISSION_EVERY)
+        observer.keep_admission(admission.snapshot())
 
 
 def _admission_metrics(metrics: Metrics, admission: Admission) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -133,6 +134,20 @@ async def _finished_sessions(adm: Admission, shared: str, n: int = 3) -> None:
     await _let_go(adm)
 
 
+async def _no_room_beside_two_growing_sessions(adm: Admission, shared: str) -> None:
+    """Two sessions on their first call, 300 tokens each now, that will each grow to about
+    1,000 (what `_finished_sessions` taught): a third, tiny now, would overflow the cache
+    of 2,500 then, so it waits."""
+    for i in range(2):
+        busy = ticket(adm, body(shared, f"busy{i}" * 60), session=f"busy{i}")
+        await asyncio.wait_for(adm.enter(busy), 0.5)
+    late = ticket(adm, body(shared, "x" * 50))
+    task = asyncio.create_task(adm.enter(late))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()
+
+
 async def test_new_sessions_leave_room_for_what_sessions_grow_to():
     adm = make(2500, hold=0.05, max_wait=30)
     shared = "S" * 200
@@ -142,16 +157,7 @@ async def test_new_sessions_leave_room_for_what_sessions_grow_to():
     assert adm.expected_footprint() == 0  # a session under way teaches nothing yet
     await _finished_sessions(adm, shared)
     assert adm.expected_footprint() >= 1000 and adm.expected_calls() == 3
-    # Two sessions on their first call, 300 tokens each now, will each grow to about
-    # 1,000 together: a third, tiny now, would overflow the cache then, so it waits.
-    for i in range(2):
-        busy = ticket(adm, body(shared, f"busy{i}" * 60), session=f"busy{i}")
-        await asyncio.wait_for(adm.enter(busy), 0.5)
-    late = ticket(adm, body(shared, "x" * 50))
-    task = asyncio.create_task(adm.enter(late))
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    task.cancel()
+    await _no_room_beside_two_growing_sessions(adm, shared)
 
 
 async def test_a_session_is_done_by_the_length_of_its_own_agent():
@@ -204,9 +210,32 @@ async def test_a_session_that_outstays_its_hold_is_not_yet_a_finished_one():
     await _call(adm, body(agent, "second task " * 20), session="b")
     assert adm.stats().resident_groups == 1  # B is held through its tool call
     assert adm.expected_calls(kind) == 0  # no session has finished yet
+    # A process stopping now saves A, gone, and B, under way, as finished sessions of one
+    # call so far: after a restart either would come back as a new session.
+    assert [calls for _, calls, _ in adm.snapshot()["finished"]] == [1, 1]
     await asyncio.sleep(0.25)  # neither comes back: both have finished, after one call
     adm.stats()
     assert adm.expected_calls(kind) == 1
+
+
+async def test_what_admission_learned_starts_the_next_process():
+    """A snapshot (plain JSON) taken into a fresh admission: it knows the agent's session
+    size, length and tool gaps before any session of its own has finished, and acts on
+    them: two new sessions on their first call, which will grow, leave no room for a third.
+    A snapshot that cannot be read changes nothing."""
+    adm = make(2500, hold=0.05, max_wait=30)
+    shared = "S" * 200
+    await _finished_sessions(adm, shared)
+    snapshot = json.loads(json.dumps(adm.snapshot()))
+    fresh = make(2500, hold=0.05, max_wait=30)
+    for junk in ("junk", {"version": 1, "finished": [["x"]]}, {"version": 99}):
+        assert fresh.restore(junk) == 0
+    assert fresh.expected_footprint() == 0 and fresh.expected_calls() == 0
+    assert fresh.restore(snapshot) == 3
+    assert fresh.expected_footprint() == adm.expected_footprint() >= 1000
+    assert fresh.expected_calls() == adm.expected_calls() == 3
+    assert fresh._gap_p90() == adm._gap_p90()
+    await _no_room_beside_two_growing_sessions(fresh, shared)
 
 
 async def test_a_session_as_long_as_finished_ones_leaves_with_its_last_answer():

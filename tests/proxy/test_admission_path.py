@@ -6,7 +6,9 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
+from engine.admission import Admission
 from proxy.config import Settings
 from proxy.server import ADMISSION
 from tests.conftest import start_proxy
@@ -140,3 +142,33 @@ async def test_a_call_reading_another_agents_answer_joins_its_workflow_run(upstr
         assert calls == [1, 2]  # the summariser joined the expert's run, not a new one
     finally:
         await proxy.runner.cleanup()
+
+
+async def test_what_admission_learned_survives_a_restart(upstream, tmp_path):
+    """Admission's snapshot is saved with the learner's when the proxy stops, and read back
+    when it starts: after a restart the sizes and lengths of the agents' sessions are known
+    before any session has finished."""
+    learned = Admission(100_000, hold=0.05)
+    sizes = {"finished": [[900 + i, 4, "agent-a"] for i in range(3)] + [[120, 1, "agent-b"]],
+             "gaps": [0.5, 0.8, 1.0, 1.2, 2.0], "chars_per_token": 3.2, "runs": [],
+             "version": learned.snapshot()["version"]}
+    assert learned.restore(sizes) == 4
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/r.db",
+                        admission_capacity_tokens=100_000, prewarm=False, ordering=False)
+    first = await start_proxy(settings)
+    try:
+        assert first.app[ADMISSION].expected_calls("agent-a") == 0  # a new store: nothing
+        first.app[ADMISSION].restore(learned.snapshot())
+        async with httpx.AsyncClient(timeout=30) as client:
+            await _session(client, first.url, 0, 2)  # traffic, and learning, go on as ever
+    finally:
+        await first.runner.cleanup()
+    second = await start_proxy(settings)
+    try:
+        admission = second.app[ADMISSION]
+        assert admission.expected_calls("agent-a") == 4
+        assert admission.expected_footprint("agent-a") == 901  # upper quartile of 900-902
+        assert admission.expected_calls("agent-b") == 1
+        assert admission.chars_per_token == pytest.approx(3.2, abs=0.2)
+    finally:
+        await second.runner.cleanup()
