@@ -72,7 +72,7 @@ PROFILE_MIN_SESSIONS = 3
 BUSY_WINDOW = 20.0
 IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
-IDLE_RECHECK = 0.25
+IDLE_RECHECK = 1.0
 """Seconds between looks at the busy share while work waits and nothing runs."""
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""

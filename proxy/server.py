@@ -25,8 +25,8 @@ from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
 from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError
 from proxy.exchange import Exchange
-from proxy.metrics import Metrics
 from proxy.learning import ADMISSION_KEY
+from proxy.metrics import Metrics
 from proxy.observer_process import ObserverProcess
 from proxy.stages import Pipeline, Reply, default_stages
 from proxy.upstream import Upstream, forward_headers, relay_headers
