@@ -40,6 +40,10 @@ all of them with none:
   `priority`): continuations of sessions under way run before new sessions' first calls, and
   when the running calls outgrow the cache, vLLM preempts a new session, not one mid-loop.
 
+- What it learned (`snapshot()`: sizes and lengths of finished sessions by agent, tool gaps,
+  characters per token, workflow run sizes) is saved by the proxy with the learner's
+  snapshot and `restore()`d at start: a restart does not begin from nothing.
+
 The controller is pure asyncio and knows nothing of HTTP: the proxy calls `enter()` before
 forwarding and `leave()` when the answer is complete.
 """
