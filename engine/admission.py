@@ -61,7 +61,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from engine.runs import FLOOR, PREFILL_WEIGHT, Runs
+from engine.runs import FLOOR, PREFILL_WEIGHT, Runs, put_first
 from learn.canonical import prefix_chain
 
 log = logging.getLogger("preheat.admission")
@@ -394,7 +394,7 @@ class Admission:
         the sessions restored; a snapshot that cannot be read changes nothing (0)."""
         try:
             if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
-                raise ValueError(f"version {data.get('version') if isinstance(data, dict) else data!r}")
+                raise ValueError(f"not a version {SNAPSHOT_VERSION} snapshot")
             finished = [(int(own), int(calls), str(kind))
                         for own, calls, kind in data.get("finished", [])[-PROFILE_WINDOW:]]
             gaps = sorted(float(g) for g in data.get("gaps", []) if 0 <= float(g) < self.max_hold)
@@ -407,14 +407,7 @@ class Admission:
         except (TypeError, ValueError, AttributeError) as exc:
             log.warning("could not restore admission's snapshot (%s); learning afresh", exc)
             return 0
-        live = list(self._finished.items())
-        self._finished.clear()
-        for i, profile in enumerate(finished):
-            self._finished[f"restored-{i}"] = profile
-        for gid, profile in live:
-            self._finished[gid] = profile
-        while len(self._finished) > PROFILE_WINDOW:
-            self._finished.popitem(last=False)
+        put_first(self._finished, finished, PROFILE_WINDOW)
         self._learned_by_kind.clear()
         self._gaps = sorted(self._gaps + gaps)
         self.chars_per_token = cpt

@@ -111,6 +111,18 @@ class Run:
         return min(self.kinds) if self.kinds else ""
 
 
+def put_first(window: OrderedDict, restored: list, limit: int) -> None:
+    """Put what a snapshot restored before what `window` learned since (older, so it is
+    the first to go), keyed `restored-N`; the newest `limit` entries are kept."""
+    live = list(window.items())
+    window.clear()
+    for i, item in enumerate(restored):
+        window[f"restored-{i}"] = item
+    window.update(live)
+    while len(window) > limit:
+        window.popitem(last=False)
+
+
 class Runs:
     """Not thread-safe (the proxy's event loop only)."""
 
@@ -272,14 +284,7 @@ class Runs:
         """Take the run sizes of a snapshot as runs that ended before any run now."""
         restored = [(str(kind), float(size)) for kind, size in finished[-WINDOW:]
                     if float(size) > 0]
-        old = list(self._finished.items())
-        self._finished.clear()
-        for i, item in enumerate(restored):
-            self._finished[f"restored-{i}"] = item
-        for rid, item in old:
-            self._finished[rid] = item
-        while len(self._finished) > WINDOW:
-            self._finished.popitem(last=False)
+        put_first(self._finished, restored, WINDOW)
         self._sizes = None
 
     # -- sizes -----------------------------------------------------------------------------

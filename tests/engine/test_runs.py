@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
 from engine.admission import Admission, prompt_chain
-from engine.runs import Runs, prompt_hashes, text_hashes
+from engine.runs import WINDOW, Runs, prompt_hashes, text_hashes
 
 ANSWER = ("Revenue rose in the third quarter while margins held steady.\n"
           "The guidance for next year assumes modest growth in every region.")
@@ -69,6 +70,20 @@ def test_sizes_are_learned_from_ended_runs_of_the_same_kind():
     assert runs.expected_size(runs.get(big)) == 12200
     rare, _ = runs.place("rare", "never-seen", list, now=6002.0)
     assert runs.expected_size(runs.get(rare)) == 1000  # the median of all kinds
+
+
+def test_run_sizes_survive_a_snapshot_and_give_way_to_newer_ones():
+    learned = Runs(together=0.0, idle=10.0)
+    teach(learned, "big", (1000, 1200, 5000), t0=0.0)
+    fresh = Runs(together=0.0, idle=10.0)
+    fresh.restore(json.loads(json.dumps(learned.snapshot())))
+    big, _ = fresh.place("big-new", "big", list, now=6000.0)
+    assert fresh.expected_size(fresh.get(big)) == 1200  # as the runs that ended said
+    teach(fresh, "big", (9000,), t0=10_000.0)  # a run ends since: it is the newest
+    assert fresh.snapshot() == [["big", 1000.0], ["big", 1200.0], ["big", 5000.0],
+                                ["big", 9000.0]]
+    fresh.restore([["big", 1.0]] * WINDOW)  # a window's worth restored: what ended here stays
+    assert fresh.snapshot()[-1] == ["big", 9000.0] and len(fresh.snapshot()) == WINDOW
 
 
 def test_until_runs_have_ended_nothing_is_said_of_sizes():
