@@ -191,6 +191,8 @@ class Proxy:
                     out[f"{family[8:-6]}_{label}"] = float(line.rsplit(" ", 1)[1])
             if line.startswith("preheat_admission_wait_seconds_max "):
                 out["admission_wait_max"] = float(line.rsplit(" ", 1)[1])
+            if line.startswith("preheat_admission_suspended_total "):
+                out["admission_suspended"] = float(line.rsplit(" ", 1)[1])
         return out
 
     def stop(self) -> None:

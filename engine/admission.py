@@ -29,6 +29,13 @@ all of them with none:
   is shorter than sessions usually are); then its share of the cache is released. A session
   that has made as many calls as nearly all finished sessions of its agent made is done: it
   is released with its last answer, and the next waiting session starts at once.
+- Sessions let in grow, by more than was learned or (before anything is learned) by what
+  nobody knew. When the resident set at its present size outgrows the cache
+  (`SUSPEND_ABOVE`), the youngest sessions between calls are set aside (`suspend`): their
+  next calls wait as sessions under way, and come back once they fit (`RESUME_BELOW`).
+  Left alone, every session's history would be evicted before it came back (a cache is no
+  use to a loop larger than itself); set aside, the older sessions run with their
+  histories resident and finish. A session with a call in flight is never set aside.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
 - Workflows sharing the engine are served smallest first (`ordering`; `engine.runs` tells
@@ -84,6 +91,13 @@ GAPS_TRUSTED = 20
 """Tool gaps seen before their p90 alone sets how long idle sessions are held."""
 MID_SESSION_HOLD = 2.5
 """A session short of the usual number of calls is held this many times the tool gap."""
+SUSPEND_ABOVE = 0.95
+"""Share of the KV cache the resident sessions may fill at their present size (not the size
+they grow to) before the youngest of them between calls is set aside (`suspend`): below 1,
+as the engine allocates whole blocks and the calls running need room to write."""
+RESUME_BELOW = 0.8
+"""A session set aside comes back when the resident set with it stays within this share of
+the cache (lower than SUSPEND_ABOVE: one back at the brim would be set aside again at once)."""
 SIZE_RATIO = 2.0
 """With the engine loaded, a workflow run expected to be this many times the size of another
 run under way waits for it (runs of about one size share the engine as they come)."""
@@ -193,8 +207,12 @@ class Admission:
         ordering: bool = False,
         running: int = 4,
         order_wait: float = 30.0,
+        suspend: bool = True,
     ) -> None:
         self.capacity_tokens = capacity_tokens
+        self.suspend = suspend
+        """When the resident sessions outgrow the cache, the youngest between calls waits
+        until there is room again, and the older ones keep their histories resident."""
         self.runs = Runs() if ordering else None
         """Workflow runs, for serving the smallest run first."""
         self.running = running
@@ -245,6 +263,12 @@ class Admission:
         self.admitted: dict[str, int] = {}
         self.max_wait_seen = 0.0
         self.held_for_smaller = 0
+        self.suspended = 0
+        """Sessions set aside mid-way because the resident set outgrew the cache."""
+        self._born: dict[str, float] = {}
+        """When each remembered session was first let in: the younger wait first."""
+        self._suspended: dict[str, None] = {}
+        """Sessions set aside mid-way (`suspend`): back only when they fit the cache as it is."""
         """Calls that waited for a smaller workflow run (ordering)."""
 
     # -- the proxy's calls -------------------------------------------------------------
@@ -276,8 +300,11 @@ class Admission:
             self._admit(t, "direct")
         elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
             await self._wait(t)  # the smallest run first
-        elif g is not None and (g.in_flight or self._held(g)):
+        elif g is not None and (g.in_flight or self._held(g)) and not self._crowded(t, g):
             self._admit(t, "resident")
+        elif g is not None and g.id in self._groups:
+            self._suspend(g, calling=True)  # the resident set outgrew the cache
+            await self._wait(t)
         elif not self._waiting and self._fits(t):
             self._admit(t, "returned" if t.group in self._sessions else "fits")
         elif not self._waiting and self._engine_idle():
@@ -432,6 +459,8 @@ class Admission:
             self._by_chain_end[g.chain[-1]] = g.id
         while len(self._sessions) > MAX_SESSIONS:
             gid, end = self._sessions.popitem(last=False)
+            self._born.pop(gid, None)
+            self._suspended.pop(gid, None)
             if self._by_chain_end.get(end) == gid:
                 del self._by_chain_end[end]
 
@@ -491,6 +520,9 @@ class Admission:
             need = max(need, self.expected_footprint(t.kind))
         if reserved is None:
             reserved = self._reserved_tokens()
+        if t.group in self._suspended and (self._resident_tokens() + need
+                                           > RESUME_BELOW * (self.capacity_tokens or 0)):
+            return False  # set aside for want of room: back when there is room now
         return reserved + need <= budget
 
     def _measure(self, g: Group) -> None:
@@ -584,6 +616,10 @@ class Admission:
         g = self._groups.get(t.group)
         if g is None:
             g = self._groups[t.group] = Group(t.group, t.kind)
+            self._born.setdefault(t.group, now)
+            while len(self._born) > MAX_SESSIONS:
+                self._born.pop(next(iter(self._born)))
+            self._suspended.pop(t.group, None)
             profile = self._profiles.get(t.group)
             g.calls = profile[1] if profile else 0  # a session returning to the cache
             if self._leaving.pop(t.group, None) is None and t.group in self._finished:
@@ -637,20 +673,26 @@ class Admission:
         self._refs.pop(h, None)
         self._union -= self._sizes.pop(h, 0)
 
+    def _release(self, g: Group, between_calls: bool = True) -> None:
+        """Take a group out of the resident set. One between calls may have finished: it
+        counts as finished if it stays away as long again as its hold (at once if done)."""
+        profile = self._profiles.get(g.id)
+        if between_calls and profile is not None:
+            self._leaving.pop(g.id, None)
+            self._leaving[g.id] = (g.last_done + 2 * self._hold_for(g),
+                                   (profile[0], profile[1], g.kind))
+            while len(self._leaving) > PROFILE_WINDOW:
+                self._leaving.popitem(last=False)
+        self._set_chain(g, (), ())
+        del self._groups[g.id]
+
     def _expire(self) -> None:
         if self.runs is not None:
             self.runs.expire()
         for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
-            hold = self._hold_for(g)
-            log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls, hold)
-            profile = self._profiles.get(g.id)
-            if profile is not None:  # finished if away as long again (at once if done)
-                self._leaving.pop(g.id, None)
-                self._leaving[g.id] = (g.last_done + 2 * hold, (profile[0], profile[1], g.kind))
-                while len(self._leaving) > PROFILE_WINDOW:
-                    self._leaving.popitem(last=False)
-            self._set_chain(g, (), ())
-            del self._groups[g.id]
+            log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls,
+                      self._hold_for(g))
+            self._release(g)
         now = time.monotonic()
         for gid in [gid for gid, (due, _) in self._leaving.items() if due <= now]:
             self._finished.pop(gid, None)
@@ -690,7 +732,11 @@ class Admission:
                 candidates.sort(key=self._order_key)
             resident = [t for t in candidates if t.group in self._groups]
             if resident:
-                self._take(resident[0], "resident")
+                g = self._groups[resident[0].group]
+                if self._crowded(resident[0], g):
+                    self._suspend(g, calling=True)  # then waits as a session under way
+                else:
+                    self._take(resident[0], "resident")
                 continue
             # Sessions under way finish before new ones start (their history is partly
             # computed, and an agent half done is worth more than one not begun); then new
@@ -770,6 +816,41 @@ class Admission:
             if rid != run.id:
                 return size * SIZE_RATIO <= mine
         return False
+
+    def _crowded(self, t: Ticket, g: Group) -> bool:
+        """A resident session's next call would take the resident set past the cache, and
+        making room from sessions younger than it that are between calls is not enough,
+        while an older session is resident: then this one waits (`suspend`). Left as it is,
+        every session's history would be evicted before it came back (a cache is no use to
+        a loop larger than itself); set aside, the older sessions run with theirs resident
+        and finish. Younger sessions between calls are set aside first. A session with a
+        call in flight is never set aside."""
+        if not self.suspend or g.in_flight or not self.capacity_tokens:
+            return False
+        limit = SUSPEND_ABOVE * self.capacity_tokens
+        if self._resident_tokens() + self._increment(t) <= limit:
+            return False
+        born = self._born.get(g.id, 0.0)
+        younger = sorted((x for x in self._groups.values() if x is not g and not x.in_flight
+                          and self._born.get(x.id, 0.0) > born),
+                         key=lambda x: self._born.get(x.id, 0.0), reverse=True)
+        for x in younger:
+            self._suspend(x)
+            if self._resident_tokens() + self._increment(t) <= limit:
+                return False
+        return any(self._born.get(x.id, 0.0) < born for x in self._groups.values() if x is not g)
+
+    def _suspend(self, g: Group, calling: bool = False) -> None:
+        """Set a resident session aside: its next call (`calling`: the one arriving now)
+        waits as a returning session, until it fits the cache as it is then. One set aside
+        between calls may have made its last: it is released as after its hold."""
+        log.debug("suspended %s after %d calls: %d of %d tokens resident", g.id, g.calls,
+                  self._resident_tokens(), self.capacity_tokens or 0)
+        self._release(g, between_calls=not calling)
+        self._suspended[g.id] = None
+        while len(self._suspended) > MAX_SESSIONS:
+            self._suspended.pop(next(iter(self._suspended)))
+        self.suspended += 1
 
     def _take(self, t: Ticket, how: str) -> None:
         self._waiting.remove(t)

@@ -83,6 +83,11 @@ class Settings:
     admission_max_wait: float = _opt(
         60.0, "Longest a request waits for admission before it goes in regardless."
     )
+    admission_suspend: bool = _opt(
+        True, "When the sessions resident outgrow the KV cache mid-way (sizes not yet learned, "
+        "or larger than learned), the youngest between calls waits until there is room, so the "
+        "older ones keep their histories cached (needs admission)."
+    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

@@ -178,6 +178,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
             app[ADMISSION] = admission = Admission(
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
+                suspend=settings.admission_suspend,
             )
             keeper = None
             if OBSERVER in app:
@@ -231,6 +232,9 @@ def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
                   lambda: admission.stats().resident_tokens)
     metrics.gauge("preheat_admission_wait_seconds_max", "Longest admission wait so far.",
                   lambda: admission.max_wait_seen)
+    metrics.counter("preheat_admission_suspended_total",
+                    "Sessions set aside mid-way because the resident set outgrew the cache.",
+                    lambda: admission.suspended, label=None)
     if admission.runs is not None:
         metrics.counter("preheat_ordering_held_total",
                         "Calls that waited for a smaller workflow run on a loaded engine.",

@@ -107,6 +107,53 @@ async def test_a_session_back_from_a_long_tool_call_goes_before_new_ones():
     new_task.cancel()
 
 
+async def _two_sessions_outgrow_the_cache(adm: Admission):
+    """Sessions A, then B, let in small (with a third agent's call keeping the engine busy);
+    A comes back from its tool call grown past what the cache holds beside B."""
+    a1 = ticket(adm, body("A" * 300))
+    await adm.enter(a1)
+    b1 = ticket(adm, body("B" * 300))
+    await adm.enter(b1)
+    busy = ticket(adm, body("F" * 50))
+    await adm.enter(busy)
+    adm.leave(a1, 10)
+    adm.leave(b1, 10)
+    a2 = ticket(adm, body("A" * 300, "a" * 400))
+    await asyncio.wait_for(adm.enter(a2), 1)
+    assert a2.how == "resident"
+    return a2, b1
+
+
+async def test_sessions_that_outgrow_the_cache_set_the_youngest_aside():
+    # fill 1.5: what admission reserves may exceed the cache; what is resident may not.
+    adm = Admission(1000, fill=1.5, hold=0.3, max_wait=30)
+    adm.chars_per_token = CPT
+    a2, b1 = await _two_sessions_outgrow_the_cache(adm)
+    assert adm.suspended == 1  # B, younger and between calls, made room for A
+    # B comes back: it would fit what may be reserved, not what the cache holds with A.
+    b2 = ticket(adm, body("B" * 300, "b" * 100))
+    assert b2.group == b1.group
+    waiting = asyncio.create_task(adm.enter(b2))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    # A's last answer; once its hold lapses B goes on, before any new session.
+    adm.leave(a2, 10)
+    new = ticket(adm, body("N" * 100))
+    new_task = asyncio.create_task(adm.enter(new))
+    await asyncio.wait_for(waiting, 2)
+    assert b2.how == "returned" and 0.25 < b2.waited < 1.5
+    await asyncio.wait_for(new_task, 1)
+
+
+async def test_setting_sessions_aside_has_a_switch():
+    adm = Admission(1000, fill=1.5, hold=0.3, max_wait=30, suspend=False)
+    adm.chars_per_token = CPT
+    await _two_sessions_outgrow_the_cache(adm)
+    b2 = ticket(adm, body("B" * 300, "b" * 100))
+    await asyncio.wait_for(adm.enter(b2), 1)
+    assert b2.how == "resident" and adm.suspended == 0
+
+
 async def _call(adm: Admission, b: dict, session: str | None = None) -> None:
     """One call through admission, answered at once."""
     t = ticket(adm, b, session=session)

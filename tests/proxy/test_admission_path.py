@@ -49,6 +49,12 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         assert sum(stats.admitted.get(k, 0) for k in held_back) > 0
         assert stats.max_wait_seen < 1.0 + 0.25  # the bound held
         assert elapsed < 30
+        # Twelve sessions outgrow the cache mid-way: the youngest were set aside, and still
+        # every call went through once, in order.
+        assert admission.suspended > 0
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(proxy.url + "/metrics")).text
+        assert f"preheat_admission_suspended_total {admission.suspended}" in metrics
         # Captured order of each session is the order its calls were made.
         store = await proxy.store()
         for s in store.sessions():
