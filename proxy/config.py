@@ -84,8 +84,8 @@ class Settings:
         60.0, "Longest a request waits for admission before it goes in regardless."
     )
     admission_suspend: bool = _opt(
-        True, "When the sessions resident outgrow the KV cache mid-way (sizes not yet learned, "
-        "or larger than learned), the youngest between calls waits until there is room, so the "
+        True, "Before the sizes an agent's sessions grow to are learned, when its sessions "
+        "outgrow the KV cache, the youngest between calls waits until there is room, so the "
         "older ones keep their histories cached (needs admission)."
     )
     admission_priority: bool = _opt(
