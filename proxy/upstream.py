@@ -9,6 +9,7 @@ are not decompressed, so bytes pass through exactly as sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, AsyncIterable, Callable
 
 import aiohttp
@@ -31,6 +32,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+KEEPALIVE = 4.0
+"""Seconds an idle connection to the upstream is kept for the next request: under uvicorn's
+5 s (vLLM's server), after which the server closes it. A request sent on a connection as the
+server closes it fails unread; `send` then sends it once more, on a new connection."""
+log = logging.getLogger("preheat.upstream")
 
 
 def forward_headers(headers: Any) -> list[tuple[str, str]]:
@@ -82,7 +88,8 @@ class Upstream:
 
     async def start(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300,
+                                             keepalive_timeout=KEEPALIVE)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,
@@ -109,10 +116,23 @@ class Upstream:
         assert self._session is not None
         url = self.url(path_qs)
         try:
-            return await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False,
-                compress=None, chunked=None,
-            )
+            try:
+                return await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False,
+                    compress=None, chunked=None,
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError) or not (
+                        body is None or isinstance(body, bytes)):
+                    raise  # not a pooled connection closing; or a body that cannot be resent
+                # The upstream closed the pooled connection as the request went out (an idle
+                # keep-alive timing out): no answer was begun. Once more, on a new one.
+                log.info("the upstream closed a kept-alive connection under %s %s (%r); "
+                         "sending it again", method, url.path, exc)
+                return await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False,
+                    compress=None, chunked=None,
+                )
         except asyncio.TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the upstream at {self.base_url} did not answer within {self.read_timeout:g} s"

@@ -38,6 +38,46 @@ async def test_unreachable_upstream_is_502(tmp_path):
         await proxy.runner.cleanup()
 
 
+async def test_a_kept_alive_connection_the_upstream_closes_costs_the_client_nothing(tmp_path):
+    """Servers close idle keep-alive connections (vLLM's uvicorn after 5 s): a request sent
+    on one as it closes is sent again on a new connection, not answered 502. This upstream
+    answers one request per connection and drops the connection on the next."""
+    answered: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for n in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                if n:  # a reused connection: closed as the request arrives
+                    break
+                length = sum(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                             if line.lower().startswith(b"content-length:"))
+                answered.append(await reader.readexactly(length))
+                reply = b'{"id": "x", "choices": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await start_proxy(Settings(upstream=f"http://127.0.0.1:{port}", admission=False,
+                                       prewarm=False, db=f"sqlite:///{tmp_path}/p.db"))
+    try:
+        async with httpx.AsyncClient() as client:
+            for i in range(3):
+                body = {**CHAT, "messages": [{"role": "user", "content": f"call {i}"}]}
+                r = await client.post(proxy.url + "/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+        chats = [a for a in answered if a]  # each call answered once, in order
+        assert [b"call %d" % i in a for i, a in enumerate(chats)] == [True] * 3
+    finally:
+        await proxy.runner.cleanup()
+        server.close()
+
+
 async def test_hanging_upstream_is_504_and_others_still_flow(upstream, tmp_path):
     proxy = await start_proxy(
         Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db", read_timeout=0.5)
