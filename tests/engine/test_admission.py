@@ -84,6 +84,19 @@ async def test_an_idle_engine_never_keeps_work_waiting():
     assert b.how == "idle" and b.waited < IDLE_RECHECK + 0.5
 
 
+async def test_a_burst_after_a_quiet_spell_is_not_taken_for_an_idle_engine():
+    adm = make(1000, hold=0.2, max_wait=30)
+    await _call(adm, body("early " * 20))
+    await asyncio.sleep(0.5)  # a quiet spell: nothing resident, the engine idle
+    a = ticket(adm, body("A" * 900))
+    await adm.enter(a)
+    await asyncio.sleep(0.1)  # A's call runs: since the burst began, the engine was busy
+    adm.leave(a, 10)
+    b = ticket(adm, body("B" * 900))
+    await asyncio.wait_for(adm.enter(b), 2)
+    assert b.how == "waited" and b.waited > 0.1  # for A's hold, not let in as idle
+
+
 async def test_a_session_back_from_a_long_tool_call_goes_before_new_ones():
     adm = make(1000, hold=0.05, max_wait=30)
     a1 = ticket(adm, body("A" * 500))
