@@ -306,11 +306,12 @@ class Admission:
             self._admit(t, "direct")
         elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
             await self._wait(t)  # the smallest run first
-        elif g is not None and (g.in_flight or self._held(g)) and not self._crowded(t, g):
-            self._admit(t, "resident")
-        elif g is not None and g.id in self._groups:
-            self._suspend(g, calling=True)  # the resident set outgrew the cache
-            await self._wait(t)
+        elif g is not None and (g.in_flight or self._held(g)):
+            if self._make_room(t, g):
+                self._suspend(g, calling=True)  # the resident set outgrew the cache
+                await self._wait(t)
+            else:
+                self._admit(t, "resident")
         elif not self._waiting and self._fits(t):
             self._admit(t, "returned" if t.group in self._sessions else "fits")
         elif not self._waiting and self._engine_idle():
@@ -632,7 +633,7 @@ class Admission:
             self._suspended.pop(t.group, None)
             profile = self._profiles.get(t.group)
             g.calls = profile[1] if profile else 0  # a session returning to the cache
-            self._under_way(t.group)
+            self._under_way(t.group)  # (it may have been released while its call waited)
         if g.in_flight == 0 and g.calls:
             # The client's own tool or think time: from the last answer to this call's
             # arrival, not to its admission (waiting here is not a gap to hold for).
@@ -743,7 +744,7 @@ class Admission:
             resident = [t for t in candidates if t.group in self._groups]
             if resident:
                 g = self._groups[resident[0].group]
-                if self._crowded(resident[0], g):
+                if self._make_room(resident[0], g):
                     self._suspend(g, calling=True)  # then waits as a session under way
                 else:
                     self._take(resident[0], "resident")
@@ -827,14 +828,14 @@ class Admission:
                 return size * SIZE_RATIO <= mine
         return False
 
-    def _crowded(self, t: Ticket, g: Group) -> bool:
-        """A resident session's next call would take the resident set past the cache, and
-        making room from sessions younger than it that are between calls is not enough,
-        while an older session is resident: then this one waits (`suspend`). Left as it is,
-        every session's history would be evicted before it came back (a cache is no use to
-        a loop larger than itself); set aside, the older sessions run with theirs resident
-        and finish. Younger sessions between calls are set aside first; only sessions
-        nothing was reserved for (`_unplanned`), and never one with a call in flight."""
+    def _make_room(self, t: Ticket, g: Group) -> bool:
+        """Room in the cache for a resident session's next call, setting aside younger
+        sessions between calls where it would take the resident set past the cache. True
+        when that is not enough while an older session is resident: then this one waits
+        (`suspend`) instead. Left as it is, every session's history would be evicted before
+        it came back (a cache is no use to a loop larger than itself); set aside, the older
+        sessions run with theirs resident and finish. Only sessions nothing was reserved
+        for are set aside (`_unplanned`), and never one with a call in flight."""
         if not self.suspend or g.in_flight or not self.capacity_tokens:
             return False
         limit = SUSPEND_ABOVE * self.capacity_tokens

@@ -115,12 +115,15 @@ class Upstream:
             await self.start()
         assert self._session is not None
         url = self.url(path_qs)
+        session = self._session
+
+        async def request() -> aiohttp.ClientResponse:
+            return await session.request(method, url, headers=headers, data=body,
+                                         allow_redirects=False, compress=None, chunked=None)
+
         try:
             try:
-                return await self._session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False,
-                    compress=None, chunked=None,
-                )
+                return await request()
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError) or not (
                         body is None or isinstance(body, bytes)):
@@ -129,10 +132,7 @@ class Upstream:
                 # keep-alive timing out): no answer was begun. Once more, on a new one.
                 log.info("the upstream closed a kept-alive connection under %s %s (%r); "
                          "sending it again", method, url.path, exc)
-                return await self._session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False,
-                    compress=None, chunked=None,
-                )
+                return await request()
         except asyncio.TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the upstream at {self.base_url} did not answer within {self.read_timeout:g} s"
