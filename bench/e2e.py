@@ -348,9 +348,12 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
               "| warm precision |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        if "direct" not in rows or "preheat-on" not in rows:
-            continue  # a partial run (--modes) without the two compared
+        if "direct" not in rows or len(rows) < 2:
+            continue  # a partial run (--modes) with nothing to compare
         d, off, on, o = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
+        if "preheat-on" not in rows:  # direct against preheat-off alone (what preheat costs)
+            lines.append(f"| {name} | - | - | {_ratio(d, off)} | - | - | - | - | - |")
+            continue
         # No headroom where the oracle is not faster than direct: the ratio would be noise.
         head = (f"{(d - on) / (d - o):.0%}" if d - o > 0.02 * d else "none") if o == o else "-"
         r = rows["preheat-on"]

@@ -33,6 +33,16 @@ def test_repeated_runs_report_their_median_and_every_run():
     assert "| loops | 1.68x | 1.04x | - | - | - |" in text
 
 
+def test_what_preheat_costs_is_reported_without_preheat_on():
+    # --modes direct preheat-off: the ratio of the two, the rest left blank
+    text = report({"loops": {"direct": row(42.0, 52.0), "preheat-off": row(50.0, 55.0)}},
+                  Namespace(idle=3.0), "x")
+    assert "| loops | - | - | 0.84x | - | - | - | - | - |" in text
+    # direct alone has nothing to compare
+    alone = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
+    assert "| loops | - |" not in alone
+
+
 def test_each_instance_keeps_its_median_time_over_the_runs():
     runs = [dict(row(40.0, 50.0), instances={"debate-0": 10.0 + i, "desk-0": 50.0 - i})
             for i in (0, 4, 1)]
