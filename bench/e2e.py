@@ -348,7 +348,7 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
               "| warm precision |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        if "direct" not in rows or len(rows) < 2:
+        if "direct" not in rows or not ("preheat-on" in rows or "preheat-off" in rows):
             continue  # a partial run (--modes) with nothing to compare
         d, off, on, o = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
         if "preheat-on" not in rows:  # direct against preheat-off alone (what preheat costs)

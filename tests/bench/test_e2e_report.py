@@ -38,9 +38,10 @@ def test_what_preheat_costs_is_reported_without_preheat_on():
     text = report({"loops": {"direct": row(42.0, 52.0), "preheat-off": row(50.0, 55.0)}},
                   Namespace(idle=3.0), "x")
     assert "| loops | - | - | 0.84x | - | - | - | - | - |" in text
-    # direct alone has nothing to compare
-    alone = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
-    assert "| loops | - |" not in alone
+    # direct alone, or beside the oracle only, has nothing to compare
+    direct = row(42.0, 52.0)
+    for rows in ({"direct": direct}, {"direct": direct, "oracle": row(9.0, 20.0)}):
+        assert "| loops | - |" not in report({"loops": rows}, Namespace(idle=3.0), "x")
 
 
 def test_each_instance_keeps_its_median_time_over_the_runs():
