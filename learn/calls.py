@@ -28,10 +28,6 @@ from learn.canonical import canonical_json, function_of, message_text, tool_call
 from learn.radix import common_length
 from learn.templates import STRICT_ROLES, TemplateMiner
 
-_ITEM_ROLES = {"function_call": "assistant", "reasoning": "assistant",
-               "function_call_output": "tool", "message": "user"}
-
-
 @dataclass(frozen=True)
 class CallTemplate:
     """One learned call shape."""
@@ -54,10 +50,12 @@ class CallTemplate:
 
 
 def role_of(message: dict) -> str:
+    """A message's role; a Responses API item that is none (a built-in tool's call): its type.
+    Function calls and their outputs come as assistant and tool messages (`Exchange.messages`)."""
     role = message.get("role")
     if isinstance(role, str):
         return role
-    return _ITEM_ROLES.get(str(message.get("type")), str(message.get("type") or "?"))
+    return str(message.get("type") or "?")
 
 
 def tool_names(tools: Sequence) -> tuple[str, ...]:
@@ -366,17 +364,14 @@ def _tool_call_names(answer: dict) -> dict[str, str]:
     out = {}
     for call in tool_calls_of(answer):
         out[str(call.get("id"))] = str(function_of(call).get("name"))
-    if answer.get("type") == "function_call":
-        out[str(answer.get("call_id"))] = str(answer.get("name"))
     return out
 
 
 def _result_name(message: dict, calls: dict[str, str]) -> str:
     if isinstance(message.get("name"), str):
         return message["name"]
-    for key in ("tool_call_id", "call_id"):
-        if str(message.get(key)) in calls:
-            return calls[str(message.get(key))]
+    if str(message.get("tool_call_id")) in calls:
+        return calls[str(message.get("tool_call_id"))]
     ids = message.get("tool_call_ids")
     if isinstance(ids, list) and ids and str(ids[0]) in calls:
         return calls[str(ids[0])]

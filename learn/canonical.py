@@ -79,7 +79,7 @@ def message_key(message: dict) -> str:
     'tool_calls': [...]} and is re-sent by the agent in its own shape (no refusal, content None
     instead of "", extra fields). Session linking compares messages by this key.
     """
-    if "role" not in message:  # a Responses API item: function_call, function_call_output
+    if "role" not in message:  # a Responses API item other than a message (a built-in tool's)
         item = {k: v for k, v in message.items() if k not in ("id", "status")}
         return xxhash.xxh3_64_hexdigest(canonical_json(item))
     calls = []

@@ -78,7 +78,7 @@ class FallbackTokenizer:
             fn = function_of(call)
             ids.append(self.marker("call"))
             ids += self.text(f"{fn.get('name')} {fn.get('arguments')}")
-        if "role" not in message:  # a Responses API item (function_call, its output)
+        if "role" not in message:  # a Responses API item other than a message (a built-in tool's)
             ids += self.text(" ".join(str(message.get(k)) for k in ("name", "arguments", "output")
                                       if message.get(k) is not None))
         out = tuple(ids)

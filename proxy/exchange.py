@@ -184,15 +184,7 @@ class Exchange:
             msgs = body.get("messages")
             return [m for m in msgs if isinstance(m, dict)] if isinstance(msgs, list) else []
         if self.path == "/v1/responses":
-            out: list[dict] = []
-            if isinstance(body.get("instructions"), str):
-                out.append({"role": "system", "content": body["instructions"]})
-            inp = body.get("input")
-            if isinstance(inp, str):
-                out.append({"role": "user", "content": inp})
-            elif isinstance(inp, list):
-                out.extend(m for m in inp if isinstance(m, dict))
-            return out
+            return _responses_messages(body)
         if self.path == "/v1/completions":
             prompt = body.get("prompt")
             if isinstance(prompt, str):
@@ -201,9 +193,17 @@ class Exchange:
 
     @property
     def tools(self) -> list:
+        """The request's tools, in chat completions form (a Responses API function tool is
+        flat: vLLM renders it as this, so a warm of the prompt renders the same tokens)."""
         body = self.request_json
         tools = body.get("tools") if isinstance(body, dict) else None
-        return tools if isinstance(tools, list) else []
+        if not isinstance(tools, list):
+            return []
+        if self.path != "/v1/responses":
+            return tools
+        return [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+                if isinstance(t, dict) and t.get("type") == "function" and "function" not in t
+                else t for t in tools]
 
     @property
     def cached_tokens(self) -> int | None:
@@ -311,7 +311,46 @@ def _answer_of(path: str, resp: dict) -> dict | None:
     return None
 
 
+def _responses_messages(body: dict) -> list[dict]:
+    """A Responses API prompt as chat messages, as vLLM renders it: the instructions are the
+    system message; each run of output items the client sends back (assistant message,
+    reasoning, function calls) is one assistant message, in the form its answer was recorded
+    in; a function call's output is a tool message. So a session's next call starts with its
+    previous call's messages and answer, as in a chat completions loop."""
+    out: list[dict] = []
+    if isinstance(body.get("instructions"), str):
+        out.append({"role": "system", "content": body["instructions"]})
+    inp = body.get("input")
+    if isinstance(inp, str):
+        out.append({"role": "user", "content": inp})
+    if not isinstance(inp, list):
+        return out
+    answered: list[dict] = []
+    for item in inp:
+        if not isinstance(item, dict):
+            continue
+        if item.get("role") == "assistant" or item.get("type") in _ANSWER_ITEMS:
+            answered.append(item)
+            continue
+        if answered:
+            out.append(_responses_answer(answered))
+            answered = []
+        if item.get("type") == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": item.get("output")})
+        else:
+            out.append(item)
+    if answered:
+        out.append(_responses_answer(answered))
+    return out
+
+
+_ANSWER_ITEMS = ("function_call", "reasoning")
+"""Responses API items that are part of an answer (besides the assistant's messages)."""
+
+
 def _responses_answer(output: Any) -> dict | None:
+    """The answer of a Responses API output (or of its items sent back in a later prompt)."""
     if not isinstance(output, list):
         return None
     text: list[str] = []
@@ -319,8 +358,11 @@ def _responses_answer(output: Any) -> dict | None:
     for item in output:
         if not isinstance(item, dict):
             continue
-        if item.get("type") == "message":
-            for part in item.get("content") or []:
+        if item.get("type", "message") == "message":
+            content = item.get("content")
+            if isinstance(content, str):
+                text.append(content)
+            for part in content if isinstance(content, list) else []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     text.append(part["text"])
         elif item.get("type") == "function_call":

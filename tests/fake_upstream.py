@@ -10,6 +10,11 @@ the proxy gets byte-identical answers. Behaviour is steered by request headers:
     x-fake-events: N          number of content events in a stream (default 5)
     x-fake-size: BYTES        pad a non-stream reply's content to about this size
 
+Given tools, a chat or responses call asks for one (arguments filled from its schema). An
+agent framework cannot send headers, so its loop is steered by the model name: with model
+`fake-agent-N`, the answer asks for the next tool (in turn) until the conversation holds N tool
+results, and then answers in text, as an agent that has what it needs.
+
 `/echo` answers with what arrived (method, path, query, headers, body digest and length).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 
 from aiohttp import web
@@ -32,6 +38,27 @@ def _digest(body: bytes) -> str:
 def _words(body: bytes, n: int) -> list[str]:
     h = hashlib.sha256(body).hexdigest()
     return [f"w{h[i % 60:i % 60 + 4]} " for i in range(n)]
+
+
+_SAMPLE = {"string": "x", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+
+
+def _next_tool(req: dict, turns: list, results: int) -> tuple[str, str] | None:
+    """The tool a call asks for (name, arguments JSON), or None to answer in text.
+
+    `turns` is the conversation (chat messages or responses items), `results` how many tool
+    results it holds."""
+    tools = [t.get("function", t) for t in req.get("tools") or [] if isinstance(t, dict)]
+    if not tools:
+        return None
+    agent = re.fullmatch(r"fake-agent-(\d+)", str(req.get("model", "")))
+    if agent and results >= int(agent.group(1)):
+        return None
+    tool = tools[results % len(tools)]
+    props = (tool.get("parameters") or {}).get("properties") or {}
+    args = {k: _SAMPLE.get(v.get("type"), "x") if isinstance(v, dict) else "x"
+            for k, v in props.items()}
+    return str(tool.get("name")), json.dumps(args)
 
 
 class FakeUpstream:
@@ -135,7 +162,8 @@ class FakeUpstream:
         words = _words(body, n)
         cid = "chatcmpl-" + _digest(body)
         model = req.get("model", "fake")
-        tool = (req.get("tools") or [None])[0]
+        messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
+        tool = _next_tool(req, messages, sum(m.get("role") == "tool" for m in messages))
         if not req.get("stream"):
             await asyncio.sleep(float(request.headers.get("x-fake-delay", "0")))
             content = "".join(words)
@@ -147,7 +175,7 @@ class FakeUpstream:
                 message["content"] = None
                 message["tool_calls"] = [{
                     "id": "call_" + _digest(body)[:8], "type": "function",
-                    "function": {"name": tool["function"]["name"], "arguments": '{"q": "x"}'},
+                    "function": {"name": tool[0], "arguments": tool[1]},
                 }]
             return web.json_response({
                 "id": cid, "object": "chat.completion", "created": CREATED, "model": model,
@@ -167,11 +195,11 @@ class FakeUpstream:
 
         events = [chunk({"role": "assistant", "content": ""})]
         if tool:
-            name = tool["function"]["name"]
+            name, args = tool
             events.append(chunk({"tool_calls": [{"index": 0, "id": "call_" + _digest(body)[:8],
                                                  "type": "function",
                                                  "function": {"name": name, "arguments": ""}}]}))
-            for piece in ('{"q"', ': "x"}'):
+            for piece in (args[:len(args) // 2], args[len(args) // 2:]):
                 events.append(chunk({"tool_calls": [{"index": 0,
                                                      "function": {"arguments": piece}}]}))
             events.append(chunk({}, "tool_calls"))
@@ -213,29 +241,48 @@ class FakeUpstream:
         assert req is not None
         n = int(request.headers.get("x-fake-events", "5"))
         words = _words(body, n)
-        rid = "resp_" + _digest(body)
+        d = _digest(body)
+        items = req.get("input") if isinstance(req.get("input"), list) else []
+        items = [i for i in items if isinstance(i, dict)]
+        tool = _next_tool(req, items, sum(i.get("type") == "function_call_output" for i in items))
+        if tool:
+            item = {"type": "function_call", "id": "fc_" + d[:8], "call_id": "call_" + d[:8],
+                    "name": tool[0], "arguments": tool[1], "status": "completed"}
+        else:
+            item = {"type": "message", "id": "msg_" + d[:8], "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
         final = {
-            "id": rid, "object": "response", "created_at": CREATED, "status": "completed",
-            "model": req.get("model", "fake"),
-            "output": [{"type": "message", "id": "msg_" + _digest(body)[:8], "role": "assistant",
-                        "status": "completed",
-                        "content": [{"type": "output_text", "text": "".join(words),
-                                     "annotations": []}]}],
+            "id": "resp_" + d, "object": "response", "created_at": CREATED, "status": "completed",
+            "model": req.get("model", "fake"), "output": [item],
             "usage": {"input_tokens": len(body) // 4, "output_tokens": n,
                       "total_tokens": len(body) // 4 + n,
                       "input_tokens_details": {"cached_tokens": 0}},
         }
         if not req.get("stream"):
             return web.json_response(final)
-        created = dict(final, status="in_progress", output=[])
-        events = [f"event: response.created\ndata: {json.dumps({'type': 'response.created', 'response': created})}\n\n"]
-        for w in words:
-            ev = {"type": "response.output_text.delta", "item_id": "msg", "output_index": 0,
-                  "content_index": 0, "delta": w}
-            events.append(f"event: response.output_text.delta\ndata: {json.dumps(ev)}\n\n")
-        events.append(
-            f"event: response.completed\ndata: {json.dumps({'type': 'response.completed', 'response': final})}\n\n"
-        )
+        events: list[str] = []
+
+        def event(kind: str, **fields) -> None:
+            data = {"type": kind, "sequence_number": len(events), **fields}
+            events.append(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
+
+        event("response.created", response=dict(final, status="in_progress", output=[]))
+        if tool:
+            event("response.output_item.added", output_index=0,
+                  item=dict(item, arguments="", status="in_progress"))
+            args = tool[1]
+            for piece in (args[:len(args) // 2], args[len(args) // 2:]):
+                event("response.function_call_arguments.delta", item_id=item["id"],
+                      output_index=0, delta=piece)
+            event("response.function_call_arguments.done", item_id=item["id"], output_index=0,
+                  arguments=args)
+            event("response.output_item.done", output_index=0, item=item)
+        else:
+            for w in words:
+                event("response.output_text.delta", item_id="msg", output_index=0,
+                      content_index=0, delta=w)
+        event("response.completed", response=final)
         return await self._sse(request, events)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from learn.sessions import SessionLinker
@@ -89,3 +91,37 @@ def test_memory_is_bounded_by_the_window():
         linker.link(chat([SYSTEM, {"role": "user", "content": f"task {i}"}], say(f"answer {i}")))
     assert len(linker) <= 50
     assert len(linker._by_head) <= 10
+
+
+def test_a_responses_api_loop_links_with_its_output_items_sent_back():
+    """The Responses API (the OpenAI Agents SDK's default) sends an answer's output items back
+    as input items, one per function call, reasoning included: still one conversation."""
+    from proxy.exchange import Exchange, _answer_of
+
+    output = [
+        {"type": "reasoning", "id": "rs_1", "summary": [], "status": "completed"},
+        {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "Looking both up.", "annotations": []}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "find_customer",
+         "arguments": '{"booking": "42"}', "status": "completed"},
+        {"type": "function_call", "id": "fc_2", "call_id": "call_b", "name": "read_booking",
+         "arguments": '{"booking": "42"}', "status": "completed"},
+    ]
+
+    def call(items: list[dict], answer: dict) -> Exchange:
+        body = {"model": "m", "instructions": SYSTEM["content"], "input": items}
+        ex = Exchange(method="POST", path="/v1/responses", request_body=json.dumps(body).encode())
+        ex.analyze()
+        ex.status, ex.answer = 200, answer
+        return ex
+
+    task = {"role": "user", "content": TASK["content"]}
+    first = call([task], _answer_of("/v1/responses", {"output": output}))
+    results = [{"type": "function_call_output", "call_id": "call_a", "output": "gold tier"},
+               {"type": "function_call_output", "call_id": "call_b", "output": "Friday"}]
+    second = call([task, *output, *results], say("Friday, gold tier."))
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "tool", "tool"]
+    assert second.messages[2] == first.answer
+    linker = SessionLinker()
+    a, b = linker.link(first), linker.link(second)
+    assert (b.session_id, b.source, b.parent, b.continued) == (a.session_id, "prefix", first.id, 3)
