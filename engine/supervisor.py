@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from engine import process
+from engine import process, tool_parser
 from engine.errors import EngineError, diagnose
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ class Engine:
                 kv_bytes = CPU_DEFAULT_KV_BYTES
         if kv_bytes is not None:
             argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+        demo = process.looks_like_path(self.model) and process.is_random_weights(
+            Path(self.model).expanduser())
+        argv += tool_parser.engine_flags(self.model, self.engine_args, demo_model=demo)
         return argv + list(self.engine_args)
 
     async def start(self) -> None:

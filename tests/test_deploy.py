@@ -32,6 +32,13 @@ def load_yaml(name: str) -> list:
 def check_engine_args(args: list[str]) -> None:
     for flag in ENGINE_FLAGS:
         assert flag in args, flag
+    # The tool-call parser is the one preheat's own engine would run the model with.
+    from engine.tool_parser import parser_for
+
+    [model] = [a.split("=", 1)[1] for a in args if a.startswith("--model=")]
+    model = model.removeprefix("${MODEL:-").removesuffix("}")
+    assert "--enable-auto-tool-choice" in args
+    assert f"--tool-call-parser={parser_for(model)}" in args
     [kv] = [a.split("=", 1)[1] for a in args if a.startswith("--kv-events-config=")]
     config = json.loads(kv)
     assert config["enable_kv_cache_events"] and config["publisher"] == "zmq"

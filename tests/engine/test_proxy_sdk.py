@@ -65,3 +65,25 @@ async def test_streaming_client_through_proxy(running, proxy_url):
         assert chunks >= 2 and usage is not None and 0 < usage.completion_tokens <= 8
     finally:
         await client.close()
+
+
+async def test_requests_with_tools_are_served(running, proxy_url):
+    """Agents send tools with nearly every call: the engine preheat starts has a tool-call
+    parser, so they are answered, not refused (vLLM's 400 without one)."""
+    tools = [{"type": "function", "function": {
+        "name": "find_booking", "description": "Find a booking by its number.",
+        "parameters": {"type": "object", "properties": {"number": {"type": "string"}},
+                       "required": ["number"]}}}]
+    messages = [{"role": "system", "content": "You book flights."},
+                {"role": "user", "content": "Where is booking 42?"}]
+    client = openai.AsyncOpenAI(base_url=proxy_url, api_key="sk-test", max_retries=0)
+    try:
+        reply = await client.chat.completions.create(
+            model=running.model, messages=messages, tools=tools, max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        stream = await client.chat.completions.create(
+            model=running.model, messages=messages, tools=tools, max_tokens=4, stream=True)
+        finishes = [c.choices[0].finish_reason async for c in stream if c.choices]
+        assert finishes[-1] in ("stop", "length", "tool_calls")
+    finally:
+        await client.close()
