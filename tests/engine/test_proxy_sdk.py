@@ -87,3 +87,33 @@ async def test_requests_with_tools_are_served(running, proxy_url):
         assert finishes[-1] in ("stop", "length", "tool_calls")
     finally:
         await client.close()
+
+
+async def test_an_openai_agents_sdk_agent_runs_through_the_proxy(running, proxy_url, monkeypatch):
+    """A real agent framework, with a tool, pointed at preheat by OPENAI_BASE_URL alone, on the
+    real engine (its random weights answer in noise, so the run ends after one call)."""
+    agents = pytest.importorskip("agents")
+    from agents.models import openai_provider
+
+    monkeypatch.setenv("OPENAI_BASE_URL", proxy_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    monkeypatch.setattr(openai_provider, "_http_client", None)  # one per event loop
+    agents.set_tracing_disabled(True)
+
+    @agents.function_tool
+    def find_booking(number: str) -> str:
+        """Find a booking by its number."""
+        return f"booking {number}: Friday"
+
+    agent = agents.Agent(name="booking", instructions="You find bookings.", model=running.model,
+                         tools=[find_booking], model_settings=agents.ModelSettings(max_tokens=8))
+    config = agents.RunConfig(model_provider=agents.OpenAIProvider(use_responses=False))
+    try:
+        result = await agents.Runner.run(agent, "Where is booking 42?", run_config=config,
+                                         max_turns=2)
+    finally:
+        if openai_provider._http_client is not None:
+            await openai_provider._http_client.aclose()
+    assert isinstance(result.final_output, str) and result.raw_responses
+    assert result.raw_responses[0].usage.input_tokens > 0
