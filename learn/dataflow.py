@@ -15,6 +15,12 @@ that sees the same document. They are remembered, though: when a prompt contains
 and B kept sentences of an earlier answer A (a revision keeps most of the draft), those
 sentences came through B, and do not make A a source as well. Chunks that many answers share
 (boilerplate) are dropped.
+
+A hand-off may carry no text at all: an agent framework hands a conversation to another agent
+by sending the first agent's answer (a `transfer_to_...` tool call) on in the next agent's
+prompt, as the same message. So an answer is also found whole, by its message key, where it is
+distinctive: it calls tools (their call ids are unique) or says at least `min_chunk` characters,
+and no other recent answer is the same message.
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ class FlowIndex:
         self._common: OrderedDict[int, None] = OrderedDict()
         self._message_chunks: OrderedDict[str, dict[int, int]] = OrderedDict()
         self._cache = cache
+        self._by_key: OrderedDict[str, str | None] = OrderedDict()
+        """Message key of a distinctive answer -> its call (None: several answers alike)."""
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -107,9 +115,10 @@ class FlowIndex:
             self._message_chunks.popitem(last=False)
         return found
 
-    def sources(self, prompt: Iterable[dict[int, int]], session: str,
-                started: float) -> list[FlowSource]:
-        """Earlier answers (of other sessions, finished before `started`) this prompt contains."""
+    def sources(self, prompt: Iterable[dict[int, int]], session: str, started: float,
+                keys: Iterable[str] = ()) -> list[FlowSource]:
+        """Earlier answers (of other sessions, finished before `started`) this prompt contains:
+        found by their chunks in `prompt`, or whole among its messages' `keys`."""
         found: dict[str, list[tuple[int, int]]] = {}
         for part in prompt:
             for h, size in part.items():
@@ -118,34 +127,48 @@ class FlowIndex:
         live = {}
         for call, hits in found.items():
             ans = self._answers.get(call)
-            if ans is None or ans.session == session or ans.ended > started + 1e-3:
+            if ans is None or not self._earlier(ans, session, started):
                 continue
-            if started - ans.ended <= self.horizon and sum(n for _, n in hits) >= self.min_share * ans.size:
+            if sum(n for _, n in hits) >= self.min_share * ans.size:
                 live[call] = (ans, hits)
         relayed = set().union(*(ans.copied for ans, _ in live.values())) if live else set()
-        out = []
+        out = {}
         for call, (ans, hits) in live.items():
             own = sum(n for h, n in hits if h not in relayed or h in ans.copied)
             share = min(1.0, own / ans.size)
             if share >= self.min_share:
-                out.append(FlowSource(call, round(share, 3)))
-        out.sort(key=lambda s: (-s.share, s.call))
-        return out
+                out[call] = FlowSource(call, round(share, 3))
+        for key in keys:
+            call = self._by_key.get(key)
+            ans = self._answers.get(call) if call else None
+            if ans is not None and self._earlier(ans, session, started):
+                out[call] = FlowSource(call, 1.0)
+        return sorted(out.values(), key=lambda s: (-s.share, s.call))
+
+    def _earlier(self, ans: _Answer, session: str, started: float) -> bool:
+        return (ans.session != session and ans.ended <= started + 1e-3
+                and started - ans.ended <= self.horizon)
 
     def remember(self, call: str, session: str, ended: float, answer: dict | None,
-                 own_prompt: Iterable[dict[int, int]]) -> None:
-        """Index an answer, less whatever it copied from its own prompt."""
+                 own_prompt: Iterable[dict[int, int]], key: str | None = None) -> None:
+        """Index an answer, less whatever it copied from its own prompt; and by its message
+        `key` where it is distinctive."""
         mine = chunks(answer_text(answer), self.min_chunk)
-        if not mine:
-            return
         copied: set[int] = set()
         for part in own_prompt:
             for h in part.keys() & mine.keys():
                 del mine[h]
                 copied.add(h)
         mine = {h: n for h, n in mine.items() if h not in self._common}
-        if not mine:
+        whole = key is not None and isinstance(answer, dict) and (
+            bool(tool_calls_of(answer)) or len(message_text(answer)) >= self.min_chunk)
+        if not mine and not whole:
             return
+        if whole:
+            self._by_key[key] = call if key not in self._by_key else None
+            self._by_key.move_to_end(key)
+            while len(self._by_key) > self.window:
+                self._by_key.popitem(last=False)
         self._answers[call] = _Answer(session, ended, mine, frozenset(copied))
         for h in mine:
             bucket = self._index.setdefault(h, [])

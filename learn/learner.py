@@ -199,7 +199,8 @@ class Learner:
         # Data flow: only messages new since the conversation's last step can carry it.
         start = link.continued if link.parent else 0
         new = [self.flow.message_chunks(m, k) for m, k in zip(d.messages[start:], d.keys[start:])]
-        sources = [s.call for s in self.flow.sources(new, session, d.started) if s.call in self._calls]
+        sources = [s.call for s in self.flow.sources(new, session, d.started, d.keys[start:])
+                   if s.call in self._calls]
         parent = link.parent if link.parent in self._calls else None
 
         linked = [*([parent] if parent else []), *sources]
@@ -210,7 +211,7 @@ class Learner:
 
         if d.answer is not None:
             own = [self.flow.message_chunks(m, k) for m, k in zip(d.messages, d.keys)]
-            self.flow.remember(d.id, session, d.ended, d.answer, own)
+            self.flow.remember(d.id, session, d.ended, d.answer, own, message_key(d.answer))
         self._calls[d.id] = _Call(template, kind, session, d.ended, depth)
         while len(self._calls) > self.config.calls_window:
             self._calls.popitem(last=False)

@@ -105,3 +105,30 @@ def test_sentences_relayed_by_a_revision_credit_the_revision_only():
     flow.remember("other", "s4", 25.0, answer(other), [])
     both = prompt_chunks(flow, "\n".join(kept), other)
     assert {s.call for s in flow.sources(both, "s3", 30.0)} == {"revision", "other"}
+
+
+def test_a_hand_off_is_found_by_the_answer_sent_on_whole():
+    """A framework hands a conversation to another agent by sending the first agent's answer
+    (a short `transfer_to_...` call, no text to chunk) in the next agent's prompt."""
+    from learn.canonical import message_key
+
+    flow = FlowIndex()
+    transfer = {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_7", "type": "function",
+        "function": {"name": "transfer_to_booking", "arguments": "{}"}}]}
+    flow.remember("triage", "s-triage", ended=10.0, answer=transfer, own_prompt=[],
+                  key=message_key(transfer))
+    ok = {"role": "assistant", "content": "OK."}  # too short to say who said it
+    flow.remember("a", "s-a", ended=10.0, answer=ok, own_prompt=[], key=message_key(ok))
+    alike = {"role": "assistant", "content": "I will look into that for you right away."}
+    for call in ("b", "c"):  # two answers alike: neither is the one passed on
+        flow.remember(call, f"s-{call}", ended=10.0, answer=alike, own_prompt=[],
+                      key=message_key(alike))
+
+    keys = [message_key(m) for m in ({"role": "user", "content": "Move my booking"}, transfer,
+                                      ok, alike)]
+    found = flow.sources([], session="s-booking", started=11.0, keys=keys)
+    assert [(s.call, s.share) for s in found] == [("triage", 1.0)]
+    # Not its own session's answer (that is a continuation), nor one from the future.
+    assert flow.sources([], session="s-triage", started=11.0, keys=keys) == []
+    assert flow.sources([], session="s-booking", started=9.0, keys=keys) == []

@@ -115,6 +115,27 @@ async def _langchain(task: str, stream: bool, tools_ran: list[str]) -> str:
     return str(state["messages"][-1].content)
 
 
+async def _crew(task: str, tools_ran: list[str]) -> str:
+    """A front desk that hands each customer to a specialist (the Agents SDK's hand-offs)."""
+    @agents.function_tool
+    def read_booking(booking: str) -> str:
+        """Read a booking's flights and fare."""
+        tools_ran.append("read_booking")
+        return f"booking {booking}: LHR-CDG Friday 09:40, flexible fare"
+
+    booking = agents.Agent(name="booking", instructions=INSTRUCTIONS, tools=[read_booking],
+                           model=f"fake-agent-{ROUNDS}")
+    refunds = agents.Agent(name="refunds", instructions="You handle refunds. " * 40,
+                           model=f"fake-agent-{ROUNDS}")
+    desk = agents.Agent(name="desk", model="fake-agent-1", handoffs=[booking, refunds],
+                        instructions="You are the airline's front desk. Hand each customer to "
+                                     "the right specialist. " * 20)
+    config = agents.RunConfig(model_provider=agents.OpenAIProvider())
+    result = await agents.Runner.run(desk, task, run_config=config)
+    assert result.last_agent is booking
+    return str(result.final_output)
+
+
 FRAMEWORKS = {
     "openai-agents responses": lambda task, ran: _openai_agents(task, "responses", ran),
     "openai-agents chat completions": lambda task, ran: _openai_agents(task, "chat_completions", ran),
@@ -177,3 +198,22 @@ async def test_an_agent_run_often_is_learned_as_templates_and_a_workflow(framewo
     [flow] = flows["workflows"]
     assert flow["nodes"] == 3 and flow["edges"] == 2
     assert {t["workflow"] for t in steps.values()} == {flow["id"]}
+
+
+async def test_a_crew_that_hands_off_is_learned_as_one_workflow(proxy, monkeypatch):
+    """The desk's answer (a call to `transfer_to_booking`) is sent on in the specialist's
+    prompt: the two agents' sessions are one workflow, the hand-off its edge."""
+    _pointed_at(monkeypatch, proxy.url)
+    for task in TASKS:
+        await _crew(task, [])
+    await proxy.observer.flush()
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        templates = (await client.get(proxy.url + "/admin/templates.json", headers=bearer)).json()
+        flows = (await client.get(proxy.url + "/admin/workflows.json", headers=bearer)).json()
+    store = await proxy.store()
+    assert sorted(len(s["exchanges"]) for s in store.sessions()) == [1] * 4 + [2] * 4
+    steps = {tuple(t["turn"] or ()) for t in templates["templates"]}
+    assert steps == {(), ("tool:transfer_to_booking",), ("tool:read_booking",)}
+    [flow] = flows["workflows"]
+    assert (flow["nodes"], flow["edges"], len(flow["entries"])) == (3, 2, 1)
