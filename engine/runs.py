@@ -12,8 +12,9 @@ forwarded:
 - A new session's prompt that contains an earlier answer (a summariser reading its experts,
   a debater the others, a hand-off) is in that answer's run. Answers are known by the
   content-defined chunks of their text (`learn.dataflow.chunks`, hashed with xxhash so the
-  observer process, which reads the answers, and the proxy agree); the observer reports
-  them with each call's usage. A prompt that arrived before its source's answer was
+  observer process, which reads the answers, and the proxy agree) and by the ids of the tool
+  calls they make (a hand-off that says nothing, `transfer_to_...`, is sent on with its call
+  id); the observer reports them with each call's usage (`answer_hashes`). A prompt that arrived before its source's answer was
   reported is placed again when its own answer is, and the two runs become one.
 - A new session with neither starts a run, or joins one another root started within
   `together` seconds (agents a framework launches at once).
@@ -38,7 +39,8 @@ from typing import Callable, Iterable
 
 import xxhash
 
-from learn.dataflow import chunks, prompt_text
+from learn.canonical import tool_calls_of
+from learn.dataflow import answer_text, chunks, prompt_text
 
 PREFILL_WEIGHT = 0.1
 """Service of one uncached prompt token, in decode tokens (CPU engine: prefill runs ~10x
@@ -74,20 +76,38 @@ def text_hashes(texts: Iterable[str], limit: int = HASHES_PER_PROMPT) -> list[in
     return out
 
 
+def call_hash(call_id: object) -> int:
+    """A tool call's id, hashed apart from any text's chunks."""
+    return stable_hash("\x00call " + str(call_id))
+
+
+def answer_hashes(answer: dict | None) -> list[int]:
+    """What a later prompt carrying this answer on will contain: its text's chunks and the
+    ids of its tool calls."""
+    calls = tool_calls_of(answer) if isinstance(answer, dict) else []
+    return (text_hashes([answer_text(answer)], HASHES_PER_ANSWER)
+            + [call_hash(c.get("id")) for c in calls if c.get("id")])
+
+
 def prompt_hashes(body: dict) -> list[int]:
-    """Chunk hashes of a chat or responses request's prompt (every message's text)."""
+    """Chunk hashes of a chat or responses request's prompt (every message's text), and the
+    ids of the tool calls in it (chat: an assistant message's calls; responses: function
+    call items)."""
     prompt = body.get("messages", body.get("input"))
     if isinstance(prompt, str):
         return text_hashes([prompt])
     if not isinstance(prompt, list):
         return []
-    texts = []
+    texts, ids = [], []
     for m in prompt:
         if isinstance(m, dict):
             texts.append(prompt_text(m))
+            if m.get("type") == "function_call" and m.get("call_id"):
+                ids.append(call_hash(m["call_id"]))
+            ids += [call_hash(c.get("id")) for c in tool_calls_of(m) if c.get("id")]
         elif isinstance(m, str):
             texts.append(m)
-    return text_hashes(texts)
+    return text_hashes(texts) + ids[-HASHES_PER_ANSWER:]  # the newest: a hand-off is last
 
 
 class Run:

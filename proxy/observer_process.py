@@ -41,8 +41,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from engine.admission import Ticket, prompt_chain
-from engine.runs import HASHES_PER_ANSWER, text_hashes
-from learn.dataflow import answer_text
+from engine.runs import answer_hashes
 from learn.learner import Learner
 from learn.predict import Prediction
 from learn.sessions import SessionLinker
@@ -99,7 +98,7 @@ class ObserverProcess:
         self.restarts = 0
         self.on_usage: Callable[[Ticket, dict | None, int | None, list[int]], None] | None = None
         """Called with (ticket, usage, cached tokens, the answer's chunk hashes:
-        `engine.runs.text_hashes`) once the child read a ticketed call."""
+        `engine.runs.answer_hashes`) once the child read a ticketed call."""
         self._on_offer: Callable[..., None] | None = None
         self._on_heads: Callable[[list], None] | None = None
         self._submitted = 0
@@ -480,7 +479,7 @@ class _Child:
         """Sink: the proxy waits on the usage of calls that admission let in."""
         if ex.id in self.feedback:
             self.feedback.discard(ex.id)
-            hashes = text_hashes([answer_text(ex.answer)], HASHES_PER_ANSWER)
+            hashes = answer_hashes(ex.answer)
             self._send(("usage", ex.id, ex.usage, ex.cached_tokens, hashes))
 
     def _offer(self, ex: Exchange, predictions: list[Prediction]) -> None:

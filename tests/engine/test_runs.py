@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.admission import Admission, prompt_chain
-from engine.runs import WINDOW, Runs, prompt_hashes, text_hashes
+from engine.runs import WINDOW, Runs, answer_hashes, prompt_hashes, text_hashes
 
 ANSWER = ("Revenue rose in the third quarter while margins held steady.\n"
           "The guidance for next year assumes modest growth in every region.")
@@ -289,3 +289,29 @@ async def test_a_session_that_fits_goes_in_while_a_larger_one_waits_for_room():
     adm.leave(filler, 10)  # its hold lapses
     await asyncio.wait_for(waiting, 2.0)
     assert second.how == "waited"
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_hand_off_with_no_text_joins_the_run_by_its_call_id(api):
+    """A front desk's `transfer_to_booking` call, sent on in the specialist's prompt."""
+    runs = Runs(together=0.5)
+    desk, _ = runs.place("desk", "kind-desk", list, now=0.0)
+    transfer = {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_Xy7", "type": "function",
+        "function": {"name": "transfer_to_booking", "arguments": "{}"}}]}
+    runs.answered(desk, 20, answer_hashes(transfer))
+    user = {"role": "user", "content": "Move my booking"}
+    if api == "chat":
+        prompt = {"messages": [{"role": "system", "content": "You are the booking desk."}, user,
+                               transfer, {"role": "tool", "tool_call_id": "call_Xy7",
+                                          "content": "{}"}]}
+    else:
+        prompt = {"instructions": "You are the booking desk.", "input": [
+            user, {"type": "function_call", "call_id": "call_Xy7", "name": "transfer_to_booking",
+                   "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_Xy7", "output": "{}"}]}
+    specialist, _ = runs.place("booking", "kind-booking", lambda: prompt_hashes(prompt), now=3.0)
+    assert specialist == desk
+    stranger = {"messages": [user, dict(transfer, tool_calls=[dict(
+        transfer["tool_calls"][0], id="call_other")])]}
+    assert runs.place("other", "kind-booking", lambda: prompt_hashes(stranger), now=9.0)[0] != desk
