@@ -44,9 +44,11 @@ _CAUSES: list[tuple[re.Pattern[str], str]] = [
                 r"|Model architectures? .* (is|are) not supported"),
      "vLLM cannot load this model's architecture: name a model that this vLLM supports."),
     (re.compile(r"max seq len .* is larger than the maximum number of tokens that can be stored"
-                r"|larger than the maximum number of tokens that can be stored in KV cache"),
+                r"|larger than the maximum number of tokens that can be stored in KV cache"
+                r"|KV cache is needed, which is larger than the available KV cache memory"),
      "The KV cache is too small for --max-model-len: give the engine more KV cache memory "
-     "or lower the maximum model length."),
+     "(--engine-arg=--kv-cache-memory-bytes=N) or lower the maximum model length "
+     "(--engine-arg=--max-model-len=N{fits})."),
     (re.compile(r"[Oo]ut of memory|OutOfMemoryError|No available memory for the cache blocks"
                 r"|Insufficient memory"),
      "The engine ran out of memory: lower its KV cache size or --max-model-len, or use a "
@@ -59,12 +61,16 @@ def diagnose(
 ) -> EngineError:
     """The EngineError for an engine that exited during start-up, from what its log says."""
     text = "\n".join(log_lines)
+    fits = _FITS.search(text)
     for pattern, advice in _CAUSES:
         if pattern.search(text):
-            return EngineError(advice.format(port=port), tail)
+            return EngineError(advice.format(
+                port=port, fits=f"; this cache holds {fits.group(1)}" if fits else ""), tail)
     how = (f"was killed by signal {-returncode}" if returncode < 0
            else f"exited with code {returncode}")
-    errors = [line.strip() for line in log_lines if _ERROR_LINE.search(line)]
+    # The root cause, not the wrapper the API server raises after its engine core died.
+    errors = [line.strip() for line in log_lines
+              if _ERROR_LINE.search(line) and not _WRAPPER.search(line)]
     said = f" ({errors[-1][:200]})" if errors else ""
     return EngineError(
         f"The engine {how} during start-up{said}: fix the cause shown in its log below and "
@@ -74,6 +80,8 @@ def diagnose(
 
 
 _ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception)\b.*:")
+_WRAPPER = re.compile(r"Engine core initialization failed|See root cause above")
+_FITS = re.compile(r"estimated maximum model length is (\d+)")
 
 
 class EngineRequestError(EngineError):

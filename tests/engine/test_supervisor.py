@@ -71,6 +71,17 @@ async def test_vllm_not_installed(model_dir, tmp_path):
         (["Transformers does not recognize this architecture"], 1, "cannot load"),
         (["INFO starting", "RuntimeError: boom"], 1, "exited with code 1 during start-up "
          "(RuntimeError: boom)"),
+        # vLLM 0.32's words for a cache too small, and the most it says the cache holds.
+        (["ValueError: To serve at least one request with the model's max seq len (16384), "
+          "(0.12 GiB KV cache is needed, which is larger than the available KV cache memory "
+          "(0.06 GiB). Based on the available memory, the estimated maximum model length is "
+          "8064. Try increasing `gpu_memory_utilization`",
+          "RuntimeError: Engine core initialization failed. See root cause above."], 1,
+         "--engine-arg=--max-model-len=N; this cache holds 8064"),
+        # The root cause, not the wrapper the API server raises after its engine core died.
+        (["ValueError: something new went wrong", "RuntimeError: Engine core initialization "
+          "failed. See root cause above. Failed core proc(s): {}"], 1,
+         "(ValueError: something new went wrong)"),
         ([], -9, "was killed by signal 9"),
     ],
 )
