@@ -167,6 +167,42 @@ async def test_a_learned_static_head_evicted_is_warmed_for_the_next_new_session(
     assert planner.stats().hit == before.hit + 1
 
 
+async def test_a_responses_api_agents_static_head_is_warmed_as_well(running, two_proxies):
+    """The OpenAI Agents SDK's default API: instructions, input items and flat function tools
+    (read as the chat messages and tools vLLM renders them as)."""
+    _, tuned_url, app = two_proxies
+    planner = app[PLANNER]
+    instructions = "You are a car rental agent with tools. " * 60
+    tools = [{"type": "function", "name": "find_car", "description": "Find a car to rent.",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+    async def respond(client, text):
+        r = await client.post(tuned_url + "/v1/responses", json={
+            "model": running.model, "instructions": instructions, "tools": tools,
+            "input": [{"role": "user", "content": text}], "max_output_tokens": 4})
+        assert r.status_code == 200
+        return r.json()
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        for customer in range(2):
+            await respond(client, f"Customer {customer} needs a car.")
+        await app[OBSERVER].flush()
+        before = planner.stats()
+        for i in range(6):  # other work evicts it
+            flood = [{"role": "user", "content": f"unrelated invoice {i} " * 900}]
+            await _chat(client, running.engine.base_url, running.model, flood, max_tokens=1)
+        tokens = await _tokens(running, [{"role": "system", "content": instructions}])
+        whole = len(tokens) - len(tokens) % running.engine.cache.block_size
+        for _ in range(150):  # the engine is idle now: the head is warmed again
+            await asyncio.sleep(0.1)
+            await running.mirror.quiesce()
+            if running.mirror.cached_prefix_tokens(tokens) >= whole:
+                break
+        assert planner.stats().static_sent > before.static_sent
+        first = await respond(client, "Customer 2 needs a van.")
+    assert first["usage"]["input_tokens_details"]["cached_tokens"] >= whole
+
+
 async def _tokens(running, messages):
     from engine.tokenizer import EngineTokenizer
 
