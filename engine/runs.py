@@ -14,8 +14,9 @@ forwarded:
   content-defined chunks of their text (`learn.dataflow.chunks`, hashed with xxhash so the
   observer process, which reads the answers, and the proxy agree) and by the ids of the tool
   calls they make (a hand-off that says nothing, `transfer_to_...`, is sent on with its call
-  id); the observer reports them with each call's usage (`answer_hashes`). A prompt that arrived before its source's answer was
-  reported is placed again when its own answer is, and the two runs become one.
+  id); the observer reports them with each call's usage (`answer_hashes`). A prompt that
+  arrived before its source's answer was reported is placed again when its own answer is,
+  and the two runs become one.
 - A new session with neither starts a run, or joins one another root started within
   `together` seconds (agents a framework launches at once).
 
