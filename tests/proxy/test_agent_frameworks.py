@@ -61,21 +61,24 @@ def _pointed_at(monkeypatch, url: str) -> None:
 
 # -- the frameworks, as their users write them --------------------------------------------
 
-async def _openai_agents(task: str, api: str, tools_ran: list[str]) -> str:
-    @agents.function_tool
+def _tools(ran: list[str]):
+    """The agents' two tools, as plain functions each framework wraps its own way."""
     def find_customer(booking: str) -> str:
         """Find the customer who holds a booking."""
-        tools_ran.append("find_customer")
+        ran.append("find_customer")
         return f"customer C-{booking} (gold tier)"
 
-    @agents.function_tool
     def read_booking(booking: str) -> str:
         """Read a booking's flights and fare."""
-        tools_ran.append("read_booking")
+        ran.append("read_booking")
         return f"booking {booking}: LHR-CDG Friday 09:40, flexible fare"
 
-    agent = agents.Agent(name="booking", instructions=INSTRUCTIONS,
-                         model=f"fake-agent-{ROUNDS}", tools=[find_customer, read_booking])
+    return find_customer, read_booking
+
+
+async def _openai_agents(task: str, api: str, tools_ran: list[str]) -> str:
+    agent = agents.Agent(name="booking", instructions=INSTRUCTIONS, model=f"fake-agent-{ROUNDS}",
+                         tools=[agents.function_tool(f) for f in _tools(tools_ran)])
     # A fresh provider builds its client from the environment, as the default one does once.
     config = agents.RunConfig(model_provider=agents.OpenAIProvider(
         use_responses=api != "chat_completions"))
@@ -91,21 +94,9 @@ async def _openai_agents(task: str, api: str, tools_ran: list[str]) -> str:
 async def _langchain(task: str, stream: bool, tools_ran: list[str]) -> str:
     from langchain_core.tools import tool
 
-    @tool
-    def find_customer(booking: str) -> str:
-        """Find the customer who holds a booking."""
-        tools_ran.append("find_customer")
-        return f"customer C-{booking} (gold tier)"
-
-    @tool
-    def read_booking(booking: str) -> str:
-        """Read a booking's flights and fare."""
-        tools_ran.append("read_booking")
-        return f"booking {booking}: LHR-CDG Friday 09:40, flexible fare"
-
     model = langchain_openai.ChatOpenAI(model=f"fake-agent-{ROUNDS}", streaming=stream,
                                         max_retries=0)
-    agent = langchain_agents.create_agent(model, tools=[find_customer, read_booking],
+    agent = langchain_agents.create_agent(model, tools=[tool(f) for f in _tools(tools_ran)],
                                           system_prompt=INSTRUCTIONS)
     try:
         state = await agent.ainvoke({"messages": [{"role": "user", "content": task}]})
@@ -117,14 +108,8 @@ async def _langchain(task: str, stream: bool, tools_ran: list[str]) -> str:
 
 async def _crew(task: str, tools_ran: list[str]) -> str:
     """A front desk that hands each customer to a specialist (the Agents SDK's hand-offs)."""
-    @agents.function_tool
-    def read_booking(booking: str) -> str:
-        """Read a booking's flights and fare."""
-        tools_ran.append("read_booking")
-        return f"booking {booking}: LHR-CDG Friday 09:40, flexible fare"
-
-    booking = agents.Agent(name="booking", instructions=INSTRUCTIONS, tools=[read_booking],
-                           model=f"fake-agent-{ROUNDS}")
+    booking = agents.Agent(name="booking", instructions=INSTRUCTIONS, model=f"fake-agent-{ROUNDS}",
+                           tools=[agents.function_tool(_tools(tools_ran)[1])])
     refunds = agents.Agent(name="refunds", instructions="You handle refunds. " * 40,
                            model=f"fake-agent-{ROUNDS}")
     desk = agents.Agent(name="desk", model="fake-agent-1", handoffs=[booking, refunds],
@@ -138,7 +123,8 @@ async def _crew(task: str, tools_ran: list[str]) -> str:
 
 FRAMEWORKS = {
     "openai-agents responses": lambda task, ran: _openai_agents(task, "responses", ran),
-    "openai-agents chat completions": lambda task, ran: _openai_agents(task, "chat_completions", ran),
+    "openai-agents chat completions":
+        lambda task, ran: _openai_agents(task, "chat_completions", ran),
     "openai-agents streamed": lambda task, ran: _openai_agents(task, "streamed", ran),
     "langchain": lambda task, ran: _langchain(task, False, ran),
     "langchain streamed": lambda task, ran: _langchain(task, True, ran),
