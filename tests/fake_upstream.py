@@ -13,7 +13,8 @@ the proxy gets byte-identical answers. Behaviour is steered by request headers:
 Given tools, a chat or responses call asks for one (arguments filled from its schema). An
 agent framework cannot send headers, so its loop is steered by the model name: with model
 `fake-agent-N`, the answer asks for the next tool (in turn) until the conversation holds N tool
-results, and then answers in text, as an agent that has what it needs.
+results, and then answers in text, as an agent that has what it needs; with
+`fake-parallel-agent-N`, it asks for every tool at once (parallel calls) until then.
 
 `/echo` answers with what arrived (method, path, query, headers, body digest and length).
 """
@@ -43,22 +44,30 @@ def _words(body: bytes, n: int) -> list[str]:
 _SAMPLE = {"string": "x", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
 
 
-def _next_tool(req: dict, turns: list, results: int) -> tuple[str, str] | None:
-    """The tool a call asks for (name, arguments JSON), or None to answer in text.
+def _next_tools(req: dict, results: int) -> list[tuple[str, str]]:
+    """The tools a call asks for (name, arguments JSON); none: it answers in text.
 
-    `turns` is the conversation (chat messages or responses items), `results` how many tool
-    results it holds."""
+    `results` is how many tool results the conversation holds."""
     tools = [t.get("function", t) for t in req.get("tools") or [] if isinstance(t, dict)]
-    if not tools:
-        return None
-    agent = re.fullmatch(r"fake-agent-(\d+)", str(req.get("model", "")))
-    if agent and results >= int(agent.group(1)):
-        return None
-    tool = tools[results % len(tools)]
-    props = (tool.get("parameters") or {}).get("properties") or {}
-    args = {k: _SAMPLE.get(v.get("type"), "x") if isinstance(v, dict) else "x"
-            for k, v in props.items()}
-    return str(tool.get("name")), json.dumps(args)
+    agent = re.fullmatch(r"fake-(parallel-)?agent-(\d+)", str(req.get("model", "")))
+    if not tools or (agent and results >= int(agent.group(2))):
+        return []
+    asked = tools if agent and agent.group(1) else [tools[results % len(tools)]]
+    out = []
+    for tool in asked:
+        props = (tool.get("parameters") or {}).get("properties") or {}
+        args = {k: _SAMPLE.get(v.get("type"), "x") if isinstance(v, dict) else "x"
+                for k, v in props.items()}
+        out.append((str(tool.get("name")), json.dumps(args)))
+    return out
+
+
+def _call_id(body: bytes, i: int) -> str:
+    return "call_" + _digest(body)[:8] + (f"_{i}" if i else "")
+
+
+def _halves(text: str) -> tuple[str, str]:
+    return text[:len(text) // 2], text[len(text) // 2:]
 
 
 class FakeUpstream:
@@ -163,7 +172,7 @@ class FakeUpstream:
         cid = "chatcmpl-" + _digest(body)
         model = req.get("model", "fake")
         messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
-        tool = _next_tool(req, messages, sum(m.get("role") == "tool" for m in messages))
+        calls = _next_tools(req, sum(m.get("role") == "tool" for m in messages))
         if not req.get("stream"):
             await asyncio.sleep(float(request.headers.get("x-fake-delay", "0")))
             content = "".join(words)
@@ -171,16 +180,16 @@ class FakeUpstream:
             if size:
                 content = (content * (size // max(len(content), 1) + 1))[:size]
             message: dict = {"role": "assistant", "content": content, "refusal": None}
-            if tool:
+            if calls:
                 message["content"] = None
-                message["tool_calls"] = [{
-                    "id": "call_" + _digest(body)[:8], "type": "function",
-                    "function": {"name": tool[0], "arguments": tool[1]},
-                }]
+                message["tool_calls"] = [
+                    {"id": _call_id(body, i), "type": "function",
+                     "function": {"name": name, "arguments": args}}
+                    for i, (name, args) in enumerate(calls)]
             return web.json_response({
                 "id": cid, "object": "chat.completion", "created": CREATED, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": "tool_calls" if tool else "stop"}],
+                             "finish_reason": "tool_calls" if calls else "stop"}],
                 "usage": self._usage(body, n),
             })
 
@@ -194,14 +203,14 @@ class FakeUpstream:
             return f"data: {json.dumps(obj)}\n\n"
 
         events = [chunk({"role": "assistant", "content": ""})]
-        if tool:
-            name, args = tool
-            events.append(chunk({"tool_calls": [{"index": 0, "id": "call_" + _digest(body)[:8],
+        for i, (name, args) in enumerate(calls):
+            events.append(chunk({"tool_calls": [{"index": i, "id": _call_id(body, i),
                                                  "type": "function",
                                                  "function": {"name": name, "arguments": ""}}]}))
-            for piece in (args[:len(args) // 2], args[len(args) // 2:]):
-                events.append(chunk({"tool_calls": [{"index": 0,
+            for piece in _halves(args):
+                events.append(chunk({"tool_calls": [{"index": i,
                                                      "function": {"arguments": piece}}]}))
+        if calls:
             events.append(chunk({}, "tool_calls"))
         else:
             events += [chunk({"content": w}) for w in words]
@@ -244,17 +253,18 @@ class FakeUpstream:
         d = _digest(body)
         items = req.get("input") if isinstance(req.get("input"), list) else []
         items = [i for i in items if isinstance(i, dict)]
-        tool = _next_tool(req, items, sum(i.get("type") == "function_call_output" for i in items))
-        if tool:
-            item = {"type": "function_call", "id": "fc_" + d[:8], "call_id": "call_" + d[:8],
-                    "name": tool[0], "arguments": tool[1], "status": "completed"}
-        else:
-            item = {"type": "message", "id": "msg_" + d[:8], "role": "assistant",
-                    "status": "completed",
-                    "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
+        calls = _next_tools(req, sum(i.get("type") == "function_call_output" for i in items))
+        output = [{"type": "function_call", "id": "fc" + _call_id(body, i)[4:],
+                   "call_id": _call_id(body, i), "name": name, "arguments": args,
+                   "status": "completed"} for i, (name, args) in enumerate(calls)]
+        if not calls:
+            output = [{"type": "message", "id": "msg_" + d[:8], "role": "assistant",
+                       "status": "completed",
+                       "content": [{"type": "output_text", "text": "".join(words),
+                                    "annotations": []}]}]
         final = {
             "id": "resp_" + d, "object": "response", "created_at": CREATED, "status": "completed",
-            "model": req.get("model", "fake"), "output": [item],
+            "model": req.get("model", "fake"), "output": output,
             "usage": {"input_tokens": len(body) // 4, "output_tokens": n,
                       "total_tokens": len(body) // 4 + n,
                       "input_tokens_details": {"cached_tokens": 0}},
@@ -268,17 +278,16 @@ class FakeUpstream:
             events.append(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
 
         event("response.created", response=dict(final, status="in_progress", output=[]))
-        if tool:
-            event("response.output_item.added", output_index=0,
+        for i, item in enumerate(output if calls else []):
+            event("response.output_item.added", output_index=i,
                   item=dict(item, arguments="", status="in_progress"))
-            args = tool[1]
-            for piece in (args[:len(args) // 2], args[len(args) // 2:]):
+            for piece in _halves(item["arguments"]):
                 event("response.function_call_arguments.delta", item_id=item["id"],
-                      output_index=0, delta=piece)
-            event("response.function_call_arguments.done", item_id=item["id"], output_index=0,
-                  arguments=args)
-            event("response.output_item.done", output_index=0, item=item)
-        else:
+                      output_index=i, delta=piece)
+            event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                  arguments=item["arguments"])
+            event("response.output_item.done", output_index=i, item=item)
+        if not calls:
             for w in words:
                 event("response.output_text.delta", item_id="msg", output_index=0,
                       content_index=0, delta=w)

@@ -23,6 +23,7 @@ from agents.models import openai_provider  # noqa: E402
 from langchain_openai.chat_models import _client_utils  # noqa: E402
 
 from learn.calls import answer_kind  # noqa: E402
+from learn.canonical import message_key  # noqa: E402
 from proxy.config import Settings  # noqa: E402
 
 ROUNDS = 2
@@ -76,8 +77,9 @@ def _tools(ran: list[str]):
     return find_customer, read_booking
 
 
-async def _openai_agents(task: str, api: str, tools_ran: list[str]) -> str:
-    agent = agents.Agent(name="booking", instructions=INSTRUCTIONS, model=f"fake-agent-{ROUNDS}",
+async def _openai_agents(task: str, api: str, tools_ran: list[str],
+                         model: str = f"fake-agent-{ROUNDS}") -> str:
+    agent = agents.Agent(name="booking", instructions=INSTRUCTIONS, model=model,
                          tools=[agents.function_tool(f) for f in _tools(tools_ran)])
     # A fresh provider builds its client from the environment, as the default one does once.
     config = agents.RunConfig(model_provider=agents.OpenAIProvider(
@@ -163,6 +165,22 @@ async def test_an_agent_runs_through_preheat_as_it_does_direct(framework, proxy,
     store.close()
     for path in Path(proxy.db.removeprefix("sqlite:///")).parent.glob("preheat.db*"):
         assert KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+async def test_parallel_tool_calls_are_one_answer_in_the_session(api, proxy, monkeypatch):
+    """Both tools asked for at once: on the Responses API they come back as two items."""
+    _pointed_at(monkeypatch, proxy.url)
+    ran: list[str] = []
+    await _openai_agents(TASKS[1], api, ran, model="fake-parallel-agent-2")
+    assert sorted(ran) == ["find_customer", "read_booking"]
+    store = await proxy.store()
+    [session] = store.sessions()
+    first, second = store.exchanges(session_id=session["id"])
+    assert second.parent_id == first.id and second.session_source == "prefix"
+    assert answer_kind(first.answer) == "tools:find_customer+read_booking"
+    assert [m["role"] for m in second.messages][-3:] == ["assistant", "tool", "tool"]
+    assert message_key(second.messages[-3]) == message_key(first.answer)  # as it was answered
 
 
 @pytest.mark.parametrize("framework", ["openai-agents responses", "langchain"])
