@@ -25,6 +25,7 @@ and no other recent answer is the same message.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -70,8 +71,29 @@ def answer_text(answer: dict | None) -> str:
     if not isinstance(answer, dict):
         return ""
     text = message_text(answer)
-    args = [str(function_of(c).get("arguments") or "") for c in tool_calls_of(answer)]
+    args = [argument_text(function_of(c).get("arguments")) for c in tool_calls_of(answer)]
     return "\n".join([text, *args]) if args else text
+
+
+def argument_text(arguments: object) -> str:
+    """The text a tool call's arguments carry: each string value on a line of its own. An
+    agent called as a tool (a manager's `ask_booking(input=...)`) gets its task as the text of
+    its prompt, not as the JSON it was asked in."""
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return str(arguments)
+    values: list[str] = []
+    stack = [parsed]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            values.append(value)
+        elif isinstance(value, dict):
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+    return "\n".join(values)
 
 
 class _Answer:

@@ -41,7 +41,7 @@ def _words(body: bytes, n: int) -> list[str]:
     return [f"w{h[i % 60:i % 60 + 4]} " for i in range(n)]
 
 
-_SAMPLE = {"string": "x", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+_SAMPLE = {"string": "the booking the customer made on the twelfth of May", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
 
 
 def _next_tools(req: dict, results: int) -> list[tuple[str, str]]:

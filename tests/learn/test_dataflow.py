@@ -132,3 +132,22 @@ def test_a_hand_off_is_found_by_the_answer_sent_on_whole():
     # Not its own session's answer (that is a continuation), nor one from the future.
     assert flow.sources([], session="s-triage", started=11.0, keys=keys) == []
     assert flow.sources([], session="s-booking", started=9.0, keys=keys) == []
+
+
+def test_an_agent_called_as_a_tool_reads_the_arguments_as_its_task():
+    """A manager's `ask_booking(input=...)`: the specialist's prompt holds the task's text,
+    not the JSON it was asked in."""
+    from learn.dataflow import argument_text
+
+    task = "Find when booking 42 flies and whether its fare can change"
+    ask = {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "ask_booking", "arguments": json.dumps(
+            {"input": task, "options": {"urgent": True, "notes": ["from the manager desk"]}})}}]}
+    assert argument_text(ask["tool_calls"][0]["function"]["arguments"]).splitlines() == [
+        task, "from the manager desk"]
+    assert argument_text("not JSON at all") == "not JSON at all"
+    flow = FlowIndex()
+    flow.remember("manager", "s-manager", ended=10.0, answer=ask, own_prompt=[])
+    found = flow.sources(prompt_chunks(flow, task), session="s-booking", started=11.0)
+    assert [s.call for s in found] == ["manager"]

@@ -123,6 +123,19 @@ async def _crew(task: str, tools_ran: list[str]) -> str:
     return str(result.final_output)
 
 
+async def _manager(task: str, tools_ran: list[str]) -> str:
+    """A manager that asks a specialist agent, called as a tool (the Agents SDK's `as_tool`)."""
+    booking = agents.Agent(name="booking", instructions=INSTRUCTIONS, model="fake-agent-1",
+                           tools=[agents.function_tool(_tools(tools_ran)[1])])
+    manager = agents.Agent(
+        name="manager", model="fake-agent-1",
+        instructions="You are the airline's duty manager: ask the specialists. " * 20,
+        tools=[booking.as_tool(tool_name="ask_booking",
+                               tool_description="Ask the booking specialist a question.")])
+    config = agents.RunConfig(model_provider=agents.OpenAIProvider())
+    return str((await agents.Runner.run(manager, task, run_config=config)).final_output)
+
+
 FRAMEWORKS = {
     "openai-agents responses": lambda task, ran: _openai_agents(task, "responses", ran),
     "openai-agents chat completions":
@@ -204,20 +217,28 @@ async def test_an_agent_run_often_is_learned_as_templates_and_a_workflow(framewo
     assert {t["workflow"] for t in steps.values()} == {flow["id"]}
 
 
-async def test_a_crew_that_hands_off_is_learned_as_one_workflow(proxy, monkeypatch):
-    """The desk's answer (a call to `transfer_to_booking`) is sent on in the specialist's
-    prompt: the two agents' sessions are one workflow, the hand-off its edge."""
+@pytest.mark.parametrize("crew, sessions, steps, edges", [
+    # The desk's answer (a call to `transfer_to_booking`) is sent on whole in the
+    # specialist's prompt: the hand-off is an edge.
+    (_crew, [1] * 4 + [2] * 4,
+     [(), ("tool:read_booking",), ("tool:transfer_to_booking",)], 2),
+    # The manager's question is the specialist's task, and its answer the manager's tool
+    # result: both are edges.
+    (_manager, [2] * 8,
+     [(), (), ("tool:ask_booking",), ("tool:read_booking",)], 4),
+], ids=["hand-off", "agent as a tool"])
+async def test_a_crew_is_learned_as_one_workflow(crew, sessions, steps, edges, proxy,
+                                                 monkeypatch):
     _pointed_at(monkeypatch, proxy.url)
     for task in TASKS:
-        await _crew(task, [])
+        await crew(task, [])
     await proxy.observer.flush()
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(timeout=30) as client:
         templates = (await client.get(proxy.url + "/admin/templates.json", headers=bearer)).json()
         flows = (await client.get(proxy.url + "/admin/workflows.json", headers=bearer)).json()
     store = await proxy.store()
-    assert sorted(len(s["exchanges"]) for s in store.sessions()) == [1] * 4 + [2] * 4
-    steps = {tuple(t["turn"] or ()) for t in templates["templates"]}
-    assert steps == {(), ("tool:transfer_to_booking",), ("tool:read_booking",)}
+    assert sorted(len(s["exchanges"]) for s in store.sessions()) == sessions
+    assert sorted(tuple(t["turn"] or ()) for t in templates["templates"]) == steps
     [flow] = flows["workflows"]
-    assert (flow["nodes"], flow["edges"], len(flow["entries"])) == (3, 2, 1)
+    assert (flow["nodes"], flow["edges"], len(flow["entries"])) == (len(steps), edges, 1)
