@@ -77,7 +77,8 @@ def message_key(message: dict) -> str:
 
     An assistant answer comes back from the server as {'role', 'content', 'refusal': None,
     'tool_calls': [...]} and is re-sent by the agent in its own shape (no refusal, content None
-    instead of "", extra fields). Session linking compares messages by this key.
+    instead of "", extra fields, its tool calls' arguments parsed and serialised again, as
+    pydantic-ai does). Session linking compares messages by this key.
     """
     if "role" not in message:  # a Responses API item other than a message (a built-in tool's)
         item = {k: v for k, v in message.items() if k not in ("id", "status")}
@@ -85,7 +86,7 @@ def message_key(message: dict) -> str:
     calls = []
     for call in tool_calls_of(message):
         fn = function_of(call)
-        calls.append([call.get("id"), fn.get("name"), fn.get("arguments")])
+        calls.append([call.get("id"), fn.get("name"), _arguments(fn.get("arguments"))])
     key = [
         message.get("role"),
         message_text(message),
@@ -97,6 +98,16 @@ def message_key(message: dict) -> str:
     if others:  # two messages with different images must not look alike
         key.append(others)
     return xxhash.xxh3_64_hexdigest(canonical_json(key))
+
+
+def _arguments(arguments: object) -> object:
+    """A tool call's arguments as the JSON value they spell (however spaced or ordered)."""
+    if isinstance(arguments, str):
+        try:
+            return loads(arguments)
+        except ValueError:
+            pass
+    return arguments
 
 
 def function_of(call: object) -> dict:

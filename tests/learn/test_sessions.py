@@ -125,3 +125,18 @@ def test_a_responses_api_loop_links_with_its_output_items_sent_back():
     linker = SessionLinker()
     a, b = linker.link(first), linker.link(second)
     assert (b.session_id, b.source, b.parent, b.continued) == (a.session_id, "prefix", first.id, 3)
+
+
+def test_a_tool_call_sent_back_serialised_anew_still_continues_its_session():
+    """pydantic-ai parses a call's arguments and sends them back in its own spacing and order."""
+    first = chat([SYSTEM, TASK], tool_call("read", "c1", '{"path": "utils.py", "lines": [1, 40]}'))
+    again = tool_call("read", "c1", '{"lines":[1,40],"path":"utils.py"}')
+    second = chat([SYSTEM, TASK, again, {"role": "tool", "tool_call_id": "c1", "content": "..."}],
+                  say("done"))
+    other = tool_call("read", "c1", '{"lines":[1,41],"path":"utils.py"}')  # not the same call
+    third = chat([SYSTEM, TASK, other, {"role": "tool", "tool_call_id": "c1", "content": "..."}],
+                 say("done"))
+    linker = SessionLinker()
+    a, b, c = linker.link(first), linker.link(second), linker.link(third)
+    assert (b.session_id, b.source, b.parent) == (a.session_id, "prefix", first.id)
+    assert c.session_id != a.session_id

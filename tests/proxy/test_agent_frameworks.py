@@ -1,8 +1,8 @@
 """Real agent frameworks through the proxy, configured the way their users would: nothing but
 `OPENAI_BASE_URL` pointing at preheat.
 
-The OpenAI Agents SDK (its default Responses API, and Chat Completions, streamed) and LangChain
-run tool-calling agents against the fake upstream, whose `fake-agent-N` model asks for a tool
+The OpenAI Agents SDK (its default Responses API, and Chat Completions, streamed), LangChain and
+pydantic-ai run tool-calling agents against the fake upstream, whose `fake-agent-N` model asks for a tool
 N times and then answers. Each run must end as it does talking straight to the upstream, and
 preheat must capture it whole: one session per run, every call linked to the one before, the
 API key nowhere on disk, the agent's calls learned as templates and a workflow.
@@ -18,6 +18,7 @@ import pytest
 agents = pytest.importorskip("agents")
 langchain_agents = pytest.importorskip("langchain.agents")
 langchain_openai = pytest.importorskip("langchain_openai")
+pydantic_ai = pytest.importorskip("pydantic_ai")
 
 from agents.models import openai_provider  # noqa: E402
 from langchain_openai.chat_models import _client_utils  # noqa: E402
@@ -108,6 +109,13 @@ async def _langchain(task: str, stream: bool, tools_ran: list[str]) -> str:
     return str(state["messages"][-1].content)
 
 
+async def _pydantic_ai(task: str, api: str, tools_ran: list[str]) -> str:
+    agent = pydantic_ai.Agent(f"{api}:fake-agent-{ROUNDS}", instructions=INSTRUCTIONS,
+                              tools=list(_tools(tools_ran)))
+    async with agent:  # closes the HTTP client its provider made
+        return str((await agent.run(task)).output)
+
+
 async def _crew(task: str, tools_ran: list[str]) -> str:
     """A front desk that hands each customer to a specialist (the Agents SDK's hand-offs)."""
     booking = agents.Agent(name="booking", instructions=INSTRUCTIONS, model=f"fake-agent-{ROUNDS}",
@@ -143,6 +151,9 @@ FRAMEWORKS = {
     "openai-agents streamed": lambda task, ran: _openai_agents(task, "streamed", ran),
     "langchain": lambda task, ran: _langchain(task, False, ran),
     "langchain streamed": lambda task, ran: _langchain(task, True, ran),
+    # It parses tool calls' arguments and sends them back serialised its own way.
+    "pydantic-ai responses": lambda task, ran: _pydantic_ai(task, "openai", ran),
+    "pydantic-ai chat completions": lambda task, ran: _pydantic_ai(task, "openai-chat", ran),
 }
 
 
