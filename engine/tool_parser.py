@@ -9,8 +9,7 @@ the parser its model's chat template writes, so agents work unchanged; a user's 
 The format is read from the chat template (the model folder's `tokenizer_config.json` or
 `chat_template.jinja`, or for a hub id the copy in the Hugging Face cache), else guessed from
 the model's name. preheat's random-weight demo model is given `hermes`: its template writes no
-tools, but requests with tools are accepted and `tool_choice: "required"` gets a well-formed call
-(vLLM decodes it with structured outputs).
+tools and its noise never holds a tool call, but requests with tools are accepted.
 """
 
 from __future__ import annotations
