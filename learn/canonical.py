@@ -86,7 +86,7 @@ def message_key(message: dict) -> str:
     calls = []
     for call in tool_calls_of(message):
         fn = function_of(call)
-        calls.append([call.get("id"), fn.get("name"), _arguments(fn.get("arguments"))])
+        calls.append([call.get("id"), fn.get("name"), arguments_of(fn.get("arguments"))])
     key = [
         message.get("role"),
         message_text(message),
@@ -100,7 +100,7 @@ def message_key(message: dict) -> str:
     return xxhash.xxh3_64_hexdigest(canonical_json(key))
 
 
-def _arguments(arguments: object) -> object:
+def arguments_of(arguments: object) -> object:
     """A tool call's arguments as the JSON value they spell (however spaced or ordered)."""
     if isinstance(arguments, str):
         try:

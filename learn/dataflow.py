@@ -25,12 +25,11 @@ and no other recent answer is the same message.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from learn.canonical import function_of, message_text, tool_calls_of
+from learn.canonical import arguments_of, function_of, message_text, tool_calls_of
 
 _TRIM = " \t\r>*-#\"'`|:,.!?;"
 
@@ -79,12 +78,8 @@ def argument_text(arguments: object) -> str:
     """The text a tool call's arguments carry: each string value on a line of its own. An
     agent called as a tool (a manager's `ask_booking(input=...)`) gets its task as the text of
     its prompt, not as the JSON it was asked in."""
-    try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        return str(arguments)
     values: list[str] = []
-    stack = [parsed]
+    stack = [arguments_of(arguments)]  # unparseable: the string itself
     while stack:
         value = stack.pop()
         if isinstance(value, str):
