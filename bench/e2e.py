@@ -49,7 +49,10 @@ from engine.model import ensure_default_model  # noqa: E402
 from engine.process import free_port  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
-MODES = ("direct", "preheat-off", "preheat-on", "oracle")
+MODES = ("direct", "preheat-off", "preheat-on", "oracle", "unpressured")
+"""`unpressured` (cache-pressure workloads only): direct to an engine whose cache holds the
+working set, starting empty: what the pressure costs, apart from what no server can know
+before it is sent (the oracle has every prompt cached, tool results included)."""
 
 
 @dataclass
@@ -62,6 +65,8 @@ class CallResult:
     prompt_tokens: int
     cached_tokens: int
     text: str
+    queued: float = 0.0
+    """Seconds preheat's admission held the call (its `Server-Timing`; 0 direct)."""
 
 
 
@@ -77,6 +82,7 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
     async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{inst.name}/{call.key}: {r.status_code} {await r.aread()!r}")
+        queued = _queued(r.headers.get("server-timing", ""))
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -90,7 +96,19 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
     details = usage.get("prompt_tokens_details") or {}
     return CallResult(inst.name, call.key, start, ttft or latency, latency,
                       usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0,
-                      "".join(text))
+                      "".join(text), queued)
+
+
+def _queued(timing: str) -> float:
+    """Seconds of a `Server-Timing: preheat-queue;dur=MS;...` entry (0 without one)."""
+    for entry in timing.split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == "preheat-queue":
+            for param in params.split(";"):
+                key, _, value = param.partition("=")
+                if key.strip() == "dur":
+                    return float(value) / 1000
+    return 0.0
 
 
 async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[float, list]:
@@ -139,6 +157,8 @@ async def run_workload(base: str, model: str, instances: list[Instance],
         "calls": len(calls), "prompt_tokens": prompt,
         "working_set": working_set_tokens(instances, spans),
         "instances": {inst.name: round(o[0], 2) for inst, o in zip(instances, outs)},
+        "queued": {inst.name: round(sum(c.queued for c in o[1]), 2)
+                   for inst, o in zip(instances, outs)},
     }
 
 
@@ -243,9 +263,10 @@ def _median_row(rows: list[dict]) -> dict:
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]
            if all(isinstance(r.get(k), (int, float)) for r in rows)}
     out["runs"] = {k: [round(r[k], 2) for r in rows] for k in ("e2e_p50", "e2e_p90", "makespan")}
-    if all("instances" in r for r in rows):  # each instance's end to end, median of the runs
-        out["instances"] = {name: round(statistics.median(r["instances"][name] for r in rows), 2)
-                            for name in rows[0]["instances"]}
+    for key in ("instances", "queued"):  # each instance's figure, median of the runs
+        if all(key in r for r in rows):
+            out[key] = {name: round(statistics.median(r[key][name] for r in rows), 2)
+                        for name in rows[0][key]}
     return out
 
 
@@ -290,8 +311,16 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f"makespan {r['makespan']:6.2f} s  cached {r['cached_share']:.2f}  CPU s: engine "
               f"{r['cpu_engine']:.1f} proxy {r['cpu_proxy']:.1f} observer {r['cpu_observer']:.1f}"
               f" client {r['cpu_client']:.1f}"
-              f"  working set {rows[mode]['working_set']} tokens  {_admission_note(rows[mode])}",
+              f"  working set {rows[mode]['working_set']} tokens  queued "
+              f"{sum(r['queued'].values()):.1f} s  {_admission_note(rows[mode])}",
               flush=True)
+    if "unpressured" in modes and oracle_engine is not None:
+        await reset_cache(oracle_engine)
+        await asyncio.sleep(idle)
+        rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
+                                                 sequential)
+        print(f"  {name:<22} {'unpressured':<12} e2e p50 {rows['unpressured']['e2e_p50']:6.2f} s"
+              f"  makespan {rows['unpressured']['makespan']:6.2f} s", flush=True)
     if "oracle" not in modes:
         return rows
     target = oracle_engine or engine
@@ -326,7 +355,11 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                                                  if getattr(args, "restart", False) else "") +
                                   "). ") +
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
-        "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e.",
+        "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e. Under "
+        "cache pressure the oracle runs on an unpressured engine with every prompt cached "
+        "(tool results and answers included: what no server knows before a call is sent); "
+        "`unpressured` is direct to that engine, cache empty, and the headroom in brackets is "
+        "of it: the share of what the pressure cost that preheat won back.",
         "",
         "Working set: the peak of tokens that running instances will re-use (prompt prefixes "
         "and answers, held from first use to last), estimated from characters.",
@@ -350,12 +383,14 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
     for name, rows in results.items():
         if "direct" not in rows or not ("preheat-on" in rows or "preheat-off" in rows):
             continue  # a partial run (--modes) with nothing to compare
-        d, off, on, o = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
+        d, off, on, o, u = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
         if "preheat-on" not in rows:  # direct against preheat-off alone (what preheat costs)
             lines.append(f"| {name} | - | - | {_ratio(d, off)} | - | - | - | - | - |")
             continue
         # No headroom where the oracle is not faster than direct: the ratio would be noise.
-        head = (f"{(d - on) / (d - o):.0%}" if d - o > 0.02 * d else "none") if o == o else "-"
+        head = _headroom(d, on, o)
+        if u == u:  # a pressure workload: also the share of what the pressure cost
+            head += f" ({_headroom(d, on, u)} of unpressured)"
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
         sent += int(r.get("warm_static_sent", 0))
@@ -380,6 +415,14 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                          f"{' / '.join(map(str, runs['e2e_p90']))} | "
                          f"{' / '.join(map(str, runs['makespan']))} | {ratios} |")
     return "\n".join(lines) + "\n"
+
+
+def _headroom(direct: float, on: float, best: float) -> str:
+    """(direct - on) / (direct - best); none where `best` is not faster than direct (the
+    ratio would be noise)."""
+    if best != best:
+        return "-"
+    return f"{(direct - on) / (direct - best):.0%}" if direct - best > 0.02 * direct else "none"
 
 
 def _cpu(r: dict) -> str:

@@ -429,6 +429,13 @@ async def _forward(
             admission.leave(ex.ticket)
 
 
+def server_timing(ticket) -> str:
+    """How long admission held the call, and why it let it go (`Ticket.how`), as a
+    `Server-Timing` entry: a client (or its browser's network panel) sees a slow call's
+    queueing apart from the engine's time."""
+    return f'preheat-queue;dur={1000 * ticket.waited:.1f};desc="{ticket.how}"'
+
+
 def with_priority(body: bytes, priority: int) -> bytes:
     """The body with vLLM's `priority` put first in its object, where a `priority` the client
     set itself, later in the object, overrides it (JSON's last duplicate key wins)."""
@@ -470,6 +477,8 @@ async def _relay(
             out.content_length = resp.content_length
         if ex.cache is not None:
             out.headers[HEADER] = ex.cache
+        if ex.ticket is not None and ex.ticket.admitted is not None:
+            out.headers.add("Server-Timing", server_timing(ex.ticket))
         await out.prepare(request)
         ex.added_latency = ex.t_upstream_sent + (time.perf_counter() - t_headers)
         cap = settings.capture_max_bytes if keep or ex.cache == "MISS" else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -16,7 +17,8 @@ from tests.conftest import start_proxy
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 20}
 
 
-async def _session(client: httpx.AsyncClient, url: str, i: int, calls: int) -> list[str]:
+async def _session(client: httpx.AsyncClient, url: str, i: int, calls: int,
+                   timings: list[str] | None = None) -> list[str]:
     messages = [SYSTEM, {"role": "user", "content": f"task {i} " + "detail " * 80}]
     seen = []
     for step in range(calls):
@@ -26,6 +28,8 @@ async def _session(client: httpx.AsyncClient, url: str, i: int, calls: int) -> l
         assert r.status_code == 200
         answer = r.json()["choices"][0]["message"]
         seen.append(r.json()["id"])
+        if timings is not None:
+            timings.append(r.headers.get("server-timing", ""))
         messages = messages + [{"role": "assistant", "content": answer["content"]},
                                {"role": "user", "content": f"tool output {step}"}]
         await asyncio.sleep(0.01)
@@ -39,8 +43,10 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
     try:
         admission = proxy.app[ADMISSION]
         start = time.monotonic()
+        timings: list[str] = []
         async with httpx.AsyncClient(timeout=30) as client:
-            results = await asyncio.gather(*(_session(client, proxy.url, i, 4) for i in range(12)))
+            results = await asyncio.gather(*(_session(client, proxy.url, i, 4, timings)
+                                             for i in range(12)))
         elapsed = time.monotonic() - start
         stats = admission.stats()
         assert upstream.requests == 48  # every call reached the upstream exactly once
@@ -48,6 +54,12 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         held_back = ("waited", "backfill", "returned", "idle", "timeout")  # went in after a wait
         assert sum(stats.admitted.get(k, 0) for k in held_back) > 0
         assert stats.max_wait_seen < 1.0 + 0.25  # the bound held
+        # Every answer tells its client how long admission held it, and why it went in.
+        waits = [re.fullmatch(r'preheat-queue;dur=([0-9.]+);desc="(\w+)"', t) for t in timings]
+        assert len(waits) == 48 and all(waits), timings[:3]
+        held = [float(m[1]) for m in waits if m[2] in held_back]
+        assert held and max(held) > 0
+        assert max(float(m[1]) for m in waits) <= 1000 * stats.max_wait_seen + 1
         assert elapsed < 30
         # Twelve sessions outgrow the cache mid-way: the youngest were set aside, and still
         # every call went through once, in order.
