@@ -53,6 +53,7 @@ def setup_admin(app: web.Application) -> None:
 
 def _open_state(app: web.Application) -> AdminState:
     from proxy.admin.knowledge import Knowledge
+    from proxy.admin.live import optimisations
     from proxy.server import ENGINE, SETTINGS
     from storage.store import Store
 
@@ -65,6 +66,7 @@ def _open_state(app: web.Application) -> AdminState:
         knowledge=Knowledge(store, lambda: live_learner(app)),
         engine=lambda: app.get(ENGINE),
         upstream=settings.upstream,
+        live=lambda: optimisations(app),
     )
 
 

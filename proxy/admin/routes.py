@@ -29,16 +29,21 @@ class AdminState:
     knowledge: Knowledge
     engine: Callable[[], Any]
     upstream: str | None
+    live: Callable[[], list] = list
+    """Each optimisation's switch and live figures (`proxy.admin.live`; on the event loop)."""
 
 
 ADMIN = web.AppKey("admin", AdminState)
+LIVE = "live"
+"""Where a page that shows live figures finds them in its data function's arguments."""
 
 
-def _overview(s: AdminState, _: dict) -> dict:
+def _overview(s: AdminState, m: dict) -> dict:
     data = queries.overview(s.store)
     engine = s.engine()
     data["engine"] = _engine_state(engine) if engine is not None else None
     data["upstream"] = s.upstream
+    data["optimisations"] = m.get(LIVE, [])
     return data
 
 
@@ -100,12 +105,16 @@ PAGES: list[tuple[str, Callable[[AdminState, dict], dict | None], Callable[[dict
     ("/admin/sessions/{id:.+}", _session, views_calls.session),
     ("/admin/exchanges/{id}", _exchange, views_calls.exchange),
 ]
+LIVE_PAGES = (_overview,)
 
 
 def _handler(data_fn, render, as_json: bool):
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[ADMIN]
-        data = await asyncio.to_thread(data_fn, state, dict(request.match_info))
+        args = dict(request.match_info)
+        if data_fn in LIVE_PAGES:  # read here, on the event loop: not in the worker thread
+            args[LIVE] = state.live()
+        data = await asyncio.to_thread(data_fn, state, args)
         if data is None:
             return _not_found(request)
         if as_json:

@@ -62,6 +62,7 @@ def overview(d: dict) -> Safe:
         html("<h2>Calls per minute</h2>{s}<p class=\"mute\">last hour of traffic, up to {t}</p>",
              s=_sparkline(d["per_minute"]), t=when(window["last_at"])),
         html('<h2>Engine</h2>{e}', e=engine_html),
+        _optimisations(d.get("optimisations") or []),
         html('<h2>Traffic</h2><div class="cards">{a}{b}{l}</div>{m}', a=routes, b=tokens,
              l=latency, m=method),
         html('<p class="mute">Token figures cover the newest {n} calls ({f} to {t}); cached '
@@ -69,6 +70,20 @@ def overview(d: dict) -> Safe:
              n=num(window["calls"]), f=when(window["first_at"]), t=when(window["last_at"])),
     ])
     return page("Overview", body, "overview", "/admin.json")
+
+
+def _optimisations(rows: list[dict]) -> Safe:
+    """Each optimisation: its state, its switch, and what it has done since the start."""
+    if not rows:
+        return html("")
+    figures = [join((html("<div>{k}: <b>{v}</b></div>", k=k, v=v) for k, v in r["figures"]))
+               for r in rows]
+    return html('<h2>Optimisations</h2>{t}<p class="mute">Since preheat started; the same '
+                'figures are in <a href="/metrics">/metrics</a>. Each has its own switch (flag '
+                '/ environment variable).</p>',
+                t=table(["optimisation", "state", "switch", "so far"],
+                        [(r["name"], r["state"], html("<code>{s}</code>", s=r["switch"]), f)
+                         for r, f in zip(rows, figures)]))
 
 
 # -- templates ----------------------------------------------------------------------------------

@@ -136,3 +136,48 @@ def test_graph_layout_of_26_nodes_has_no_overlaps():
     svg = render(nodes, edges)
     assert len(re.findall(r'<g class="g-node', svg)) == 26
     assert svg.count('class="g-edge') == len(edges)
+
+
+async def test_the_overview_shows_each_optimisation_its_switch_and_what_it_did(
+        upstream, tmp_path):
+    """A user sees on the admin page which optimisations run, which are off and why, and
+    their figures so far, as /metrics has them."""
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admin_token=TOKEN, admission_capacity_tokens=1500, prewarm=False)
+    running = await start_proxy(settings)
+    try:
+        body = {"model": "m", "temperature": 0,
+                "messages": [{"role": "user", "content": "the same question"}]}
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(3):  # one miss, then two answers from the prompt cache
+                r = await client.post(running.url + "/v1/chat/completions", json=body)
+                assert r.status_code == 200
+            r = await client.post(running.url + "/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "another"}]})
+            assert "preheat-queue;dur=" in r.headers["server-timing"]
+            metrics = (await client.get(running.url + "/metrics")).text
+        rows = {r["name"]: r for r in (await _get(running, "/admin.json", headers=BEARER))
+                .json()["optimisations"]}
+        assert rows["cache-aware admission"]["state"] == "on"
+        figures = dict(rows["cache-aware admission"]["figures"])
+        assert figures["KV cache (tokens)"] == 1500
+        let_in = re.findall(r"(\w+) (\d+)", figures["calls let in"])
+        assert sum(int(n) for _, n in let_in) == 2  # the two calls the engine answered
+        assert 'preheat_admission_total{how="%s"} %s' % let_in[0] in metrics
+        assert dict(rows["prompt cache"]["figures"])["hits"] == 2
+        assert rows["pre-warming"]["state"] == "off"
+        assert rows["pre-warming"]["switch"] == "--no-prewarm / PREHEAT_PREWARM"
+        page = (await _get(running, "/admin", headers=BEARER)).text
+        assert "<h2>Optimisations</h2>" in page and "<code>--no-prompt-cache" in page
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_optimisations_the_upstream_cannot_support_say_why(proxy):
+    """The fake upstream reports no KV cache: admission, and what needs it, say so."""
+    rows = {r["name"]: r for r in (await _get(proxy, "/admin.json", headers=BEARER))
+            .json()["optimisations"]}
+    assert rows["cache-aware admission"]["state"].startswith("inactive (needs a vLLM")
+    assert rows["smallest workflow runs first"]["state"] == "inactive (needs admission)"
+    assert rows["cache-aware admission"]["figures"] == []
+    assert rows["prompt cache"]["state"] == "on"

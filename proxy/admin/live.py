@@ -1,0 +1,88 @@
+"""What each optimisation is doing now, for the admin overview.
+
+The same figures as /metrics, read from the proxy's live objects (admission, the prompt
+cache, the pre-warm planner) with each one's switch: a user who turned something off, or
+whose upstream keeps it off (admission needs the engine's KV-cache size), sees so beside the
+figures. Read on the event loop (those objects are not thread-safe); plain JSON out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+ADMITTED_HOW = ("fits", "resident", "returned", "waited", "backfill", "idle", "timeout", "direct")
+
+
+def optimisations(app: web.Application) -> list[dict[str, Any]]:
+    from proxy.server import ADMISSION, CACHE, PLANNER, SETTINGS
+
+    settings = app[SETTINGS]
+    admission = app.get(ADMISSION)
+    cache = app.get(CACHE)
+    planner = app.get(PLANNER)
+    needs = "needs a vLLM upstream that reports its KV-cache size"
+    rows = [
+        _row("cache-aware admission", "admission", settings.admission, admission is not None,
+             needs, _admission(admission) if admission is not None else []),
+        _row("set aside sessions that outgrow the cache", "admission_suspend",
+             settings.admission_suspend, admission is not None and admission.suspend,
+             "needs admission",
+             [("sessions set aside", admission.suspended)] if admission is not None else []),
+        _row("engine priority for sessions under way", "admission_priority",
+             settings.admission_priority, admission is not None and settings.admission_priority,
+             "needs admission", []),
+        _row("smallest workflow runs first", "ordering", settings.ordering,
+             admission is not None and admission.runs is not None, "needs admission",
+             [("workflow runs under way", len(admission.runs)),
+              ("calls that waited for a smaller run", admission.held_for_smaller)]
+             if admission is not None and admission.runs is not None else []),
+        _row("prompt cache", "prompt_cache", settings.prompt_cache, cache is not None, "",
+             _prompt_cache(cache) if cache is not None else []),
+        _row("pre-warming", "prewarm", settings.prewarm, planner is not None,
+             "needs admission and learning", _prewarm(planner) if planner is not None else []),
+    ]
+    return rows
+
+
+def _row(name: str, setting: str, on: bool, active: bool, needs: str,
+         figures: list[tuple[str, Any]]) -> dict[str, Any]:
+    state = "on" if on and active else "off" if not on else f"inactive ({needs})"
+    return {"name": name, "switch": f"--no-{setting.replace('_', '-')} / PREHEAT_"
+            f"{setting.upper()}", "state": state,
+            "figures": [[label, value] for label, value in figures]}
+
+
+def _admission(admission: Any) -> list[tuple[str, Any]]:
+    stats = admission.stats()
+    admitted = stats.admitted
+    return [
+        ("KV cache (tokens)", stats.capacity_tokens),
+        ("sessions resident", stats.resident_groups),
+        ("their tokens (estimated)", stats.resident_tokens),
+        ("calls waiting", stats.waiting),
+        ("longest wait (s)", round(stats.max_wait_seen, 2)),
+        ("calls let in", ", ".join(f"{how} {admitted[how]}" for how in ADMITTED_HOW
+                                   if admitted.get(how)) or "none yet"),
+    ]
+
+
+def _prompt_cache(cache: Any) -> list[tuple[str, Any]]:
+    return [("hits", cache.hits), ("misses", cache.misses), ("entries", len(cache)),
+            ("bytes held", cache.bytes)]
+
+
+def _prewarm(planner: Any) -> list[tuple[str, Any]]:
+    s = planner.stats()
+    sent = s.sent + s.static_sent
+    judged = s.hit_tokens + s.wasted_tokens
+    return [
+        ("warms sent (of them static heads)", f"{sent} ({s.static_sent})"),
+        ("tokens warmed", s.warmed_tokens + s.static_tokens),
+        ("warms later hit / in vain", f"{s.hit} / {s.wasted}"),
+        ("warmed tokens later hit / in vain", f"{s.hit_tokens} / {s.wasted_tokens}"),
+        ("precision", f"{s.hit_tokens / judged:.2f}" if judged else "-"),
+        ("skipped: engine busy / unlikely / late", f"{s.skipped_busy} / {s.skipped_unlikely}"
+                                                   f" / {s.skipped_late}"),
+    ]
