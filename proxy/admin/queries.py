@@ -172,6 +172,7 @@ def session(store: Store, session_id: str) -> dict | None:
                  if isinstance(tc, dict)]
         out.append({
             "id": ex.id, "start": start, "first_token": ex.t_first_token, "end": end,
+            "held": ex.t_upstream_sent,
             "gap_before": (start - parent_end) if parent_end is not None and ex.t_done is not None
             else None,
             "parent_id": ex.parent_id, "status": ex.status, "error": ex.error, "stream": ex.stream,

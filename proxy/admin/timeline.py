@@ -1,8 +1,9 @@
 """A session's timeline as server-side SVG: its LLM calls and the tool gaps between them on
 one time axis, one row per call, with each call's cached share of its prompt beside it.
 
-A call's bar is dark up to its first token (queueing and prefill: what a warm prefix cache
-shortens) and light after it (decoding). The dashed orange line before a bar is the gap since
+A call's bar is grey while preheat held it before sending it on (admission's queue, when the
+engine's cache is under pressure), dark up to its first token (the engine's queueing and
+prefill: what a warm prefix cache shortens) and light after it (decoding). The dashed orange line before a bar is the gap since
 the call it continues ended: the agent's tool or think time.
 """
 
@@ -14,6 +15,8 @@ from urllib.parse import quote
 from proxy.admin.html import Safe, html, join, num, secs
 
 LEFT, PLOT, RIGHT = 56, 860, 220
+HELD_SHOWN = 0.01
+"""Seconds before a call went upstream below which its hold is not drawn (parsing alone)."""
 ROW, TOP = 24, 34
 
 
@@ -54,20 +57,29 @@ def render(calls: list[dict], span: float) -> Safe:
             if x(start) - x(g0) > 60:
                 row.append(html('<text x="{m}" y="{y}" text-anchor="middle" class="gap">{g}</text>',
                                 m=f"{(x(g0) + x(start)) / 2:.1f}", y=y + 7, g=secs(c["gap_before"])))
+        held = c.get("held") or 0.0
+        shown = end is not None and HELD_SHOWN <= held < end - start
+        sent = start + held if shown else start  # when the engine got it
+        if shown:
+            row.append(html('<rect x="{a}" y="{y}" width="{w}" height="14" fill="#b9c0cc"/>',
+                            a=f"{x(start):.1f}", y=y + 4, w=f"{x(sent) - x(start):.1f}"))
         if end is not None:
             split = start + first if first is not None and first <= (end - start) else end
+            split = max(split, sent)
             bad = c.get("error") or (c.get("status") or 200) >= 400
             row.append(html(
                 '<rect x="{a}" y="{y}" width="{w1}" height="14" fill="{f1}"/>'
                 '<rect x="{b}" y="{y}" width="{w2}" height="14" fill="{f2}"/>',
-                a=f"{x(start):.1f}", b=f"{x(split):.1f}", y=y + 4,
-                w1=f"{max(x(split) - x(start), 1.5):.1f}", w2=f"{max(x(end) - x(split), 0):.1f}",
+                a=f"{x(sent):.1f}", b=f"{x(split):.1f}", y=y + 4,
+                w1=f"{max(x(split) - x(sent), 1.5):.1f}", w2=f"{max(x(end) - x(split), 0):.1f}",
                 f1="#c2352b" if bad else "#2f5fb0", f2="#f0a8a2" if bad else "#9dbdf0"))
         else:
             row.append(html('<circle cx="{a}" cy="{y}" r="4" fill="#2f5fb0"/>',
                             a=f"{x(start):.1f}", y=y + 11))
         row.append(_cached_bar(c, LEFT + PLOT + 14, y))
-        title = (f"call {i + 1}: starts at {secs(start)}, first token {secs(first)}, "
+        title = (f"call {i + 1}: starts at {secs(start)}, "
+                 + (f"held by preheat {secs(held)}, " if shown else "")
+                 + f"first token {secs(first)}, "
                  f"done at {secs(end)}; {num(c['prompt_tokens'])} prompt tokens, "
                  f"{num(c['cached_tokens'])} cached, {num(c['completion_tokens'])} generated")
         parts.append(html('<a href="/admin/exchanges/{id}"><g class="call"><title>{t}</title>'

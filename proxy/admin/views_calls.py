@@ -130,6 +130,7 @@ def exchange(d: dict) -> Safe:
          if d["parent_id"] else "-"),
         ("model", d["model"] or "-"), ("started", when(d["started_at"])),
         ("first token", secs(t["first_token"])), ("done", secs(t["done"])),
+        ("sent upstream after", secs(t["upstream_sent"])),
         ("added by preheat", secs(d["added_latency"])), ("prompt cache", d["cache"] or "-"),
         ("usage", json.dumps(d["usage"]) if d["usage"] else "-"),
         ("error", d["error"] or d["request_error"] or "-"),

@@ -181,3 +181,19 @@ async def test_optimisations_the_upstream_cannot_support_say_why(proxy):
     assert rows["smallest workflow runs first"]["state"] == "inactive (needs admission)"
     assert rows["cache-aware admission"]["figures"] == []
     assert rows["prompt cache"]["state"] == "on"
+
+
+def test_a_call_admission_held_shows_its_wait_on_the_timeline():
+    from proxy.admin import timeline
+
+    def call(held: float) -> dict:
+        return {"id": "x", "start": 0.0, "first_token": 0.8, "end": 1.0, "held": held,
+                "prompt_tokens": 10, "cached_tokens": 0, "completion_tokens": 3}
+
+    held = str(timeline.render([call(0.5)], 1.0))
+    assert 'fill="#b9c0cc"' in held and "held by preheat 500 ms" in held
+    # The engine's part starts when the call was sent: 0.5 s of 1 s into the plot.
+    engine_x = timeline.LEFT + timeline.PLOT * 0.5
+    assert f'x="{engine_x:.1f}" y="{timeline.TOP + 4}" width=' in held
+    parsed = str(timeline.render([call(0.002)], 1.0))  # reading the request: not a hold
+    assert 'fill="#b9c0cc"' not in parsed and "held by preheat" not in parsed

@@ -73,6 +73,10 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
             calls = list(store.exchanges(session_id=s["id"]))
             assert [c.started_at for c in calls] == sorted(c.started_at for c in calls)
             assert [len(c.messages) for c in calls] == [2, 4, 6, 8]
+        # The capture keeps when each call went upstream (the admin timeline draws the hold).
+        sent = [c.t_upstream_sent for s in store.sessions()
+                for c in store.exchanges(session_id=s["id"])]
+        assert max(sent) >= max(held) / 1000
     finally:
         await proxy.runner.cleanup()
 
