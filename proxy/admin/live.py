@@ -12,9 +12,6 @@ from typing import Any
 
 from aiohttp import web
 
-ADMITTED_HOW = ("fits", "resident", "returned", "waited", "backfill", "idle", "timeout", "direct")
-
-
 def optimisations(app: web.Application) -> list[dict[str, Any]]:
     from proxy.server import ADMISSION, CACHE, PLANNER, SETTINGS
 
@@ -23,7 +20,7 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
     cache = app.get(CACHE)
     planner = app.get(PLANNER)
     needs = "needs a vLLM upstream that reports its KV-cache size"
-    rows = [
+    return [
         _row("cache-aware admission", "admission", settings.admission, admission is not None,
              needs, _admission(admission) if admission is not None else []),
         _row("set aside sessions that outgrow the cache", "admission_suspend",
@@ -43,7 +40,6 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
         _row("pre-warming", "prewarm", settings.prewarm, planner is not None,
              "needs admission and learning", _prewarm(planner) if planner is not None else []),
     ]
-    return rows
 
 
 def _row(name: str, setting: str, on: bool, active: bool, needs: str,
@@ -63,8 +59,8 @@ def _admission(admission: Any) -> list[tuple[str, Any]]:
         ("their tokens (estimated)", stats.resident_tokens),
         ("calls waiting", stats.waiting),
         ("longest wait (s)", round(stats.max_wait_seen, 2)),
-        ("calls let in", ", ".join(f"{how} {admitted[how]}" for how in ADMITTED_HOW
-                                   if admitted.get(how)) or "none yet"),
+        ("calls let in", ", ".join(f"{how} {n}" for how, n in sorted(
+            admitted.items(), key=lambda item: -item[1])) or "none yet"),
     ]
 
 

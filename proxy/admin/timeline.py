@@ -3,8 +3,8 @@ one time axis, one row per call, with each call's cached share of its prompt bes
 
 A call's bar is grey while preheat held it before sending it on (admission's queue, when the
 engine's cache is under pressure), dark up to its first token (the engine's queueing and
-prefill: what a warm prefix cache shortens) and light after it (decoding). The dashed orange line before a bar is the gap since
-the call it continues ended: the agent's tool or think time.
+prefill: what a warm prefix cache shortens) and light after it (decoding). The dashed orange
+line before a bar is the gap since the call it continues ended: the agent's tool or think time.
 """
 
 from __future__ import annotations
