@@ -48,6 +48,7 @@ from bench.workloads import (Instance, agent_loops, generated, interleave,  # no
 from engine.model import ensure_default_model  # noqa: E402
 from engine.process import free_port  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
+from proxy.server import queued_seconds  # noqa: E402
 
 MODES = ("direct", "preheat-off", "preheat-on", "oracle", "unpressured")
 """`unpressured` (cache-pressure workloads only): direct to an engine whose cache holds the
@@ -82,7 +83,7 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
     async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{inst.name}/{call.key}: {r.status_code} {await r.aread()!r}")
-        queued = _queued(r.headers.get("server-timing", ""))
+        queued = queued_seconds(r.headers.get("server-timing", ""))
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -97,18 +98,6 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
     return CallResult(inst.name, call.key, start, ttft or latency, latency,
                       usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0,
                       "".join(text), queued)
-
-
-def _queued(timing: str) -> float:
-    """Seconds of a `Server-Timing: preheat-queue;dur=MS;...` entry (0 without one)."""
-    for entry in timing.split(","):
-        name, _, params = entry.strip().partition(";")
-        if name == "preheat-queue":
-            for param in params.split(";"):
-                key, _, value = param.partition("=")
-                if key.strip() == "dur":
-                    return float(value) / 1000
-    return 0.0
 
 
 async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[float, list]:

@@ -429,11 +429,26 @@ async def _forward(
             admission.leave(ex.ticket)
 
 
+QUEUE_TIMING = "preheat-queue"
+
+
 def server_timing(ticket) -> str:
     """How long admission held the call, and why it let it go (`Ticket.how`), as a
     `Server-Timing` entry: a client (or its browser's network panel) sees a slow call's
     queueing apart from the engine's time."""
-    return f'preheat-queue;dur={1000 * ticket.waited:.1f};desc="{ticket.how}"'
+    return f'{QUEUE_TIMING};dur={1000 * ticket.waited:.1f};desc="{ticket.how}"'
+
+
+def queued_seconds(header: str) -> float:
+    """The seconds a `Server-Timing` header says admission held a call (0 without it)."""
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == QUEUE_TIMING:
+            for param in params.split(";"):
+                key, _, value = param.partition("=")
+                if key.strip() == "dur":
+                    return float(value) / 1000
+    return 0.0
 
 
 def with_priority(body: bytes, priority: int) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 
 from engine.admission import Admission
 from proxy.config import Settings
-from proxy.server import ADMISSION
+from proxy.server import ADMISSION, queued_seconds
 from tests.conftest import start_proxy
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 20}
@@ -60,6 +60,7 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         held = [float(m[1]) for m in waits if m[2] in held_back]
         assert held and max(held) > 0
         assert max(float(m[1]) for m in waits) <= 1000 * stats.max_wait_seen + 1
+        assert queued_seconds(timings[0]) == float(waits[0][1]) / 1000  # (bench/e2e.py reads it)
         assert elapsed < 30
         # Twelve sessions outgrow the cache mid-way: the youngest were set aside, and still
         # every call went through once, in order.
