@@ -145,10 +145,17 @@ async def run_workload(base: str, model: str, instances: list[Instance],
         "cached_share": sum(c.cached_tokens for c in calls) / prompt if prompt else 0.0,
         "calls": len(calls), "prompt_tokens": prompt,
         "working_set": working_set_tokens(instances, spans),
+        "engine_load": engine_load(calls, makespan),
         "instances": {inst.name: round(o[0], 2) for inst, o in zip(instances, outs)},
         "queued": {inst.name: round(sum(c.queued for c in o[1]), 2)
                    for inst, o in zip(instances, outs)},
     }
+
+
+def engine_load(calls: list[CallResult], makespan: float) -> float:
+    """Calls on the engine at once, on average over the makespan: each call's time from
+    when preheat's admission let it go (its `Server-Timing`) to its last token."""
+    return sum(max(0.0, c.latency - c.queued) for c in calls) / makespan if makespan else 0.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -300,8 +307,8 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f"makespan {r['makespan']:6.2f} s  cached {r['cached_share']:.2f}  CPU s: engine "
               f"{r['cpu_engine']:.1f} proxy {r['cpu_proxy']:.1f} observer {r['cpu_observer']:.1f}"
               f" client {r['cpu_client']:.1f}"
-              f"  working set {rows[mode]['working_set']} tokens  queued "
-              f"{sum(r['queued'].values()):.1f} s  {_admission_note(rows[mode])}",
+              f"  working set {rows[mode]['working_set']} tokens  {r['engine_load']:.1f} at once"
+              f"  queued {sum(r['queued'].values()):.1f} s  {_admission_note(rows[mode])}",
               flush=True)
     if "unpressured" in modes and oracle_engine is not None:
         await reset_cache(oracle_engine)
@@ -309,7 +316,8 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
         rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
                                                  sequential)
         print(f"  {name:<22} {'unpressured':<12} e2e p50 {rows['unpressured']['e2e_p50']:6.2f} s"
-              f"  makespan {rows['unpressured']['makespan']:6.2f} s", flush=True)
+              f"  makespan {rows['unpressured']['makespan']:6.2f} s"
+              f"  {rows['unpressured']['engine_load']:.1f} at once", flush=True)
     if "oracle" not in modes:
         return rows
     target = oracle_engine or engine
@@ -354,17 +362,19 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "and answers, held from first use to last), estimated from characters.",
         "",
         "CPU s: seconds of CPU the engine (all its processes) and preheat (the proxy + its "
-        "observer, which captures and learns) used during the measured run.",
+        "observer, which captures and learns) used during the measured run. At once: calls "
+        "on the engine at a time, on average over the makespan (each call's time past "
+        "preheat's admission queue).",
         "",
-        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
                          f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} | "
-                         f"{_cpu(r)} |")
+                         f"{_cpu(r)} | {_at_once(r)} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -412,6 +422,10 @@ def _headroom(direct: float, on: float, best: float) -> str:
     if best != best:
         return "-"
     return f"{(direct - on) / (direct - best):.0%}" if direct - best > 0.02 * direct else "none"
+
+
+def _at_once(r: dict) -> str:
+    return f"{r['engine_load']:.1f}" if "engine_load" in r else "-"  # (an older report's)
 
 
 def _cpu(r: dict) -> str:

@@ -24,6 +24,10 @@ all of them with none:
   not fit, the first after it that does goes in (backfill). Every wait is bounded by
   `max_wait`; an engine that has been mostly idle lately takes waiting work even when it
   overflows the cache (the sessions that fit are all in tool calls: thrash beats idling).
+  Short of idle, an engine whose resident sessions keep fewer than `spare_below` calls on
+  it at once (on average over BUSY_WINDOW) takes waiting sessions up to SPARE_RAISE x `fill`
+  ('spare'): with a cache that holds three agent loops, the engine ran 0.9-1.5 calls at a
+  time against 8 direct (bench/results/e2e.md), decoding at under a third of its rate.
 - A session stays resident while it has calls in flight and, after its last answer, for the
   tool time its next call is expected after (p90 of observed gaps, longer while the session
   is shorter than sessions usually are); then its share of the cache is released. A session
@@ -86,6 +90,16 @@ IDLE_BELOW = 0.6
 """An engine busy less than this share of the last BUSY_WINDOW seconds is under-used."""
 IDLE_RECHECK = 1.0
 """Seconds between looks at the busy share while work waits and nothing runs."""
+SPARE_BELOW = 2.0
+"""(default of `Admission.spare_below`) Calls on the engine at once, on average over the last BUSY_WINDOW seconds, below which it
+has throughput to spare (bench/results/decode-load.md: two calls at once decode at under a
+third of the rate sixteen reach). The resident sessions then spend most of their time in
+tool calls, and the cache, not the engine, bounds the work: waiting sessions go in up to
+SPARE_RAISE times `fill`, as a few histories evicted cost less than an engine left idle."""
+SPARE_RAISE = 1.2
+SPARE_SPAN = 5.0
+"""Seconds of the resident set's history before its average load is trusted (the first
+calls of a burst are all prefill, and say nothing of the tool time to come)."""
 DONE_BEYOND = 0.1
 """A session is taken as done when fewer than this share of finished sessions made more calls."""
 GAPS_TRUSTED = 20
@@ -170,7 +184,8 @@ class Ticket:
     how: str = ""
     """'direct' (no pressure), 'resident' (continuation), 'fits' (a new session, at once),
     'returned' (a session under way, back after leaving the cache), 'waited' (first in the
-    waiting order), 'backfill' (past one that did not fit), 'idle' or 'timeout'."""
+    waiting order), 'backfill' (past one that did not fit), 'spare' (over `fill`, on an
+    engine with few calls at once), 'idle' or 'timeout'."""
     priority: int = 0
     """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
     run: str = ""
@@ -209,8 +224,12 @@ class Admission:
         running: int = 4,
         order_wait: float = 30.0,
         suspend: bool = True,
+        spare_below: float = SPARE_BELOW,
     ) -> None:
         self.capacity_tokens = capacity_tokens
+        self.spare_below = spare_below
+        """Calls on the engine at once, on average, below which waiting sessions go in up
+        to SPARE_RAISE x `fill` (`SPARE_BELOW`; 0: never)."""
         self.suspend = suspend
         """When sessions of agents whose sizes are not yet learned outgrow the cache, the
         youngest between calls waits until there is room again, and the older ones keep
@@ -259,6 +278,8 @@ class Admission:
         self._in_flight = 0
         self._busy: deque[tuple[float, float]] = deque()
         self._busy_since: float | None = None
+        self._load: deque[tuple[float, int]] = deque()
+        """(when, calls in flight from then on), for the engine's average load (`_load_mean`)."""
         self._occupied_since: float | None = None
         """When the resident set last went from empty to not (for `_busy_share`)."""
         self._gaps: list[float] = []
@@ -316,6 +337,8 @@ class Admission:
             self._admit(t, "returned" if t.group in self._sessions else "fits")
         elif not self._waiting and self._engine_idle():
             self._admit(t, "idle")
+        elif not self._waiting and self._spare() and self._fits(t, fill=self._spare_fill()):
+            self._admit(t, "spare")
         else:
             await self._wait(t)
 
@@ -518,10 +541,10 @@ class Admission:
                      for g in self._groups.values())
         return self._resident_tokens() + growth
 
-    def _fits(self, t: Ticket, reserved: int | None = None) -> bool:
+    def _fits(self, t: Ticket, reserved: int | None = None, fill: float | None = None) -> bool:
         if not self._groups:
             return True  # an empty engine takes anything, however large
-        budget = self.fill * (self.capacity_tokens or 0)
+        budget = (fill or self.fill) * (self.capacity_tokens or 0)
         need = self._increment(t)
         if t.group not in self._sessions:  # a new session: room for all it will grow to
             need = max(need, self.expected_footprint(t.kind))
@@ -550,6 +573,37 @@ class Admission:
         keep the engine busy, this stops by itself)."""
         return not self._in_flight and self._busy_share() < IDLE_BELOW
 
+    def _spare(self) -> bool:
+        """The engine has had few calls at once lately (`SPARE_BELOW`)."""
+        load = self._load_mean()
+        return load is not None and load < self.spare_below
+
+    def _spare_fill(self) -> float:
+        return self.fill * SPARE_RAISE
+
+    def _load_mean(self) -> float | None:
+        """Admitted calls in flight, on average over the last BUSY_WINDOW seconds (or since
+        the resident set was last empty, where that is shorter); None before SPARE_SPAN
+        seconds of it."""
+        if self._occupied_since is None:
+            return None
+        now = time.monotonic()
+        span = min(BUSY_WINDOW, now - self._occupied_since)
+        if span < SPARE_SPAN:
+            return None
+        start = now - span
+        load = self._load
+        while len(load) > 1 and load[1][0] <= start:
+            load.popleft()
+        area, since, running = 0.0, start, 0
+        for when, n in load:
+            if when > start:
+                area += running * (when - since)
+                since = when
+            running = n
+        area += running * (now - since)
+        return area / span
+
     def _busy_share(self) -> float:
         """Share of the last BUSY_WINDOW seconds with at least one admitted call running;
         of the time since the resident set was last empty, where that is shorter: work that
@@ -576,6 +630,9 @@ class Admission:
         before = self._in_flight
         self._in_flight += delta
         now = time.monotonic()
+        self._load.append((now, self._in_flight))
+        while len(self._load) > 1 and self._load[1][0] < now - BUSY_WINDOW:
+            self._load.popleft()
         if before == 0 and self._in_flight > 0:
             self._busy_since = now
         elif before > 0 and self._in_flight == 0 and self._busy_since is not None:
@@ -651,11 +708,13 @@ class Admission:
         self._remember(g)
         self._measure(g)
         if log.isEnabledFor(logging.DEBUG):
+            load = self._load_mean()
             log.debug("admitted %s call %d (%s) after %.2f s; %d groups, %d of %d tokens "
-                      "(%d reserved), %d in flight, %d waiting",
+                      "(%d reserved), %d in flight (%s on average), %d waiting",
                       t.group, g.calls, how, t.waited, len(self._groups),
                       self._resident_tokens(), self.capacity_tokens or 0,
-                      self._reserved_tokens(), self._in_flight, len(self._waiting))
+                      self._reserved_tokens(), self._in_flight,
+                      "-" if load is None else f"{load:.2f}", len(self._waiting))
         if t._future is not None and not t._future.done():
             t._future.set_result(None)
 
@@ -766,6 +825,9 @@ class Admission:
                 how = ("returned" if fit.group in self._sessions else
                        "waited" if fit is ranked[0] else "backfill")
                 self._take(fit, how)
+            elif self._spare() and (fit := next(
+                    (t for t in ranked if self._fits(t, reserved, self._spare_fill())), None)):
+                self._take(fit, "spare")
             elif self._engine_idle():
                 self._take(ranked[0], "idle")
             else:
@@ -902,7 +964,7 @@ class Admission:
             gap = self._gap_p90()
             deadlines += [r.last + gap for r in self.runs.active()
                           if not r.pending and r.last + gap > now]
-        if not self._in_flight:  # the engine's recent busy share falls while it idles
+        if self._in_flight < max(1, self.spare_below):  # its recent load falls meanwhile
             deadlines.append(now + IDLE_RECHECK)
         delay = max(0.0, min(deadlines) - now) + 0.001
         self._timer = asyncio.get_running_loop().call_later(delay, self._release_ready)

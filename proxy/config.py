@@ -83,6 +83,11 @@ class Settings:
     admission_max_wait: float = _opt(
         60.0, "Longest a request waits for admission before it goes in regardless."
     )
+    admission_spare_below: float = _opt(
+        2.0, "Calls on the engine at once (on average over 20 s) below which it has throughput "
+        "to spare: waiting sessions then go in up to 1.2 x the fill, the resident ones being "
+        "mostly in tool calls; 0 turns this off."
+    )
     admission_suspend: bool = _opt(
         True, "Before the sizes an agent's sessions grow to are learned, when its sessions "
         "outgrow the KV cache, the youngest between calls waits until there is room, so the "

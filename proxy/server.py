@@ -178,7 +178,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
             app[ADMISSION] = admission = Admission(
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
-                suspend=settings.admission_suspend,
+                suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
             )
             keeper = None
             if OBSERVER in app:

@@ -9,8 +9,10 @@ import sys
 import time
 from argparse import Namespace
 
+import pytest
+
 from bench.cpu import cpu_seconds
-from bench.e2e import _median_row, report
+from bench.e2e import CallResult, _median_row, engine_load, report
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -57,13 +59,25 @@ def test_a_single_run_is_reported_as_it_was():
 
 
 def test_cpu_of_engine_and_preheat_is_reported_where_counted():
-    on = dict(row(20.0, 49.0), cpu_engine=123.04, cpu_proxy=1.1, cpu_observer=0.4, cpu_client=2.0)
+    on = dict(row(20.0, 49.0), cpu_engine=123.04, cpu_proxy=1.1, cpu_observer=0.4, cpu_client=2.0,
+              engine_load=3.26)
     direct = dict(row(30.0, 50.0), cpu_engine=130.0, cpu_proxy=0.0, cpu_observer=0.0, cpu_client=2.0)
     text = report({"loops": {"direct": direct, "preheat-on": on, "oracle": row(10.0, 30.0)}},
                   Namespace(idle=3.0), "x")
-    assert "| 2001 | 123.0 / 1.5 |" in text  # the proxy and its observer together
+    assert "| 2001 | 123.0 / 1.5 | 3.3 |" in text  # the proxy and its observer together
+    assert "| 2001 | 130.0 / - | - |" in text  # calls at once: not in a row from before
     assert "| 2001 | 130.0 / - |" in text  # direct: no proxy
     assert "| 2001 | - |" in text  # the oracle is not counted
+
+
+def test_calls_at_once_count_each_call_from_when_admission_let_it_go():
+    def call(start: float, latency: float, queued: float = 0.0) -> CallResult:
+        return CallResult("i", "k", start, 0.1, latency, 10, 0, "", queued)
+
+    # Two calls of 4 s side by side, one of 10 s that waited 6 of them, over 10 s: 1.2.
+    calls = [call(0.0, 4.0), call(0.0, 4.0), call(0.0, 10.0, queued=6.0)]
+    assert engine_load(calls, 10.0) == pytest.approx(1.2)
+    assert engine_load([], 0.0) == 0.0
 
 
 def test_cpu_seconds_counts_a_process_and_its_descendants_apart():

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from engine import admission as admission_module
 from engine.admission import IDLE_RECHECK, Admission, prompt_chain
 from engine.supervisor import cache_info
 
@@ -82,6 +83,62 @@ async def test_an_idle_engine_never_keeps_work_waiting():
     # Busy all its short life until now, the engine is idle once the quiet outweighs that:
     # the next look at it (IDLE_RECHECK) lets B in.
     assert b.how == "idle" and b.waited < IDLE_RECHECK + 0.5
+
+
+EMPTY = prompt_chain(body(""))[1][0]
+"""Tokens of a message with no content (its JSON), at one character per token."""
+
+
+async def _sessions_in_tool_calls(adm: Admission, running: int):
+    """Sessions A and B (350 tokens each) let in and back in their tool calls (held), with
+    `running` short calls of other agents kept on the engine. Returns those calls' tickets."""
+    for name in "AB":
+        t = ticket(adm, body(name * 350))
+        await adm.enter(t)
+        adm.leave(t, 0)
+    calls = [ticket(adm, body(f"{i}" * 50)) for i in range(running)]
+    for t in calls:
+        await adm.enter(t)
+    assert {t.how for t in calls} == {"fits"}  # within the fill
+    return calls
+
+
+@pytest.mark.parametrize("running, how", [(1, "spare"), (3, None)])
+async def test_an_engine_with_few_calls_at_once_takes_sessions_over_the_fill(
+        monkeypatch, running, how):
+    # The cache's share is full (fill 1.0), the resident sessions are in their tool calls and
+    # held for 30 s. With one call on the engine, its load stays under SPARE_BELOW: once that
+    # has lasted SPARE_SPAN, a session that fits within SPARE_RAISE x fill goes in. With three
+    # calls at once the engine is busy enough, and the session waits for room.
+    monkeypatch.setattr(admission_module, "SPARE_SPAN", 0.3)
+    adm = make(1000, hold=30, max_wait=30)
+    calls = await _sessions_in_tool_calls(adm, running)
+    resident = adm.stats().resident_tokens  # 800 + 50 x running, with the messages' JSON
+    d = ticket(adm, body("D" * (1150 - resident - EMPTY)))
+    task = asyncio.create_task(adm.enter(d))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    if how is None:
+        await asyncio.sleep(IDLE_RECHECK + 0.6)
+        assert not task.done() and adm.stats().waiting == 1
+        task.cancel()
+    else:
+        await asyncio.wait_for(task, IDLE_RECHECK + 0.6)
+        assert d.how == how and 0.25 < d.waited < IDLE_RECHECK + 0.6
+    for t in calls:
+        adm.leave(t, 0)
+
+
+async def test_spare_throughput_never_takes_a_session_past_the_raised_fill(monkeypatch):
+    monkeypatch.setattr(admission_module, "SPARE_SPAN", 0.3)
+    adm = make(1000, hold=30, max_wait=30)
+    calls = await _sessions_in_tool_calls(adm, 1)
+    big = ticket(adm, body("D" * (1250 - adm.stats().resident_tokens - EMPTY)))  # > 1.2 x 1000
+    task = asyncio.create_task(adm.enter(big))
+    await asyncio.sleep(IDLE_RECHECK + 0.6)
+    assert not task.done()  # the engine has spare throughput, but not the cache
+    task.cancel()
+    adm.leave(calls[0], 0)
 
 
 async def test_a_burst_after_a_quiet_spell_is_not_taken_for_an_idle_engine():
