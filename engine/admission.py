@@ -27,7 +27,7 @@ all of them with none:
   Short of idle, an engine whose resident sessions keep fewer than `spare_below` calls on
   it at once (on average over BUSY_WINDOW) takes waiting sessions up to SPARE_RAISE x `fill`
   ('spare'): with a cache that holds three agent loops, the engine ran 0.9-1.5 calls at a
-  time against 8 direct (bench/results/e2e.md), decoding at under a third of its rate.
+  time against 8 direct (bench/results/e2e-spare-off.md), at under a third of its rate.
 - A session stays resident while it has calls in flight and, after its last answer, for the
   tool time its next call is expected after (p90 of observed gaps, longer while the session
   is shorter than sessions usually are); then its share of the cache is released. A session
@@ -91,9 +91,9 @@ IDLE_BELOW = 0.6
 IDLE_RECHECK = 1.0
 """Seconds between looks at the busy share while work waits and nothing runs."""
 SPARE_BELOW = 2.0
-"""(default of `Admission.spare_below`) Calls on the engine at once, on average over the last BUSY_WINDOW seconds, below which it
+"""Calls on the engine at once, on average over the last BUSY_WINDOW seconds, below which it
 has throughput to spare (bench/results/decode-load.md: two calls at once decode at under a
-third of the rate sixteen reach). The resident sessions then spend most of their time in
+third of the rate sixteen reach; the default of `Admission.spare_below`). The resident sessions then spend most of their time in
 tool calls, and the cache, not the engine, bounds the work: waiting sessions go in up to
 SPARE_RAISE times `fill`, as a few histories evicted cost less than an engine left idle."""
 SPARE_RAISE = 1.2
@@ -278,8 +278,9 @@ class Admission:
         self._in_flight = 0
         self._busy: deque[tuple[float, float]] = deque()
         self._busy_since: float | None = None
-        self._load: deque[tuple[float, int]] = deque()
-        """(when, calls in flight from then on), for the engine's average load (`_load_mean`)."""
+        self._load: deque[tuple[float, float, int]] = deque([(time.monotonic(), 0.0, 0)])
+        """(when, call-seconds on the engine until then, calls in flight from then on): the
+        engine's average load over a window is the difference of two (`_load_mean`)."""
         self._occupied_since: float | None = None
         """When the resident set last went from empty to not (for `_busy_share`)."""
         self._gaps: list[float] = []
@@ -591,18 +592,16 @@ class Admission:
         span = min(BUSY_WINDOW, now - self._occupied_since)
         if span < SPARE_SPAN:
             return None
-        start = now - span
+        return (self._area(now) - self._area(now - span)) / span
+
+    def _area(self, at: float) -> float:
+        """Call-seconds on the engine until `at` (no earlier than the window kept)."""
         load = self._load
-        while len(load) > 1 and load[1][0] <= start:
-            load.popleft()
-        area, since, running = 0.0, start, 0
-        for when, n in load:
-            if when > start:
-                area += running * (when - since)
-                since = when
-            running = n
-        area += running * (now - since)
-        return area / span
+        while len(load) > 1 and load[1][0] <= at - BUSY_WINDOW:
+            load.popleft()  # (the first kept is before the window: the area at its start)
+        i = bisect.bisect_right(load, at, key=lambda e: e[0]) - 1
+        when, area, running = load[max(0, i)]
+        return area + running * max(0.0, at - when)
 
     def _busy_share(self) -> float:
         """Share of the last BUSY_WINDOW seconds with at least one admitted call running;
@@ -630,9 +629,7 @@ class Admission:
         before = self._in_flight
         self._in_flight += delta
         now = time.monotonic()
-        self._load.append((now, self._in_flight))
-        while len(self._load) > 1 and self._load[1][0] < now - BUSY_WINDOW:
-            self._load.popleft()
+        self._load.append((now, self._area(now), self._in_flight))
         if before == 0 and self._in_flight > 0:
             self._busy_since = now
         elif before > 0 and self._in_flight == 0 and self._busy_since is not None:

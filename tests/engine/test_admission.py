@@ -129,6 +129,39 @@ async def test_an_engine_with_few_calls_at_once_takes_sessions_over_the_fill(
         adm.leave(t, 0)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_the_engine_load_is_the_calls_on_it_averaged_over_time(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(admission_module, "time", clock)
+    adm = make(1_000_000)
+    a = ticket(adm, body("A" * 10))
+    await adm.enter(a)  # one call on the engine
+    clock.now += 4
+    b = ticket(adm, body("B" * 10))
+    await adm.enter(b)  # two
+    clock.now += 2
+    adm.leave(a, 0)  # one again
+    clock.now += 4  # 4 x 1 + 2 x 2 + 4 x 1 call-seconds in the 10 s since A went in
+    assert adm._load_mean() == pytest.approx(1.2)
+    clock.now += 10  # the last 20 s: 2 x 2 + 18 x 1
+    assert adm._load_mean() == pytest.approx(1.1)
+    for _ in range(1000):  # many calls come and go: the window keeps only its own
+        clock.now += 0.01
+        t = ticket(adm, body("C" * 10))
+        await adm.enter(t)
+        adm.leave(t, 0)
+    clock.now += 30
+    assert adm._load_mean() == pytest.approx(1.0)  # B alone, for the whole window
+    assert len(adm._load) <= 2
+
+
 async def test_spare_throughput_never_takes_a_session_past_the_raised_fill(monkeypatch):
     monkeypatch.setattr(admission_module, "SPARE_SPAN", 0.3)
     adm = make(1000, hold=30, max_wait=30)
