@@ -12,7 +12,7 @@ from argparse import Namespace
 import pytest
 
 from bench.cpu import cpu_seconds
-from bench.e2e import CallResult, _median_row, engine_load, report
+from bench.e2e import CallResult, _headroom, _median_row, engine_load, report
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -68,6 +68,14 @@ def test_cpu_of_engine_and_preheat_is_reported_where_counted():
     assert "| 2001 | 130.0 / - | - |" in text  # calls at once: not in a row from before
     assert "| 2001 | 130.0 / - |" in text  # direct: no proxy
     assert "| 2001 | - |" in text  # the oracle is not counted
+
+
+def test_headroom_is_given_only_where_the_oracle_is_clearly_faster():
+    assert _headroom(12.7, 10.9, 10.9) == "100%"
+    assert _headroom(50.0, 40.0, 30.0) == "50%"
+    # An oracle 4% faster than direct: a single run's noise, not a headroom to capture.
+    assert _headroom(27.15, 18.98, 26.0) == "none"
+    assert _headroom(27.0, 19.0, float("nan")) == "-"
 
 
 def test_calls_at_once_count_each_call_from_when_admission_let_it_go():
