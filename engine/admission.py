@@ -574,6 +574,12 @@ class Admission:
         keep the engine busy, this stops by itself)."""
         return not self._in_flight and self._busy_share() < IDLE_BELOW
 
+    def load(self) -> float | None:
+        """Admitted calls on the engine at once, on average over the last BUSY_WINDOW
+        seconds (None until the resident set has SPARE_SPAN seconds of history)."""
+        load = self._load_mean()
+        return None if load is None else round(load, 2)
+
     def _spare(self) -> bool:
         """The engine has had few calls at once lately (`SPARE_BELOW`)."""
         load = self._load_mean()

@@ -27,6 +27,13 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
              settings.admission_suspend, admission is not None and admission.suspend,
              "needs admission",
              [("sessions set aside", admission.suspended)] if admission is not None else []),
+        _row("more sessions while the engine has few calls at once", "admission_spare_below",
+             settings.admission_spare_below > 0,
+             admission is not None and admission.spare_below > 0, "needs admission",
+             [("calls on the engine at once (20 s average)", _or_dash(admission.load())),
+              ("sessions let in on spare throughput", admission.admitted.get("spare", 0))]
+             if admission is not None else [],
+             switch="PREHEAT_ADMISSION_SPARE_BELOW=0"),
         _row("engine priority for sessions under way", "admission_priority",
              settings.admission_priority, admission is not None, "needs admission", []),
         _row("smallest workflow runs first", "ordering", settings.ordering,
@@ -42,11 +49,15 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
 
 
 def _row(name: str, setting: str, on: bool, active: bool, needs: str,
-         figures: list[tuple[str, Any]]) -> dict[str, Any]:
+         figures: list[tuple[str, Any]], switch: str = "") -> dict[str, Any]:
     state = "on" if on and active else "off" if not on else f"inactive ({needs})"
-    return {"name": name, "switch": f"--no-{setting.replace('_', '-')} / PREHEAT_"
+    return {"name": name, "switch": switch or f"--no-{setting.replace('_', '-')} / PREHEAT_"
             f"{setting.upper()}", "state": state,
             "figures": [[label, value] for label, value in figures]}
+
+
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
 
 
 def _admission(admission: Any) -> list[tuple[str, Any]]:

@@ -165,6 +165,9 @@ async def test_the_overview_shows_each_optimisation_its_switch_and_what_it_did(
         assert sum(int(n) for _, n in let_in) == 2  # the two calls the engine answered
         assert 'preheat_admission_total{how="%s"} %s' % let_in[0] in metrics
         assert dict(rows["prompt cache"]["figures"])["hits"] == 2
+        spare = rows["more sessions while the engine has few calls at once"]
+        assert spare["state"] == "on" and spare["switch"] == "PREHEAT_ADMISSION_SPARE_BELOW=0"
+        assert dict(spare["figures"])["sessions let in on spare throughput"] == 0
         assert rows["pre-warming"]["state"] == "off"
         assert rows["pre-warming"]["switch"] == "--no-prewarm / PREHEAT_PREWARM"
         page = (await _get(running, "/admin", headers=BEARER)).text
