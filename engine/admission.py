@@ -605,8 +605,11 @@ class Admission:
         load = self._load
         while len(load) > 1 and load[1][0] <= at - BUSY_WINDOW:
             load.popleft()  # (the first kept is before the window: the area at its start)
-        i = bisect.bisect_right(load, at, key=lambda e: e[0]) - 1
-        when, area, running = load[max(0, i)]
+        if at >= load[-1][0]:  # now (on every call's start and end): the latest entry
+            when, area, running = load[-1]
+        else:
+            i = bisect.bisect_right(load, at, key=lambda e: e[0]) - 1
+            when, area, running = load[max(0, i)]
         return area + running * max(0.0, at - when)
 
     def _busy_share(self) -> float:
