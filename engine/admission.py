@@ -93,9 +93,10 @@ IDLE_RECHECK = 1.0
 SPARE_BELOW = 2.0
 """Calls on the engine at once, on average over the last BUSY_WINDOW seconds, below which it
 has throughput to spare (bench/results/decode-load.md: two calls at once decode at under a
-third of the rate sixteen reach; the default of `Admission.spare_below`). The resident sessions then spend most of their time in
-tool calls, and the cache, not the engine, bounds the work: waiting sessions go in up to
-SPARE_RAISE times `fill`, as a few histories evicted cost less than an engine left idle."""
+third of the rate sixteen reach; the default of `Admission.spare_below`). The resident
+sessions then spend most of their time in tool calls, and the cache, not the engine, bounds
+the work: waiting sessions go in up to SPARE_RAISE times `fill`, as a few histories evicted
+cost less than an engine left idle."""
 SPARE_RAISE = 1.2
 SPARE_SPAN = 5.0
 """Seconds of the resident set's history before its average load is trusted (the first
@@ -276,11 +277,11 @@ class Admission:
         self._waiting: deque[Ticket] = deque()
         self._seq = itertools.count()
         self._in_flight = 0
-        self._busy: deque[tuple[float, float]] = deque()
-        self._busy_since: float | None = None
-        self._load: deque[tuple[float, float, int]] = deque([(time.monotonic(), 0.0, 0)])
-        """(when, call-seconds on the engine until then, calls in flight from then on): the
-        engine's average load over a window is the difference of two (`_load_mean`)."""
+        self._load: deque[tuple[float, float, float, int]] = deque(
+            [(time.monotonic(), 0.0, 0.0, 0)])
+        """(when, call-seconds and busy seconds on the engine until then, calls in flight
+        from then on): its average load and busy share over a window are each the
+        difference of two totals (`_load_mean`, `_busy_share`)."""
         self._occupied_since: float | None = None
         """When the resident set last went from empty to not (for `_busy_share`)."""
         self._gaps: list[float] = []
@@ -598,19 +599,21 @@ class Admission:
         span = min(BUSY_WINDOW, now - self._occupied_since)
         if span < SPARE_SPAN:
             return None
-        return (self._area(now) - self._area(now - span)) / span
+        return (self._totals(now)[0] - self._totals(now - span)[0]) / span
 
-    def _area(self, at: float) -> float:
-        """Call-seconds on the engine until `at` (no earlier than the window kept)."""
+    def _totals(self, at: float) -> tuple[float, float]:
+        """Call-seconds and busy seconds (any call running) on the engine until `at` (no
+        earlier than the window kept)."""
         load = self._load
         while len(load) > 1 and load[1][0] <= at - BUSY_WINDOW:
-            load.popleft()  # (the first kept is before the window: the area at its start)
+            load.popleft()  # (the first kept is before the window: the totals at its start)
         if at >= load[-1][0]:  # now (on every call's start and end): the latest entry
-            when, area, running = load[-1]
+            when, calls, busy, running = load[-1]
         else:
             i = bisect.bisect_right(load, at, key=lambda e: e[0]) - 1
-            when, area, running = load[max(0, i)]
-        return area + running * max(0.0, at - when)
+            when, calls, busy, running = load[max(0, i)]
+        dt = max(0.0, at - when)
+        return calls + running * dt, busy + (dt if running else 0.0)
 
     def _busy_share(self) -> float:
         """Share of the last BUSY_WINDOW seconds with at least one admitted call running;
@@ -625,25 +628,13 @@ class Admission:
         span = min(BUSY_WINDOW, now - self._occupied_since)
         if span <= 0:
             return 1.0
-        start = now - span
-        while self._busy and self._busy[0][1] < start:
-            self._busy.popleft()
-        busy = sum(min(e, now) - max(b, start) for b, e in self._busy)
-        if self._busy_since is not None:
-            busy += now - max(self._busy_since, start)
-        return busy / span
+        return (self._totals(now)[1] - self._totals(now - span)[1]) / span
 
     def _running(self, delta: int) -> None:
-        """Track when the engine has admitted calls running (for `_busy_share`)."""
-        before = self._in_flight
+        """Track the admitted calls running (for `_load_mean` and `_busy_share`)."""
         self._in_flight += delta
         now = time.monotonic()
-        self._load.append((now, self._area(now), self._in_flight))
-        if before == 0 and self._in_flight > 0:
-            self._busy_since = now
-        elif before > 0 and self._in_flight == 0 and self._busy_since is not None:
-            self._busy.append((self._busy_since, now))
-            self._busy_since = None
+        self._load.append((now, *self._totals(now), self._in_flight))
 
     def _held(self, g: Group) -> bool:
         return time.monotonic() - g.last_done < self._hold_for(g)

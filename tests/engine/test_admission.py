@@ -150,6 +150,7 @@ async def test_the_engine_load_is_the_calls_on_it_averaged_over_time(monkeypatch
     adm.leave(a, 0)  # one again
     clock.now += 4  # 4 x 1 + 2 x 2 + 4 x 1 call-seconds in the 10 s since A went in
     assert adm._load_mean() == pytest.approx(1.2)
+    assert adm._busy_share() == pytest.approx(1.0)  # some call ran all the time
     clock.now += 10  # the last 20 s: 2 x 2 + 18 x 1
     assert adm._load_mean() == pytest.approx(1.1)
     for _ in range(1000):  # many calls come and go: the window keeps only its own
