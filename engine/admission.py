@@ -953,8 +953,11 @@ class Admission:
         if not self._waiting:
             return
         now = time.monotonic()
-        bound = self.max_wait if self.runs is None else self.order_wait
-        deadlines = [t.arrived + bound for t in self._waiting]
+        deadlines = []
+        for t in self._waiting:  # the next bound each call reaches (a passed one is no news)
+            due = t.arrived + self.order_wait
+            deadlines.append(due if self.runs is not None and due > now
+                             else t.arrived + self.max_wait)
         deadlines += [g.last_done + self._hold_for(g) for g in self._groups.values()
                       if not g.in_flight]
         if self.runs is not None:  # a run's tool time ends: larger runs may go

@@ -291,6 +291,34 @@ async def test_a_session_that_fits_goes_in_while_a_larger_one_waits_for_room():
     assert second.how == "waited"
 
 
+async def test_a_call_past_the_ordering_bound_waits_for_room_without_spinning(monkeypatch):
+    """A call that has waited out `order_wait` and still finds no room in the cache waits on
+    (for room, or `max_wait`). Admission looks again when something changes or a bound comes,
+    not every millisecond: it did, and took 70% of a core from the engine beside it while a
+    session waited (the mixed workload under pressure, proxy CPU 4.5 s against 0.6 s)."""
+    adm, call, filler, first, second = await _debate_beside_a_filler()
+    adm.order_wait = 0.1
+    await adm.enter(first)
+    looks = 0
+    look = adm._release_ready
+
+    def counted() -> None:
+        nonlocal looks
+        looks += 1
+        look()
+
+    monkeypatch.setattr(adm, "_release_ready", counted)
+    waiting = asyncio.create_task(adm.enter(second))
+    await asyncio.sleep(0.25)  # past ordering's bound, far from max_wait
+    looks = 0
+    await asyncio.sleep(0.5)
+    assert not waiting.done()  # still no room
+    assert looks <= 3  # (its idle recheck is once a second)
+    adm.leave(filler, 10)  # its hold lapses: room
+    await asyncio.wait_for(waiting, 2.0)
+    assert second.how == "waited"
+
+
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_a_hand_off_with_no_text_joins_the_run_by_its_call_id(api):
     """A front desk's `transfer_to_booking` call, sent on in the specialist's prompt."""
