@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-core
-ENGINE := $(VENV)/.installed-engine
+# One stamp per engine choice: `make engine PREHEAT_ENGINE=gpu` installs over an earlier CPU build.
+ENGINE := $(VENV)/.installed-engine$(if $(PREHEAT_ENGINE),-$(PREHEAT_ENGINE))
 
 .PHONY: run test engine venv bench clean browser
 
@@ -21,7 +22,10 @@ $(ENGINE): $(STAMP) engine/install.sh
 	bash engine/install.sh $(BIN)/python
 	touch $@
 
-run: $(STAMP) $(ENGINE)
+# Forwarding to a server of one's own (--upstream, PREHEAT_UPSTREAM) needs no engine here.
+run: $(STAMP)
+	@case " $(ARGS) " in *" --upstream"*) ;; *) test -n "$$PREHEAT_UPSTREAM" || \
+	  $(MAKE) --no-print-directory engine ;; esac
 	$(BIN)/preheat serve $(ARGS)
 
 test: $(STAMP) $(ENGINE) browser

@@ -1,6 +1,7 @@
 """How decode throughput depends on the context the engine holds at once, on the real engine
-with the 512 x 8 offline model: the basis for bounding the engine's load
-(`PREHEAT_ADMISSION_INFLIGHT_TOKENS`).
+with the 512 x 8 offline model: the basis for a bound on the engine's load
+(`PREHEAT_ADMISSION_INFLIGHT_TOKENS`, since reverted: see the README) and for admission's
+spare-throughput rule (`SPARE_BELOW`).
 
     .venv/bin/python bench/decode_load.py [--out bench/results/decode-load.md]
 
