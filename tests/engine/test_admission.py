@@ -179,13 +179,40 @@ async def test_a_burst_after_a_quiet_spell_is_not_taken_for_an_idle_engine():
     adm = make(1000, hold=0.2, max_wait=30)
     await _call(adm, body("early " * 20))
     await asyncio.sleep(0.5)  # a quiet spell: nothing resident, the engine idle
-    a = ticket(adm, body("A" * 900))
+    a, c = ticket(adm, body("A" * 450)), ticket(adm, body("C" * 450))
     await adm.enter(a)
-    await asyncio.sleep(0.1)  # A's call runs: since the burst began, the engine was busy
+    await adm.enter(c)
+    await asyncio.sleep(0.1)  # their calls run: since the burst began, the engine was busy
     adm.leave(a, 10)
+    adm.leave(c, 10)
     b = ticket(adm, body("B" * 900))
     await asyncio.wait_for(adm.enter(b), 2)
-    assert b.how == "waited" and b.waited > 0.1  # for A's hold, not let in as idle
+    assert b.how == "waited" and b.waited > 0.1  # for the holds, not let in as idle
+
+
+async def test_a_single_session_between_calls_does_not_keep_work_waiting():
+    adm = make(1000, hold=30, max_wait=30)
+    a = ticket(adm, body("A" * 900))
+    await adm.enter(a)
+    await asyncio.sleep(0.2)  # A's call runs: the engine has been busy all along
+    b = ticket(adm, body("B" * 900))
+    waiting = asyncio.create_task(adm.enter(b))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # A's call fills the cache
+    adm.leave(a, 10)  # A is in its tool call, held for 30 s: nothing else would run
+    await asyncio.wait_for(waiting, 0.5)
+    assert b.how == "idle" and b.waited < 0.1
+    # With B's call running, a third session waits (the engine is not idle)...
+    c = ticket(adm, body("C" * 900))
+    third = asyncio.create_task(adm.enter(c))
+    await asyncio.sleep(0.05)
+    assert not third.done()
+    # ...and still does once B is between calls too: two sessions are held, and the engine
+    # has been busy lately.
+    adm.leave(b, 10)
+    await asyncio.sleep(0.1)
+    assert not third.done()
+    third.cancel()
 
 
 async def test_a_session_back_from_a_long_tool_call_goes_before_new_ones():
