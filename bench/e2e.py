@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -342,7 +343,7 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
     lines = [
         "# End to end on vLLM: direct vs through preheat",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
+        f"`{shlex.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; {engines}.",
         f"Each mode starts on an engine left idle for {args.idle:g} s with its prefix cache "
         "emptied (preheat-on " + ("cold: it learned nothing before the run). "
