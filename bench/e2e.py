@@ -390,7 +390,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         # No headroom where the oracle is not faster than direct: the ratio would be noise.
         head = _headroom(d, on, o)
         if u == u:  # a pressure workload: also the share of what the pressure cost
-            head += f" ({_headroom(d, on, u)} of unpressured)"
+            share = _headroom(d, on, u)
+            head += (" (faster than unpressured)" if share.startswith("all")
+                     else f" ({share} of unpressured)")
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
         sent += int(r.get("warm_static_sent", 0))
@@ -425,14 +427,14 @@ ordering them, 30% faster: "619%" of nothing)."""
 
 
 def _headroom(direct: float, on: float, best: float) -> str:
-    """(direct - on) / (direct - best); none where `best` is not HEADROOM_MIN faster than
-    direct (the ratio would be noise); all where preheat-on is faster than `best` (ordering
+    """(direct - on) / (direct - best); none ("-") where `best` is not HEADROOM_MIN faster
+    than direct (the ratio would be noise); all where preheat-on is faster than `best` (ordering
     the generated workflows gains what no cache does: "336%" said only that the oracle's
     headroom was small)."""
     if best != best:
         return "-"
     if direct - best <= HEADROOM_MIN * direct:
-        return "none"
+        return f"- (oracle within {HEADROOM_MIN:.0%} of direct)"
     if on < best:
         return "all (faster than it)"
     return f"{(direct - on) / (direct - best):.0%}"

@@ -74,7 +74,7 @@ def test_headroom_is_given_only_where_the_oracle_is_clearly_faster():
     assert _headroom(12.7, 10.9, 10.9) == "100%"
     assert _headroom(50.0, 40.0, 30.0) == "50%"
     # An oracle 4% faster than direct: a single run's noise, not a headroom to capture.
-    assert _headroom(27.15, 18.98, 26.0) == "none"
+    assert _headroom(27.15, 18.98, 26.0) == "- (oracle within 5% of direct)"
     assert _headroom(27.0, 19.0, float("nan")) == "-"
     # Ordering the generated workflows beats an oracle 8% faster than direct.
     assert _headroom(27.13, 20.25, 25.0) == "all (faster than it)"
@@ -107,3 +107,12 @@ def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
+
+
+def test_a_pressure_workload_reports_the_share_of_what_the_pressure_cost():
+    rows = {"direct": row(50.0, 60.0), "preheat-on": row(30.0, 55.0), "oracle": row(10.0, 20.0)}
+    text = report({"loops": dict(rows, unpressured=row(20.0, 30.0))}, Namespace(idle=3.0), "x")
+    assert "| 50% (67% of unpressured) |" in text
+    # preheat-on faster than the unpressured engine: said so, not as a share over 100%
+    text = report({"loops": dict(rows, unpressured=row(35.0, 40.0))}, Namespace(idle=3.0), "x")
+    assert "| 50% (faster than unpressured) |" in text
