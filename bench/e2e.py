@@ -390,9 +390,11 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         # No headroom where the oracle is not faster than direct: the ratio would be noise.
         head = _headroom(d, on, o)
         if u == u:  # a pressure workload: also the share of what the pressure cost
-            share = _headroom(d, on, u)
-            head += (" (faster than unpressured)" if share.startswith("all")
-                     else f" ({share} of unpressured)")
+            share = _headroom(d, on, u)  # (none where the pressure cost nothing)
+            if share.startswith("all"):
+                head += " (faster than unpressured)"
+            elif not share.startswith("-"):
+                head += f" ({share} of unpressured)"
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
         sent += int(r.get("warm_static_sent", 0))

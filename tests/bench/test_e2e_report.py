@@ -116,3 +116,6 @@ def test_a_pressure_workload_reports_the_share_of_what_the_pressure_cost():
     # preheat-on faster than the unpressured engine: said so, not as a share over 100%
     text = report({"loops": dict(rows, unpressured=row(35.0, 40.0))}, Namespace(idle=3.0), "x")
     assert "| 50% (faster than unpressured) |" in text
+    # an unpressured engine no faster than direct: the pressure cost nothing to win back
+    text = report({"loops": dict(rows, unpressured=row(49.0, 60.0))}, Namespace(idle=3.0), "x")
+    assert "| 50% |" in text
