@@ -389,12 +389,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
             continue
         # No headroom where the oracle is not faster than direct: the ratio would be noise.
         head = _headroom(d, on, o)
-        if u == u:  # a pressure workload: also the share of what the pressure cost
-            share = _headroom(d, on, u)  # (none where the pressure cost nothing)
-            if share.startswith("all"):
-                head += " (faster than unpressured)"
-            elif not share.startswith("-"):
-                head += f" ({share} of unpressured)"
+        share = _captured(d, on, u)  # a pressure workload: the share of what the pressure cost
+        if share is not None:
+            head += (" (faster than unpressured)" if on < u else f" ({share:.0%} of unpressured)")
         r = rows["preheat-on"]
         sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
         sent += int(r.get("warm_static_sent", 0))
@@ -428,18 +425,22 @@ workflows' oracle was 0.6% and 4.2% faster than direct in two full runs, and pre
 ordering them, 30% faster: "619%" of nothing)."""
 
 
+def _captured(direct: float, on: float, best: float) -> float | None:
+    """(direct - on) / (direct - best); None where `best` was not run, or is not
+    HEADROOM_MIN faster than direct (the ratio would be noise)."""
+    if best != best or direct - best <= HEADROOM_MIN * direct:
+        return None
+    return (direct - on) / (direct - best)
+
+
 def _headroom(direct: float, on: float, best: float) -> str:
-    """(direct - on) / (direct - best); none ("-") where `best` is not HEADROOM_MIN faster
-    than direct (the ratio would be noise); all where preheat-on is faster than `best` (ordering
-    the generated workflows gains what no cache does: "336%" said only that the oracle's
-    headroom was small)."""
-    if best != best:
-        return "-"
-    if direct - best <= HEADROOM_MIN * direct:
-        return f"- (oracle within {HEADROOM_MIN:.0%} of direct)"
-    if on < best:
-        return "all (faster than it)"
-    return f"{(direct - on) / (direct - best):.0%}"
+    """`_captured` as the report says it; all where preheat-on is faster than `best`
+    (ordering the generated workflows gains what no cache does: "336%" said only that the
+    oracle's headroom was small)."""
+    share = _captured(direct, on, best)
+    if share is None:
+        return "-" if best != best else f"- (oracle within {HEADROOM_MIN:.0%} of direct)"
+    return "all (faster than it)" if on < best else f"{share:.0%}"
 
 
 def _at_once(r: dict) -> str:
