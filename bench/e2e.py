@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu import cpu_seconds  # noqa: E402
-from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
+from bench.workloads import (Call, Instance, agent_loops, generated, interleave,  # noqa: E402
                              map_reduce, tau_bench, working_set_tokens)
 from engine.model import ensure_default_model  # noqa: E402
 from engine.process import free_port  # noqa: E402
@@ -72,11 +73,18 @@ class CallResult:
 
 
 
+Priority = Callable[[Instance, Call], "int | None"]
+"""vLLM `priority` to send a call at (bench/priority.py), or None for the engine's default."""
+
+
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
-                   outputs: dict[str, str]) -> CallResult:
+                   outputs: dict[str, str], priority: Priority | None = None) -> CallResult:
     body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
             "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    level = priority(inst, call) if priority else None
+    if level is not None:
+        body["priority"] = level
     start = time.perf_counter()
     ttft = None
     usage = {}
@@ -101,7 +109,8 @@ async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Insta
                       "".join(text), queued)
 
 
-async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[float, list]:
+async def run_instance(client, base, model, inst: Instance, t0: float,
+                       priority: Priority | None = None) -> tuple[float, list]:
     await asyncio.sleep(max(0.0, t0 + inst.start - time.perf_counter()))
     begun = time.perf_counter()
     done: dict[str, asyncio.Event] = {c.key: asyncio.Event() for c in inst.calls}
@@ -112,7 +121,7 @@ async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[
         for dep in call.after:
             await done[dep].wait()
         await asyncio.sleep(call.gap)
-        result = await run_call(client, base, model, inst, call, outputs)
+        result = await run_call(client, base, model, inst, call, outputs, priority)
         results.append(result)
         outputs[call.key] = result.text
         done[call.key].set()
@@ -122,7 +131,7 @@ async def run_instance(client, base, model, inst: Instance, t0: float) -> tuple[
 
 
 async def run_workload(base: str, model: str, instances: list[Instance],
-                       sequential: bool = False) -> dict:
+                       sequential: bool = False, priority: Priority | None = None) -> dict:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
@@ -130,10 +139,10 @@ async def run_workload(base: str, model: str, instances: list[Instance],
             outs = []
             for inst in instances:
                 outs.append(await run_instance(client, base, model, inst, time.perf_counter()
-                                               - inst.start))
+                                               - inst.start, priority))
         else:
             outs = await asyncio.gather(
-                *(run_instance(client, base, model, i, t0) for i in instances))
+                *(run_instance(client, base, model, i, t0, priority) for i in instances))
         makespan = time.perf_counter() - t0
     e2e = [o[0] for o in outs]
     calls = [c for o in outs for c in o[1]]
