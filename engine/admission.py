@@ -678,12 +678,9 @@ class Admission:
     def _admit(self, t: Ticket, how: str) -> None:
         now = time.monotonic()
         t.admitted, t.how = now, how
-        if self.pressured and self.runs is not None:  # smaller runs first, then continuations
-            run = self.runs.get(t.run) if t.run else None
-            size = self.runs.expected_size(run) if run is not None else None
-            t.priority = 2 * _size_class(size) + PRIORITY.get(how, 0)
-        elif self.pressured:
-            t.priority = PRIORITY.get(how, 0)
+        if self.pressured and not (self.runs is not None and not self._cache_bound()
+                                   and self._larger_run(t)):
+            t.priority = PRIORITY.get(how, 0)  # (a run larger than one under way: no boost)
         self.admitted[how] = self.admitted.get(how, 0) + 1
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)
