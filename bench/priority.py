@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,6 +87,15 @@ def priorities(instances: list[Instance]) -> dict[str, Priority | None]:
     }
 
 
+async def preemptions(engine: Engine) -> float:
+    """Requests the engine has preempted since it started (its /metrics)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(engine.base_url + "/metrics")).text
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:num_preemptions_total")]
+    return sum(counts) if counts else math.nan  # (an engine that does not count them)
+
+
 async def measure(engine: Engine, instances: list[Instance], repeat: int,
                   idle: float) -> dict[str, dict]:
     chosen = priorities(instances)
@@ -92,13 +104,17 @@ async def measure(engine: Engine, instances: list[Instance], repeat: int,
         for variant in VARIANTS:
             await reset_cache(engine)
             await asyncio.sleep(idle)
+            before = await preemptions(engine)
             row = await run_workload(engine.base_url, engine.served_model_name, instances,
                                      priority=chosen[variant])
+            row["preemptions"] = await preemptions(engine) - before
             runs.setdefault(variant, []).append(row)
             print(f"  {variant:<32} run {k + 1}: e2e p50 {row['e2e_p50']:6.2f} s  p90 "
                   f"{row['e2e_p90']:6.2f} s  makespan {row['makespan']:6.2f} s  TTFT p50 "
-                  f"{row['ttft_p50']:.3f} s  cached {row['cached_share']:.2f}", flush=True)
-    keys = ("e2e_p50", "e2e_p90", "makespan", "ttft_p50", "ttft_p90", "cached_share")
+                  f"{row['ttft_p50']:.3f} s  cached {row['cached_share']:.2f}  preempted "
+                  f"{row['preemptions']:.0f}", flush=True)
+    keys = ("e2e_p50", "e2e_p90", "makespan", "ttft_p50", "ttft_p90", "cached_share",
+            "preemptions")
     return {v: {**{key: statistics.median(r[key] for r in rows) for key in keys},
                 "runs": {key: [round(r[key], 2) for r in rows] for key in keys[:3]}}
             for v, rows in runs.items()}
@@ -113,11 +129,12 @@ def report(results: dict[str, dict[str, dict]], args) -> str:
         "build, `--scheduling-policy priority`; every call direct to the engine with the "
         f"priority its variant gives (see the script's docstring; STEP {STEP} s a token). "
         f"Figures are medians of {args.repeat} runs, the variants taking turns; ratio: "
-        "default / variant (> 1: the priorities made it faster).",
+        "default / variant (> 1: the priorities made it faster); preempted: requests the "
+        "engine preempted during the run (`vllm:num_preemptions_total`).",
         "",
         "| workload | variant | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s "
-        "| cached share | p50 ratio | makespan ratio | runs (p50) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cached share | preempted | p50 ratio | makespan ratio | runs (p50) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         base = rows["default"]
@@ -125,7 +142,8 @@ def report(results: dict[str, dict[str, dict]], args) -> str:
             lines.append(
                 f"| {name} | {variant} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                 f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
-                f"{r['cached_share']:.2f} | {base['e2e_p50'] / r['e2e_p50']:.2f}x | "
+                f"{r['cached_share']:.2f} | {r['preemptions']:.0f} | "
+                f"{base['e2e_p50'] / r['e2e_p50']:.2f}x | "
                 f"{base['makespan'] / r['makespan']:.2f}x | "
                 f"{', '.join(f'{v:.2f}' for v in r['runs']['e2e_p50'])} |")
     return "\n".join(lines) + "\n"
