@@ -72,8 +72,7 @@ class CallResult:
     """Seconds preheat's admission held the call (its `Server-Timing`; 0 direct)."""
 
 
-
-Priority = Callable[[Instance, Call], "int | None"]
+Priority = Callable[[Instance, Call], int | None]
 """vLLM `priority` to send a call at (bench/priority.py), or None for the engine's default."""
 
 
