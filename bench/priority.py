@@ -66,8 +66,9 @@ def critical_paths(inst: Instance) -> dict[str, float]:
 
 
 def service(inst: Instance) -> float:
-    """The run's work: output tokens plus PREFILL_WEIGHT per prompt token (from characters;
-    earlier answers counted at their forced lengths, as `engine.runs` counts a run)."""
+    """The run's size to rank by: output tokens plus PREFILL_WEIGHT per prompt token (from
+    characters, earlier answers at their forced lengths). Every prompt token counts, cached
+    or not: `engine.runs` counts only the uncached, which the engine knows after the fact."""
     outputs = {c.key: "x" * int(c.max_tokens * CHARS_PER_TOKEN) for c in inst.calls}
     prompt = sum(len(m["content"]) for c in inst.calls for m in c.prompt(outputs))
     return sum(c.max_tokens for c in inst.calls) + PREFILL_WEIGHT * prompt / CHARS_PER_TOKEN
