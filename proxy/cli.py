@@ -10,6 +10,8 @@ import time
 
 from proxy.config import Settings, options
 
+DB_HELP = "capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)"
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--db", help="capture store URL or SQLite file (default sqlite:///preheat.db)")
-    serve.add_argument("--no-capture", dest="capture", action="store_false", default=None)
+    serve.add_argument("--no-capture", dest="capture", action="store_false", default=None,
+                       help="forward only: store nothing, learn nothing (PREHEAT_CAPTURE=0)")
     serve.add_argument("--admin-token", help="token for the admin page (default: generated, logged)")
     for name in OPTIMISATIONS:  # each optimisation has its switch, to compare them in one run
         serve.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
@@ -63,21 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     sessions = sub.add_parser("sessions", help="list captured sessions")
-    sessions.add_argument("--db")
-    sessions.add_argument("--json", action="store_true")
-    sessions.add_argument("--limit", type=int, default=100)
+    sessions.add_argument("--db", help=DB_HELP)
+    sessions.add_argument("--json", action="store_true", help="print JSON")
+    sessions.add_argument("--limit", type=int, default=100,
+                          help="the latest this many sessions (default %(default)s)")
     sessions.set_defaults(func=cmd_sessions)
 
     show = sub.add_parser("show", help="show one exchange or session")
-    show.add_argument("id")
-    show.add_argument("--db")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", help="a session or exchange id")
+    show.add_argument("--db", help=DB_HELP)
+    show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=cmd_show)
 
     tiny = sub.add_parser("tiny-model", help="build an offline random-weight model")
-    tiny.add_argument("dir")
-    tiny.add_argument("--hidden", type=int, default=256)
-    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("dir", help="folder to write the model into")
+    tiny.add_argument("--hidden", type=int, default=256, help="hidden size (default %(default)s)")
+    tiny.add_argument("--layers", type=int, default=4, help="layers (default %(default)s)")
     tiny.set_defaults(func=cmd_tiny_model)
 
     for module in ("proxy.cli_learn", "proxy.cli_replay"):

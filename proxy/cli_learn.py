@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import asdict
 
-DB_HELP = "capture store URL or SQLite file (default: PREHEAT_DB, else sqlite:///preheat.db)"
+from proxy.cli import DB_HELP
 
 
 def register(sub) -> None:
