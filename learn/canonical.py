@@ -26,11 +26,24 @@ def dumps(obj: Any) -> str:
 
 
 def loads(data: str | bytes) -> Any:
-    """Parse JSON; raises ValueError with the position when it is not JSON."""
+    """Parse JSON; raises ValueError with the position when it is not JSON.
+
+    Also ValueError for what orjson refuses and the standard parser would let through into
+    strings no store or hash can take: a lone surrogate escape (`"\\ud800"`), and nesting
+    deeper than either parser goes.
+    """
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)  # the standard parser's error message, or its wider ints
+        pass
+    try:
+        value = json.loads(data)  # the standard parser's error message, or its wider ints
+        json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("JSON string holds a lone surrogate") from None
+    return value
 
 
 def content_hash(obj: Any) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import os
+import re
 import time
 import zlib
+from urllib.parse import parse_qsl, urlencode
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,6 +221,9 @@ class Exchange:
         if self.analyzed:
             return self
         self.analyzed = True
+        self.request_headers = [(k, _header_text(v)) for k, v in self.request_headers]
+        self.query = redacted_query(_header_text(self.query))
+        self.response_headers = [(k, _header_text(v)) for k, v in self.response_headers]
         self._analyze_request()
         try:
             self._analyze_response()
@@ -282,6 +287,32 @@ class Exchange:
         self.answer = _answer_of(self.path, resp)
         if self.t_first_token is None and self.t_done is not None and self.status == 200:
             self.t_first_token = self.t_done
+
+
+SECRET_PARAM = re.compile(r"key|token|secret|password|passwd|auth|signature|^sig$", re.I)
+
+
+def redacted_query(query: str) -> str:
+    """The query string with the values of parameters that may hold a credential (`key=`,
+    `api-key=`, `access_token=`, ...) replaced, so that no key passed in a URL is stored."""
+    if not query or not SECRET_PARAM.search(query):
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, "REDACTED" if SECRET_PARAM.search(k) else v) for k, v in pairs])
+
+
+def _header_text(value: str) -> str:
+    """A header value as text any store can hold: aiohttp reads bytes that are not UTF-8 as
+    lone surrogates (`surrogateescape`); those bytes are taken as Latin-1, HTTP's old charset."""
+    try:
+        value.encode()
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return value.encode("utf-8", "replace").decode()
 
 
 def _decode_content(body: bytes, encoding: str | None) -> bytes:

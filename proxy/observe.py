@@ -4,8 +4,9 @@
 reassemble the stream), assigns tenant and session, writes them to the store in one
 transaction (it is the store's single writer), then feeds the sinks (`learn/`). It runs in
 the observer process (proxy/observer_process.py), never in the proxy's: the proxy only
-hands over raw bytes and timings. A store failure loses the batch's captures, counted in
-`dropped`, never silent, and never fails a call.
+hands over raw bytes and timings. When the batch's transaction fails, its exchanges are
+written one by one, so a capture the store refuses loses only itself: counted in `dropped`,
+never silent, and never failing a call.
 """
 
 from __future__ import annotations
@@ -81,8 +82,13 @@ class Observer:
             try:
                 self.store.write(batch)
                 self.written += len(batch)
-            except Exception as exc:
-                self.dropped.add("store_error", len(batch), exc)
+            except Exception:
+                for ex in batch:  # one bad capture must not take the others with it
+                    try:
+                        self.store.write([ex])
+                        self.written += 1
+                    except Exception as exc:
+                        self.dropped.add("store_error", 1, exc)
         for sink in self.sinks:
             for ex in batch:
                 try:

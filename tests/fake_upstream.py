@@ -9,6 +9,8 @@ the proxy gets byte-identical answers. Behaviour is steered by request headers:
     x-fake-cut: N             close the connection after N stream events
     x-fake-events: N          number of content events in a stream (default 5)
     x-fake-size: BYTES        pad a non-stream reply's content to about this size
+    x-fake-stream-error: 1    end a stream with an error event before [DONE], as vLLM does when
+                              generation fails after the headers went out
 
 Given tools, a chat or responses call asks for one (arguments filled from its schema). An
 agent framework cannot send headers, so its loop is steered by the model name: with model
@@ -123,7 +125,7 @@ class FakeUpstream:
             return body, None, web.json_response(err, status=status)
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             err = {"error": {"message": "body is not JSON", "type": "invalid_request_error",
                              "code": None}}
             return body, None, web.json_response(err, status=400)
@@ -217,6 +219,10 @@ class FakeUpstream:
             events.append(chunk({}, "stop"))
         if (req.get("stream_options") or {}).get("include_usage"):
             events.append(chunk({}, usage=self._usage(body, n)))
+        if request.headers.get("x-fake-stream-error"):  # as vLLM reports a failed generation
+            error = {"error": {"message": "generation failed", "type": "InternalServerError",
+                               "param": None, "code": 500}}
+            events[-1:] = [f"data: {json.dumps(error)}\n\n"]
         events.append("data: [DONE]\n\n")
         return await self._sse(request, events)
 

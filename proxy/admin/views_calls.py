@@ -6,6 +6,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+from learn.canonical import arguments_of, function_of
 from proxy.admin import timeline
 from proxy.admin.html import (Safe, html, join, link, num, page, pretty_json, secs, share, table,
                               when)
@@ -88,27 +89,19 @@ def _message(m: Any) -> Safe:
         return pretty_json(m)
     role = str(m.get("role") or m.get("type") or "?")
     extra = []
-    for call in m.get("tool_calls") or []:
+    calls = m.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
         if isinstance(call, dict):
-            fn = call.get("function") or {}
+            fn = function_of(call)
             extra.append(html('<div class="mute">tool call {id}: <b>{n}</b></div>{a}',
                               id=call.get("id") or "", n=fn.get("name"),
-                              a=_content(_maybe_json(fn.get("arguments")))))
+                              a=_content(arguments_of(fn.get("arguments")))))
     if m.get("tool_call_id"):
         extra.insert(0, html('<div class="mute">result of {i}</div>', i=m["tool_call_id"]))
     body = m.get("content") if "content" in m else {k: v for k, v in m.items() if k != "role"}
     return html('<div class="msg {cls}"><div class="role">{r}</div>{x}{b}</div>',
                 cls=role if role in ("system", "user", "assistant", "tool") else "", r=role,
                 x=join(extra), b=_content(body))
-
-
-def _maybe_json(text: Any) -> Any:
-    if isinstance(text, str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return text
 
 
 def exchange(d: dict) -> Safe:

@@ -121,6 +121,22 @@ async def test_captured_text_is_escaped(proxy):
     assert PAYLOAD not in page and "<img" not in page
 
 
+@pytest.mark.parametrize("tool_calls", [
+    5, [{"id": "c1", "function": "oops"}],
+    [{"id": "c1", "function": {"name": "f", "arguments": "[" * 1100 + "]" * 1100}}],
+], ids=["not-a-list", "function-not-an-object", "arguments-too-deep"])
+async def test_an_exchange_with_malformed_tool_calls_still_has_its_page(proxy, tool_calls):
+    messages = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": None, "tool_calls": tool_calls}]
+    async with httpx.AsyncClient() as client:
+        r = await client.post(proxy.url + "/v1/chat/completions",
+                              json={"model": "m", "messages": messages})
+        assert r.status_code == 200
+    (ex,) = (await proxy.store()).exchanges()
+    page = await _get(proxy, f"/admin/exchanges/{ex.id}", headers=BEARER)
+    assert page.status_code == 200 and "assistant" in page.text
+
+
 def test_graph_layout_of_26_nodes_has_no_overlaps():
     nodes = [Node(f"t{i}", f"template {i}", entry=i == 0) for i in range(26)]
     edges = [Edge(f"t{i // 3}", f"t{i}", "50%", 0.5) for i in range(1, 26)]

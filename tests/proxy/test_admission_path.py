@@ -131,6 +131,30 @@ async def test_without_pressure_the_engine_gets_requests_as_sent(upstream, tmp_p
         await proxy.runner.cleanup()
 
 
+async def test_a_body_too_deep_to_parse_is_forwarded_as_sent(upstream, tmp_path):
+    """Admission looks inside each request; one it cannot read goes on unchanged, and the
+    upstream, not preheat, answers it."""
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admission_capacity_tokens=1_000_000, prewarm=False)
+    proxy = await start_proxy(settings)
+    deep = b'{"model":"m","temperature":0,"messages":[{"role":"user","content":' + \
+        b"[" * 1100 + b"]" * 1100 + b"}]}"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(proxy.url + "/v1/chat/completions", content=deep,
+                                  headers={"Content-Type": "application/json", "x-marker": "deep"})
+            assert upstream.last_headers.get("x-marker") == "deep"
+            ok = await client.post(proxy.url + "/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert ok.status_code == 200
+        assert r.status_code == 400 and r.json()["error"]["message"] == "body is not JSON"
+        assert "X-Preheat-Cache" not in r.headers
+        (bad, _) = (await proxy.store()).exchanges()
+        assert bad.request_body == deep and "too deeply" in bad.request_error
+    finally:
+        await proxy.runner.cleanup()
+
+
 async def test_a_call_reading_another_agents_answer_joins_its_workflow_run(upstream, tmp_path):
     """Ordering's runs through the proxy: the observer reports each answer's chunks, and a
     new agent whose prompt pastes that answer is placed in the same run on arrival."""

@@ -173,6 +173,38 @@ async def test_store_failure_keeps_traffic_flowing_and_counts(upstream, tmp_path
         await proxy.runner.cleanup()
 
 
+async def test_a_capture_the_store_cannot_take_loses_only_itself(proxy):
+    """Text no SQLite column can hold (a lone surrogate escape in the body, a Latin-1 byte in
+    a header) must not cost the other calls of its batch their captures."""
+    good = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    odd = b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}'
+    async with httpx.AsyncClient() as client:
+        url = proxy.url + "/v1/chat/completions"
+        sent = [client.post(url, json=good) for _ in range(10)]
+        sent.append(client.post(url, content=odd, headers={"Content-Type": "application/json"}))
+        sent.append(client.post(url, json=good, headers={"X-Session-ID": b"caf\xe9"}))
+        assert {r.status_code for r in await asyncio.gather(*sent)} <= {200, 400}
+    store = await proxy.store()
+    stored = list(store.exchanges())
+    assert len(stored) == 12 and not proxy.observer.dropped
+    raw = [e for e in stored if e.request_error]
+    assert len(raw) == 1 and "surrogate" in raw[0].request_error
+    assert raw[0].request_body == odd  # kept as it was sent
+    assert store.session("café") is not None  # the header's byte read as Latin-1
+
+
+async def test_credentials_in_the_query_never_reach_the_disk(proxy, tmp_path):
+    async with httpx.AsyncClient() as client:
+        r = await client.post(proxy.url + "/v1/chat/completions?api-version=2&key=sk-in-url-123",
+                              json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200
+    (ex,) = (await proxy.store()).exchanges()
+    assert ex.query == "api-version=2&key=REDACTED"
+    await proxy.runner.cleanup()
+    for f in Path(tmp_path).glob("preheat.db*"):
+        assert b"sk-in-url-123" not in f.read_bytes(), f
+
+
 async def test_metrics_count_requests_by_route_and_status(proxy):
     async with httpx.AsyncClient() as client:
         for status in ("200", "500", "500"):
