@@ -6,13 +6,17 @@ again. The stored answer is the exact bytes the upstream sent (a stream replays 
 event sequence). Entries are scoped per tenant (a keyed hash of the API key): one tenant
 never sees another's answers. The cache is bounded in bytes (least recently used entries go
 first) and in age. `Cache-Control: no-cache` (or `no-store`) skips it; the response header
-`X-Preheat-Cache` says HIT or MISS whenever the cache looked.
+`X-Preheat-Cache` says HIT or MISS whenever the cache looked. Only a whole, successful answer
+is kept: a stream must have ended as the server ends one that finished (`data: [DONE]`, or the
+Responses API's `response.completed`) with no error event in it (vLLM reports a generation
+that fails after the headers went out as an error event in a 200 stream).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +31,12 @@ from proxy.upstream import HOP_BY_HOP
 HEADER = "X-Preheat-Cache"
 # Fields that do not change what the model generates.
 IGNORED_FIELDS = ("user", "metadata", "prompt_cache_key", "store", "service_tier")
+# A stream that finished, and one that failed on the way (`finish_reason: "error"` is
+# matched as JSON, never inside a string, where its quotes would be escaped).
+STREAM_ENDED = re.compile(rb"^data: ?\[DONE\]\s*$|^event: ?response\.completed\s*$", re.M)
+STREAM_FAILED = re.compile(
+    rb'^data: ?\{\s*"error"\s*:|"finish_reason"\s*:\s*"error"'
+    rb"|^event: ?(?:error|response\.failed|response\.incomplete)\s*$", re.M)
 
 
 @dataclass(frozen=True)
@@ -101,10 +111,10 @@ class PromptCacheStage(Stage):
         if not greedy and not (isinstance(seed, int) and not isinstance(seed, bool)):
             return None
         scoped = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
-        tenant = hashlib.blake2b((ex.api_key or "").encode(), key=self._key, digest_size=16)
-        return xxhash.xxh3_128_hexdigest(
-            tenant.digest() + ex.path.encode() + b"\0" + canonical_json(scoped)
-        )
+        secret = (ex.api_key or "").encode("utf-8", "surrogateescape")
+        tenant = hashlib.blake2b(secret, key=self._key, digest_size=16)
+        where = f"{ex.path}?{ex.query}".encode("utf-8", "surrogateescape")  # a key, a version
+        return xxhash.xxh3_128_hexdigest(tenant.digest() + where + b"\0" + canonical_json(scoped))
 
     def request(self, ex: Exchange) -> Reply | None:
         key = self.key_of(ex)
@@ -131,5 +141,16 @@ class PromptCacheStage(Stage):
                                                                   "set-cookie", HEADER.lower())
         )
         chunks = tuple(c for _, c in ex.response_chunks)
+        if not whole(chunks, ex.response_header("content-type") or ""):
+            return
         size = sum(len(c) for c in chunks) + 200
         self.cache.put(ex.cache_key, Entry(ex.status, headers, chunks, size, time.monotonic()))
+
+
+def whole(chunks: tuple[bytes, ...], content_type: str) -> bool:
+    """The answer came whole and without error: a stream ended as finished streams end, with
+    no error event in it; any other body is whole once its 200 status and every byte came."""
+    if "text/event-stream" not in content_type.lower():
+        return True
+    body = b"".join(chunks)
+    return STREAM_ENDED.search(body) is not None and STREAM_FAILED.search(body) is None

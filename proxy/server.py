@@ -29,7 +29,7 @@ from proxy.learning import ADMISSION_KEY
 from proxy.metrics import Metrics
 from proxy.observer_process import ObserverProcess
 from proxy.stages import Pipeline, Reply, default_stages
-from proxy.upstream import Upstream, forward_headers, relay_headers
+from proxy.upstream import Upstream, forward_headers, redacted, relay_headers
 from storage.learned import load_learned
 from storage.store import Store
 
@@ -341,7 +341,7 @@ def _ticket(admission: Admission, ex: Exchange):
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
     engine = app.get(ENGINE)
-    body = {"status": "ok", "upstream": app[UPSTREAM].base_url}
+    body = {"status": "ok", "upstream": redacted(app[UPSTREAM].base_url)}  # no token asked
     if engine is not None:
         body["engine"] = engine.state
         if not engine.ready:
@@ -503,10 +503,10 @@ async def _relay(
             async for chunk in resp.content.iter_any():
                 if ex.t_first_byte is None:
                     ex.t_first_byte = time.perf_counter() - t0
-                if kept + len(chunk) <= cap:
+                if not ex.response_truncated and kept + len(chunk) <= cap:
                     chunks.append((time.perf_counter() - t0, chunk))
                     kept += len(chunk)
-                elif keep:
+                elif cap:  # only the head is kept: neither stored whole nor cached
                     ex.response_truncated = True
                 await out.write(chunk)
         except asyncio.TimeoutError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.cache import Entry, PromptCache
+from proxy.cache import Entry, PromptCache, whole
 from proxy.config import Settings
 from tests.conftest import start_proxy
 
@@ -63,6 +63,59 @@ async def test_failures_are_not_cached(upstream, proxy):
         r2 = await _post(client, proxy.url, GREEDY)
     assert r1.status_code == 500 and r2.status_code == 200
     assert r2.headers["X-Preheat-Cache"] == "MISS"
+
+
+async def test_a_stream_that_failed_midway_is_not_cached(upstream, proxy):
+    body = {**GREEDY, "stream": True}
+    async with httpx.AsyncClient() as client:
+        failed = await _post(client, proxy.url, body, {"x-fake-stream-error": "1"})
+        retried = await _post(client, proxy.url, body)
+        again = await _post(client, proxy.url, body)
+    assert failed.status_code == 200 and b'"error"' in failed.content
+    assert [r.headers["X-Preheat-Cache"] for r in (failed, retried, again)] == ["MISS", "MISS",
+                                                                              "HIT"]
+    assert b'"error"' not in again.content  # the hit is the answer that finished
+    assert upstream.requests == 2
+
+
+@pytest.mark.parametrize("stream,expected", [
+    (b'data: {"choices":[]}\n\ndata: [DONE]\n\n', True),
+    (b'data: {"choices":[]}\r\n\r\ndata:[DONE]\r\n\r\n', True),
+    (b'event: response.created\ndata: {}\n\nevent: response.completed\ndata: {}\n\n', True),
+    (b'data: {"choices":[{"delta":{"content":"\\"finish_reason\\": \\"error\\""}}]}\n\n'
+     b'data: [DONE]\n\n', True),  # the words quoted in an answer are not a failure
+    (b'data: {"choices":[]}\n\n', False),  # never finished
+    (b'data: {"error": {"message": "boom"}}\n\ndata: [DONE]\n\n', False),
+    (b'data: {"choices":[{"delta":{},"finish_reason":"error"}]}\n\ndata: [DONE]\n\n', False),
+    (b'event: response.failed\ndata: {}\n\n', False),
+], ids=["done", "crlf", "responses", "quoted", "unfinished", "error-event", "finish-error",
+        "response-failed"])
+def test_only_a_whole_successful_stream_is_kept(stream, expected):
+    half = len(stream) // 2
+    assert whole((stream[:half], stream[half:]), "text/event-stream; charset=utf-8") is expected
+
+
+async def test_an_answer_over_the_capture_limit_is_not_cached(upstream, tmp_path):
+    proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                                       capture=False, capture_max_bytes=2000))
+    body = {**GREEDY, "stream": True}
+    try:
+        async with httpx.AsyncClient() as client:
+            answers = [await _post(client, proxy.url, body, {"x-fake-events": "200"})
+                       for _ in range(2)]
+    finally:
+        await proxy.runner.cleanup()
+    assert len(answers[0].content) > 2000
+    assert [r.headers["X-Preheat-Cache"] for r in answers] == ["MISS", "MISS"]
+    assert answers[0].content == answers[1].content and upstream.requests == 2
+
+
+async def test_the_query_string_is_part_of_the_key(upstream, proxy):
+    async with httpx.AsyncClient() as client:
+        url = proxy.url + "/v1/chat/completions"
+        hits = [(await client.post(url + query, json=GREEDY)).headers["X-Preheat-Cache"]
+                for query in ("?key=tenant-a", "?key=tenant-b", "?api-version=2", "?key=tenant-a")]
+    assert hits == ["MISS", "MISS", "MISS", "HIT"]
 
 
 async def test_switch_off(upstream, tmp_path):
