@@ -3,13 +3,18 @@
 Every forwarded call goes through `Upstream.send()`, which maps aiohttp's exceptions to
 preheat's own (proxy/errors.py) with `raise ... from exc`. Nothing is added to the request:
 aiohttp's automatic headers (User-Agent, Accept-Encoding, ...) are suppressed and responses
-are not decompressed, so bytes pass through exactly as sent.
+are not decompressed, so bytes pass through exactly as sent. The one exception: a user and
+password in the upstream URL are sent as Basic auth on calls that carry no Authorization.
+Wherever the URL is shown (messages, /healthz, the admin page, the store) it is `redacted()`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import logging
+import re
 from typing import Any, AsyncIterable, Callable
 
 import aiohttp
@@ -37,6 +42,37 @@ KEEPALIVE = 4.0
 5 s (vLLM's server), after which the server closes it. A request sent on a connection as the
 server closes it fails unread; `send` then sends it once more, on a new connection."""
 log = logging.getLogger("preheat.upstream")
+
+
+def redacted(url: str) -> str:
+    """`url` without its user name and password: what messages, pages and logs may show."""
+    try:
+        parsed: URL | None = URL(url)
+    except ValueError:
+        parsed = None
+    if parsed is not None and parsed.absolute:
+        if parsed.user is None and parsed.password is None:
+            return url
+        return str(parsed.with_user(None))
+    # Not a URL with a host that yarl reads (no scheme; a bare '/' in a password): drop
+    # everything up to its last '@'.
+    return _USERINFO.sub(r"\1", url)
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?.*@")
+
+
+@functools.lru_cache(maxsize=8)
+def _basic_auth(url: str) -> str | None:
+    """The Authorization value for the user and password in `url`; None when it has none."""
+    try:
+        parsed = URL(url)
+    except ValueError:  # sending to it fails, in `Upstream.url`
+        return None
+    if parsed.user is None and parsed.password is None:
+        return None
+    userpass = f"{parsed.user or ''}:{parsed.password or ''}".encode()
+    return "Basic " + base64.b64encode(userpass).decode("ascii")
 
 
 def forward_headers(headers: Any) -> list[tuple[str, str]]:
@@ -88,6 +124,10 @@ class Upstream:
 
     async def start(self) -> None:
         if self._session is None:
+            if _basic_auth(self.base_url):
+                log.info("the upstream URL %s carries a user and password: they are sent as "
+                         "Basic auth on calls without an Authorization header of their own",
+                         redacted(self.base_url))
             connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300,
                                              keepalive_timeout=KEEPALIVE)
             self._session = aiohttp.ClientSession(
@@ -114,7 +154,10 @@ class Upstream:
         if self._session is None:
             await self.start()
         assert self._session is not None
-        url = self.url(path_qs)
+        url = self.url(path_qs)  # without the URL's user and password: see `_basic_auth`
+        auth = _basic_auth(self.base_url)
+        if auth is not None and not any(k.lower() == "authorization" for k, _ in headers):
+            headers = [*headers, ("Authorization", auth)]
         session = self._session
 
         async def request() -> aiohttp.ClientResponse:
@@ -134,14 +177,15 @@ class Upstream:
                          "sending it again", method, url.path, exc)
                 return await request()
         except asyncio.TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"the upstream at {self.base_url} did not answer within {self.read_timeout:g} s"
-            ) from exc
+            raise UpstreamTimeout(f"the upstream at {redacted(self.base_url)} did not answer "
+                                  f"within {self.read_timeout:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnreachable(
-                f"cannot connect to the upstream at {self.base_url}: {exc.os_error or exc}"
+                f"cannot connect to the upstream at {redacted(self.base_url)}: "
+                f"{exc.os_error or exc}"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"the upstream at {self.base_url} failed before replying: {exc!r}"
-            ) from exc
+            # Not {exc!r}: a ClientResponseError's repr holds the request's headers, and with
+            # them the client's API key (or our Basic auth), which would reach the store.
+            raise UpstreamUnreachable(f"the upstream at {redacted(self.base_url)} failed before "
+                                      f"replying: {type(exc).__name__}: {exc}") from exc

@@ -55,6 +55,7 @@ def _open_state(app: web.Application) -> AdminState:
     from proxy.admin.knowledge import Knowledge
     from proxy.admin.live import optimisations
     from proxy.server import ENGINE, SETTINGS
+    from proxy.upstream import redacted
     from storage.store import Store
 
     settings = app[SETTINGS]
@@ -65,7 +66,7 @@ def _open_state(app: web.Application) -> AdminState:
         store=store,
         knowledge=Knowledge(store, lambda: live_learner(app)),
         engine=lambda: app.get(ENGINE),
-        upstream=settings.upstream,
+        upstream=redacted(settings.upstream) if settings.upstream else None,
         live=lambda: optimisations(app),
     )
 
