@@ -32,20 +32,28 @@ def parse_sse(chunks: Iterable[tuple[float, bytes]]) -> list[dict]:
     A final event without its blank line (a stream cut short) is still returned.
     """
     events: list[dict] = []
-    buf = b""
+    pending: list[bytes] = []  # the line so far, as the pieces of chunks that did not end it
+    after_cr = False  # the last chunk ended in CR: an LF opening the next one ends no line
     data: list[str] = []
     name: str | None = None
     t = 0.0
     for t, chunk in chunks:
-        buf += chunk
-        # Keep a trailing CR: it may be the first half of a CRLF split across chunks.
-        lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        if buf.endswith(b"\r"):
-            lines[-1] = b"\r"
-        buf = lines.pop()
-        if buf == b"\r":
-            lines.append(b"")
-            buf = b""
+        # Only the new chunk is scanned, and each line is joined once: a long line arriving
+        # in small pieces costs its length, not its length times the number of pieces.
+        if after_cr and chunk[:1] == b"\n":
+            chunk, after_cr = chunk[1:], False  # the second half of a CRLF split in two
+        if not chunk:
+            continue
+        after_cr = chunk.endswith(b"\r")
+        lines = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if len(lines) == 1:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(lines[0])
+            lines[0] = b"".join(pending)
+        tail = lines.pop()
+        pending = [tail] if tail else []
         for raw in lines:
             line = raw.decode("utf-8", errors="replace")
             if not line:
@@ -61,6 +69,7 @@ def parse_sse(chunks: Iterable[tuple[float, bytes]]) -> list[dict]:
                 data.append(value)
             elif key == "event":
                 name = value
+    buf = b"".join(pending)
     if buf.strip():
         line = buf.decode("utf-8", errors="replace")
         if line.startswith("data:"):
