@@ -363,8 +363,10 @@ class Admission:
                 self.leave(t, 0)
             raise
 
-    def leave(self, t: Ticket, output_tokens: int = 0) -> None:
-        """The request's answer is complete (or it failed); release what it held."""
+    def leave(self, t: Ticket, output_tokens: int = 0, refused: bool = False) -> None:
+        """The request's answer is complete (or it failed); release what it held. A
+        session whose first call was `refused` (the engine answered an error, or never
+        answered) holds nothing: the engine kept nothing of it to come back to."""
         self._run_left(t)
         g = self._groups.get(t.group)
         if g is None or t.admitted is None:
@@ -372,6 +374,13 @@ class Admission:
         if g.in_flight:
             g.in_flight -= 1
             self._running(-1)
+        profile = self._profiles.get(g.id)
+        if refused and not g.in_flight and (profile is None or profile[1] <= 1):
+            self._profiles.pop(g.id, None)  # nor does it say how large its agent's grow
+            self._born.pop(g.id, None)
+            self._release(g, between_calls=False)
+            self._release_ready()
+            return
         g.output_tokens = max(g.output_tokens, output_tokens)
         g.last_done = time.monotonic()
         self._measure(g)

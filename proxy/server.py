@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
+import os
 import sys
 import time
 from typing import AsyncIterator
@@ -57,6 +59,8 @@ KEEP_ADMISSION_EVERY = 60.0
 # Bodies up to this size are read whole (and forwarded with their Content-Length);
 # larger ones stream through as they arrive.
 INLINE_BODY = 1024 * 1024
+SESSION_KEY = os.urandom(16)
+"""Keys the tenant part of an explicit session id in admission (held in memory only)."""
 SERVER_KWARGS = {"handler_cancellation": True, "auto_decompress": False}
 """Runner options the proxy needs: a client that hangs up cancels its upstream request,
 and request bodies are forwarded as sent, compressed or not."""
@@ -334,6 +338,9 @@ def _ticket(admission: Admission, ex: Exchange):
     if prompt is None:
         return None
     session = next((v for v in map(ex.header, EXPLICIT_HEADERS) if v), None)
+    if session is not None:  # one tenant's session id never lets another's calls in
+        secret = (ex.api_key or "").encode("utf-8", "surrogateescape")
+        session += "@" + hashlib.blake2b(secret, key=SESSION_KEY, digest_size=8).hexdigest()
     return admission.ticket(prompt[0], prompt[1], session=session,
                             hashes=lambda: prompt_hashes(request))
 
@@ -388,10 +395,7 @@ async def _forward(
 ) -> web.StreamResponse:
     app = request.app
     engine = app.get(ENGINE)
-    if engine is not None and not engine.ready:
-        raise EngineUnavailable(
-            f"the inference engine is {engine.state}; retry in a few seconds"
-        )
+    _engine_up(engine)
     limit = settings.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
@@ -422,11 +426,18 @@ async def _forward(
     inflight = app[INFLIGHT]
     inflight[0] += 1
     try:
+        _engine_up(engine)  # it may have died while the call waited in admission
         return await _relay(request, ex, t0, settings, body, keep)
     finally:
         inflight[0] -= 1
         if ex.ticket is not None:
-            admission.leave(ex.ticket)
+            admission.leave(ex.ticket, refused=not 200 <= (ex.status or 0) < 300)
+
+
+def _engine_up(engine) -> None:
+    """Go on only while preheat's own engine (if it runs one) is up: 503 while it restarts."""
+    if engine is not None and not engine.ready:
+        raise EngineUnavailable(f"the inference engine is {engine.state}; retry in a few seconds")
 
 
 QUEUE_TIMING = "preheat-queue"

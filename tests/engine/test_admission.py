@@ -70,6 +70,34 @@ async def test_new_session_waits_while_resident_one_continues():
     assert b1.how == "waited" and 0.25 < b1.waited < 1.5
 
 
+async def test_a_session_the_engine_refused_at_once_holds_no_place():
+    """A first call the engine answers with an error (a prompt over its context, say) left
+    nothing in the cache: the sessions waiting behind it go in, without waiting out a hold."""
+    adm = make(1000, hold=5, max_wait=5)
+    c = ticket(adm, body("C" * 100))  # another agent's call keeps the engine busy
+    await adm.enter(c)
+    a1 = ticket(adm, body("A" * 800))
+    await adm.enter(a1)
+    b1 = ticket(adm, body("B" * 600))
+    waiting = asyncio.create_task(adm.enter(b1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    adm.leave(a1, refused=True)
+    await asyncio.wait_for(waiting, 1)
+    assert b1.waited < 0.5 and a1.group not in adm._profiles
+
+
+async def test_a_call_refused_mid_session_keeps_the_sessions_place():
+    adm = make(1000, hold=5, max_wait=5)
+    a1 = ticket(adm, body("A" * 600))
+    await adm.enter(a1)
+    adm.leave(a1, 10)
+    a2 = ticket(adm, body("A" * 600, "tool result"))
+    await adm.enter(a2)
+    adm.leave(a2, refused=True)  # its history is still cached for the next try
+    assert a2.group in adm._groups
+
+
 async def test_an_idle_engine_never_keeps_work_waiting():
     adm = make(1000, hold=30, max_wait=30)
     a = ticket(adm, body("A" * 900))

@@ -9,9 +9,12 @@ import time
 import httpx
 import pytest
 
+from aiohttp import web
+
 from engine.admission import Admission
 from proxy.config import Settings
-from proxy.server import ADMISSION, queued_seconds
+from proxy.exchange import Exchange
+from proxy.server import ADMISSION, ENGINE, SERVER_KWARGS, _ticket, build_app, queued_seconds
 from tests.conftest import start_proxy
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 20}
@@ -129,6 +132,61 @@ async def test_without_pressure_the_engine_gets_requests_as_sent(upstream, tmp_p
         assert proxy.app[ADMISSION].stats().admitted.get("resident", 0) > 0
     finally:
         await proxy.runner.cleanup()
+
+
+class Engine:
+    """The engine preheat runs, as far as the proxy asks: where it is, and whether it is up."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url, self.ready, self.state = base_url, True, "ready"
+
+
+async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_path):
+    """A call admission let go after the engine died gets the 503 of an engine restarting,
+    not the 502 of sending it to a dead engine."""
+    engine = Engine(upstream.url)
+    app = build_app(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                             admission_capacity_tokens=1000, admission_max_wait=1,
+                             prewarm=False))
+
+    async def embedded(app: web.Application):
+        app[ENGINE] = engine
+        yield
+
+    app.cleanup_ctx.insert(0, embedded)
+    runner = web.AppRunner(app, access_log=None, **SERVER_KWARGS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = asyncio.ensure_future(client.post(url, headers={"x-fake-delay": "2"}, json={
+                "model": "m", "messages": [SYSTEM, {"role": "user", "content": "A " * 3000}]}))
+            await asyncio.sleep(0.3)
+            held = asyncio.ensure_future(client.post(url, json={
+                "model": "m", "messages": [{"role": "user", "content": "B " * 3000}]}))
+            await asyncio.sleep(0.3)
+            assert not held.done()
+            engine.ready, engine.state = False, "restarting"
+            r = await held
+            assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
+            await first
+    finally:
+        await runner.cleanup()
+
+
+def test_one_tenants_session_id_never_lets_anothers_calls_in():
+    adm = Admission(1000)
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+
+    def group(key: str) -> str:
+        ex = Exchange(method="POST", path="/v1/chat/completions", request_body=body,
+                      request_headers=[("Authorization", f"Bearer {key}"),
+                                       ("X-Session-ID", "1")])
+        return _ticket(adm, ex).group
+
+    assert group("sk-a") == group("sk-a") != group("sk-b")
 
 
 async def test_a_body_too_deep_to_parse_is_forwarded_as_sent(upstream, tmp_path):
