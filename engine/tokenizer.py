@@ -106,24 +106,21 @@ class EngineTokenizer:
             self._hits += 1
             return cached
         pending = self._inflight.get(key)
-        if pending is not None:
+        if pending is None:
+            self._misses += 1
+            # The request belongs to no one caller: one that is cancelled (a warm the real
+            # call took over) must not cancel it for the others waiting on the same content.
+            pending = self._inflight[key] = asyncio.ensure_future(self._fetch(key, body))
+            pending.add_done_callback(_retrieve)
+        else:
             self._hits += 1
-            return await asyncio.shield(pending)
-        self._misses += 1
-        future: asyncio.Future[TokenIds] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, key: bytes, body: dict[str, Any]) -> TokenIds:
         try:
             ids = await self._post(body)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()  # retrieved here, so no "never retrieved" warning
-            raise
         finally:
             del self._inflight[key]
-        future.set_result(ids)
         self._cache[key] = ids
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -145,3 +142,9 @@ class EngineTokenizer:
                 response.status_code,
             )
         return tuple(response.json()["tokens"])
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a shared request's failure as seen, should every caller have gone meanwhile."""
+    if not task.cancelled():
+        task.exception()

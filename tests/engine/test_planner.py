@@ -253,6 +253,29 @@ async def test_warmer_and_tokenizer_refuse_work_once_closed():
     assert tokenizer._client is None
 
 
+async def test_a_caller_cancelled_while_tokenizing_leaves_the_others_their_answer():
+    """Two callers share one tokenize request for the same content; the first is a warm
+    that the real call takes over (cancelled): the second still gets the token ids."""
+    from engine.tokenizer import EngineTokenizer
+
+    tokenizer = EngineTokenizer("http://127.0.0.1:9", "m")
+    posts = []
+
+    async def post(body):
+        posts.append(body)
+        await asyncio.sleep(0.05)
+        return (1, 2, 3)
+
+    tokenizer._post = post
+    first = asyncio.ensure_future(tokenizer.encode_prompt("shared head"))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(tokenizer.encode_prompt("shared head"))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == (1, 2, 3) and first.cancelled()
+    assert len(posts) == 1 and await tokenizer.encode_prompt("shared head") == (1, 2, 3)
+
+
 def test_the_prefill_clock_learns_the_engines_own_timings():
     from engine.planner import PrefillClock
 
