@@ -187,7 +187,7 @@ class Ticket:
     """'direct' (no pressure), 'resident' (continuation), 'fits' (a new session, at once),
     'returned' (a session under way, back after leaving the cache), 'waited' (first in the
     waiting order), 'backfill' (past one that did not fit), 'spare' (over `fill`, on an
-    engine with few calls at once), 'idle' or 'timeout'."""
+    engine with few calls at once), 'idle', 'timeout' or 'shutdown' (`drain`)."""
     priority: int = 0
     """The engine priority to run at (`PRIORITY`): set when admitted under pressure, else 0."""
     run: str = ""
@@ -362,6 +362,15 @@ class Admission:
             elif t.admitted is not None:
                 self.leave(t, 0)
             raise
+
+    def drain(self) -> int:
+        """Let every waiting call go at once, marked 'shutdown' (the proxy is stopping: it
+        answers them 503, as none reached the engine a retry elsewhere loses nothing).
+        Returns how many there were."""
+        waiting = list(self._waiting)
+        for t in waiting:
+            self._take(t, "shutdown")
+        return len(waiting)
 
     def leave(self, t: Ticket, output_tokens: int = 0, refused: bool = False) -> None:
         """The request's answer is complete (or it failed); release what it held. A

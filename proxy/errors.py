@@ -5,6 +5,7 @@
     │   ├── UpstreamUnreachable  502  connection refused, DNS failure, reset before a reply
     │   └── UpstreamTimeout      504  no reply (or no next byte) within the read timeout
     ├── EngineUnavailable        503  the embedded engine is starting or restarting
+    ├── ShuttingDown             503  preheat stopped while the call waited for admission
     └── BodyTooLarge             413  the request body is over the configured limit
 
 Anything else is a builtin exception. The upstream seam (proxy/upstream.py) is the only
@@ -44,6 +45,12 @@ class EngineUnavailable(PreheatError):
     status = 503
     type = "engine_unavailable"
     code = "engine_unavailable"
+
+
+class ShuttingDown(PreheatError):
+    status = 503
+    type = "unavailable"
+    code = "shutting_down"
 
 
 class BodyTooLarge(PreheatError):

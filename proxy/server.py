@@ -25,7 +25,7 @@ from engine.supervisor import cache_info
 from learn.sessions import EXPLICIT_HEADERS
 from proxy.cache import HEADER, PromptCache
 from proxy.config import Settings
-from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError
+from proxy.errors import BodyTooLarge, EngineUnavailable, PreheatError, ShuttingDown
 from proxy.exchange import Exchange
 from proxy.learning import ADMISSION_KEY
 from proxy.metrics import Metrics
@@ -81,6 +81,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_mirror_ctx)
     app.cleanup_ctx.append(_admission_ctx)
     app.cleanup_ctx.append(_prewarm_ctx)
+    app.on_shutdown.append(_drain_admission)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     from proxy.admin import setup_admin  # the admin page (proxy/admin/)
@@ -172,6 +173,13 @@ async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await mirror.stop()
+
+
+async def _drain_admission(app: web.Application) -> None:
+    """On shutdown, before in-flight calls are waited for: the calls still waiting for
+    admission are answered 503 at once, rather than held until the grace period ends."""
+    if ADMISSION in app and (n := app[ADMISSION].drain()):
+        log.info("shutting down: %d calls waiting for admission answered 503", n)
 
 
 async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -426,6 +434,9 @@ async def _forward(
     inflight = app[INFLIGHT]
     inflight[0] += 1
     try:
+        if ex.ticket is not None and ex.ticket.how == "shutdown":
+            raise ShuttingDown("preheat is shutting down; this call did not reach the engine: "
+                               "retry it")
         _engine_up(engine)  # it may have died while the call waited in admission
         return await _relay(request, ex, t0, settings, body, keep)
     finally:

@@ -15,12 +15,14 @@ from engine.process import free_port
 from storage.store import Store
 
 
-async def _start(upstream_url: str, db: str) -> tuple[asyncio.subprocess.Process, str]:
+async def _start(upstream_url: str, db: str,
+                 env: dict | None = None) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream_url,
         "--port", str(port), "--db", db,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient() as client:
@@ -71,6 +73,38 @@ async def test_stopping_finishes_in_flight_calls_and_loses_no_capture(upstream, 
     store = Store(db)
     assert store.count()["exchanges"] == 50
     assert all(ex.error is None for ex in store.exchanges())
+
+
+async def test_calls_waiting_for_admission_are_told_to_retry_at_once(upstream, tmp_path):
+    """Stopping does not hold calls that never reached the engine through the grace period:
+    they get a 503 to retry elsewhere, while the call on the engine finishes."""
+    proc, url = await _start(upstream.url, f"sqlite:///{tmp_path}/p.db",
+                             {"PREHEAT_ADMISSION_CAPACITY_TOKENS": "1000",
+                              "PREHEAT_PREWARM": "0"})
+
+    async def call(client: httpx.AsyncClient, text: str, delay: str = "0") -> httpx.Response:
+        return await client.post(url + "/v1/chat/completions", headers={"x-fake-delay": delay},
+                                 json={"model": "m", "messages": [
+                                     {"role": "user", "content": text * 3000}]})
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        running = asyncio.create_task(call(client, "A ", delay="3"))
+        await asyncio.sleep(0.5)
+        waiting = [asyncio.create_task(call(client, f"{c} ")) for c in "BCDE"]
+        for _ in range(100):  # until all four wait (the cache is full of A)
+            metrics = (await client.get(url + "/metrics")).text
+            if "preheat_admission_waiting 4" in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting)
+        stop = asyncio.get_running_loop().time()
+        _sigterm(proc)
+        told = await asyncio.gather(*waiting)
+        answered_in = asyncio.get_running_loop().time() - stop
+        assert (await running).status_code == 200
+    assert [r.status_code for r in told] == [503] * 4 and answered_in < 1.5
+    assert {r.json()["error"]["code"] for r in told} == {"shutting_down"}
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
 async def test_port_in_use_is_one_clear_line(upstream, tmp_path):
