@@ -21,6 +21,19 @@ Messages are mined within a scope (the caller passes the agent's system template
 message sits): two agents' messages are never merged with each other, however alike they
 start. Within one workflow instance different agents see the same data (a shared document, the
 same ticker), which would otherwise pass for static text.
+
+Memory: the miner lives as long as the proxy, so what it keeps is bounded in size, not only
+in number. A template keeps its static text whole (a singleton, the entire message, up to
+`MAX_MINED_CHARS`), because the next message of its shape is aligned against that text; a
+shortened copy could no longer be generalised. So templates are bounded twice: at most
+`max_templates` of them (20,000), holding at most `max_chars` characters of static text and
+slot names together (`MAX_TEMPLATE_CHARS`, 16 M). Past either bound, templates seen only once
+(one message, one session) go first, least recently matched first, then the others in the
+same order, until 90% of `max_templates` and `prune_to` (80%) of `max_chars` are left; the
+template just matched always stays. A forgotten template is learned again from its next
+message. Everything else is small and bounded per template: up to 64 session hashes each,
+`max_cache` message keys, the index by first and last word (keyed by the words' hashes,
+never a copy of the text; swept of forgotten templates) and the newest aliases.
 """
 
 from __future__ import annotations
@@ -39,6 +52,10 @@ MIN_SHARED_ENDS = 12
 """Characters a long message must share at its ends with a template before they are aligned."""
 MAX_MINED_CHARS = 200_000
 """Longer messages are not mined (aligning them would cost more than they teach)."""
+MAX_TEMPLATE_CHARS = 16_000_000
+"""Characters all templates may hold together: 16 MB of ASCII text (a Python string of other
+scripts takes 2 or 4 bytes a character), the order of the radix tree's and the call
+prefixes' token budgets; 160 distinct 100 KB system prompts, or thousands of ordinary ones."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,7 @@ class MessageTemplate:
 
 class _Cluster:
     __slots__ = ("id", "role", "scope", "parts", "names", "messages", "sessions", "last",
-                 "static_tokens")
+                 "static_tokens", "chars")
 
     def __init__(self, role: str, parts: tuple[str, ...], names: tuple[str, ...],
                  scope: str = "") -> None:
@@ -78,6 +95,11 @@ class _Cluster:
         self.sessions: set[int] = set()
         self.last = 0
         self.static_tokens = sum(weight(p) for p in parts)
+        self.chars = sum(map(len, parts)) + sum(map(len, names))
+
+    @property
+    def seen_once(self) -> bool:
+        return self.messages <= 1 and len(self.sessions) <= 1
 
     def public(self) -> MessageTemplate:
         return MessageTemplate(self.id, self.role, self.scope, self.parts, self.names,
@@ -131,16 +153,26 @@ class TemplateMiner:
 
     `mine(role, text, key, session)` returns the id of the template the message fits (learning
     from it), or None for roles that are data rather than instructions (assistant answers,
-    tool output) and for enormous messages. Memory is bounded by `max_templates` (the least
-    recently used single-message templates go first) and `max_cache` remembered messages.
+    tool output) and for enormous messages. Memory is bounded by `max_templates` templates,
+    `max_chars` characters of template text and `max_cache` remembered messages: past either
+    of the first two, `mine` forgets templates (those seen once first, least recently matched
+    first) until 90% of `max_templates` and `prune_to` of `max_chars` are left.
     """
 
-    def __init__(self, max_templates: int = 20_000, max_cache: int = 100_000) -> None:
+    def __init__(self, max_templates: int = 20_000, max_cache: int = 100_000,
+                 max_chars: int = MAX_TEMPLATE_CHARS, prune_to: float = 0.8) -> None:
         self.max_templates = max_templates
         self.max_cache = max_cache
+        self.max_chars = max_chars
+        """Characters all templates' static parts and slot names may hold together."""
+        self.prune_to = prune_to
+        """Share of `max_chars` left after templates are forgotten for it."""
+        self._chars = 0
+        self._stale = 0
+        """Generalised templates whose index entries are not swept yet."""
         self._clusters: dict[str, _Cluster] = {}
         self._alias: dict[str, str] = {}
-        self._index: dict[tuple[str, str, str], list[str]] = {}
+        self._index: dict[tuple[str, str, str, int], list[str]] = {}
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._renamed: list[tuple[str, str]] = []
         self.clock = 0
@@ -165,8 +197,8 @@ class TemplateMiner:
         if len(cluster.sessions) < 64:
             cluster.sessions.add(hash(session))
         cluster.last = self.clock
-        if len(self._clusters) > self.max_templates:
-            self._evict()
+        if len(self._clusters) > self.max_templates or self._chars > self.max_chars:
+            self._evict(keep=cluster)
         return cluster.id
 
     def resolve(self, tid: str) -> str:
@@ -211,6 +243,21 @@ class TemplateMiner:
     def __len__(self) -> int:
         return len(self._clusters)
 
+    @property
+    def chars(self) -> int:
+        """Characters in all templates' static parts and slot names (at most `max_chars`)."""
+        return self._chars
+
+    def check(self) -> None:
+        """Integrity check (for tests): the character count and the bounds hold."""
+        held = sum(c.chars for c in self._clusters.values())
+        assert held == self._chars, (held, self._chars)
+        assert self._chars <= self.max_chars or len(self._clusters) <= 1, self._chars
+        assert len(self._clusters) <= self.max_templates, len(self._clusters)
+        assert all(tid == c.id for tid, c in self._clusters.items())
+        dead = sum(tid not in self._clusters for bucket in self._index.values() for tid in bucket)
+        assert dead <= 2 * self._stale, (dead, self._stale)
+
     # -- persistence -----------------------------------------------------------------------
 
     def snapshot(self, min_messages: int = 2) -> dict:
@@ -234,6 +281,8 @@ class TemplateMiner:
             cluster.sessions = set(range(min(int(t.get("sessions", 1)), 64)))
             miner._add(cluster)
         miner._alias.update(data.get("aliases", {}))
+        if len(miner._clusters) > miner.max_templates or miner._chars > miner.max_chars:
+            miner._evict()  # a snapshot from a process with larger bounds
         return miner
 
     # -- learning --------------------------------------------------------------------------
@@ -253,10 +302,10 @@ class TemplateMiner:
                 return merged
         return self._add(_Cluster(role, (text,), (), scope))
 
-    def _candidates(self, where: tuple[str, str], first: str, last: str) -> list[_Cluster]:
+    def _candidates(self, where: tuple[str, str], first: int, last: int) -> list[_Cluster]:
         ids = [*self._index.get((*where, "head", first), ()),
                *self._index.get((*where, "tail", last), ()),
-               *self._index.get((*where, "free", ""), ())]
+               *self._index.get((*where, "free", 0), ())]
         out, seen = [], set()
         for tid in ids:
             cluster = self._clusters.get(tid)
@@ -287,9 +336,14 @@ class TemplateMiner:
             into = self._add(_Cluster(cluster.role, merged.parts, merged.names, cluster.scope))
         into.messages += cluster.messages
         into.sessions |= cluster.sessions
-        self._remove(cluster)
+        # Its index entries stay until a bulk sweep (lookups skip them): they keep their places
+        # among a crowded bucket's 32, which decide what later messages are compared with.
+        self._remove(cluster, unindex=False)
         self._alias[cluster.id] = into.id
         self._renamed.append((cluster.id, into.id))
+        self._stale += 1
+        if self._stale > self.max_templates:
+            self._sweep()
         return into
 
     def _add(self, cluster: _Cluster) -> _Cluster:
@@ -297,49 +351,75 @@ class TemplateMiner:
         if existing is not None:
             return existing
         self._clusters[cluster.id] = cluster
+        self._chars += cluster.chars
         self._alias.pop(cluster.id, None)
         cluster.last = self.clock
-        first, last = _ends(cluster.parts[0]) if cluster.parts[0] else ("", "")
-        if len(cluster.parts) == 1:
-            slot = [("head", first), ("tail", _ends(cluster.parts[0])[1])]
-        elif cluster.parts[0].strip():
-            slot = [("head", first)]
-        elif cluster.parts[-1].strip():
-            slot = [("tail", _ends(cluster.parts[-1])[1])]
-        else:
-            slot = [("free", "")]
-        for kind, word in slot:
-            bucket = self._index.setdefault((cluster.role, cluster.scope, kind, word), [])
+        for key in _index_keys(cluster):
+            bucket = self._index.setdefault(key, [])
             bucket.append(cluster.id)
             if len(bucket) > 32:  # many messages opening alike: keep the recent ones
                 del bucket[0]
         return cluster
 
-    def _remove(self, cluster: _Cluster) -> None:
-        self._clusters.pop(cluster.id, None)
+    def _remove(self, cluster: _Cluster, unindex: bool = True) -> None:
+        """Forget a template: its characters and (with `unindex`) its index entries go."""
+        if self._clusters.pop(cluster.id, None) is None:
+            return
+        self._chars -= cluster.chars
+        for key in _index_keys(cluster) if unindex else ():
+            bucket = [t for t in self._index.get(key, ()) if t != cluster.id]
+            if bucket:
+                self._index[key] = bucket
+            else:
+                self._index.pop(key, None)
 
-    def _evict(self) -> None:
-        """Drop the least recently used single-message templates (then any) to the bound."""
-        excess = len(self._clusters) - int(self.max_templates * 0.9)
-        order = sorted(self._clusters.values(), key=lambda c: (c.messages > 1, c.last))
-        for cluster in order[:excess]:
-            self._remove(cluster)
-        live = set(self._clusters)
+    def _evict(self, keep: _Cluster | None = None) -> None:
+        """Forget templates until both bounds hold with room to spare: those seen once, least
+        recently matched first, then any; `keep` (the template just matched) stays."""
+        count, chars = int(self.max_templates * 0.9), int(self.max_chars * self.prune_to)
+        for cluster in sorted(self._clusters.values(), key=lambda c: (not c.seen_once, c.last)):
+            if len(self._clusters) <= count and self._chars <= chars:
+                break
+            if cluster is not keep:
+                self._remove(cluster)
+        self._trim_aliases()
+
+    def _sweep(self) -> None:
+        """Drop the index entries of generalised templates."""
+        self._stale = 0
         for key in list(self._index):
-            bucket = [t for t in self._index[key] if t in live]
+            bucket = [t for t in self._index[key] if t in self._clusters]
             if bucket:
                 self._index[key] = bucket
             else:
                 del self._index[key]
+        self._trim_aliases()
+
+    def _trim_aliases(self) -> None:
         if len(self._alias) > 4 * self.max_templates:
             self._alias = dict(list(self._alias.items())[-2 * self.max_templates :])
 
 
-def _ends(text: str) -> tuple[str, str]:
+def _index_keys(cluster: _Cluster) -> list[tuple[str, str, str, int]]:
+    """Where a template is indexed: by its first word, else its last, else as slot-ended."""
+    first, last = _ends(cluster.parts[0])
+    if len(cluster.parts) == 1:
+        slots = [("head", first), ("tail", last)]
+    elif cluster.parts[0].strip():
+        slots = [("head", first)]
+    elif cluster.parts[-1].strip():
+        slots = [("tail", _ends(cluster.parts[-1])[1])]
+    else:
+        slots = [("free", 0)]
+    return [(cluster.role, cluster.scope, kind, word) for kind, word in slots]
+
+
+def _ends(text: str) -> tuple[int, int]:
+    """Hashes of a text's first and last words (the index keys; a word may be huge)."""
     words = text.split(None, 1)
     first = words[0] if words else ""
     tail = text.rsplit(None, 1)
-    return first, (tail[-1] if tail else "")
+    return hash(first), hash(tail[-1] if tail else "")
 
 
 def _affix(parts: tuple[str, ...], text: str) -> int:

@@ -136,6 +136,45 @@ def test_memory_is_bounded():
     assert len(miner) <= 50
 
 
+def document(rng: random.Random, chars: int) -> str:
+    """A distinct document of about `chars` characters (like a RAG system prompt)."""
+    return "\n".join(prose(rng, 12) for _ in range(chars // 80))
+
+
+def test_characters_held_stay_under_the_budget():
+    miner = TemplateMiner(max_chars=200_000)
+    rng = random.Random(11)
+    for i in range(60):  # 60 distinct 20 KB system prompts, each sent once: 1.2 M characters
+        miner.mine("system", f"Agent {i}.\n" + document(rng, 20_000), key=str(i), session=str(i))
+        miner.check()
+        assert miner.chars <= miner.max_chars
+    assert 0 < miner.chars and len(miner) < 60
+    assert miner.get(miner.mine("system", "A new agent.", key="new")) is not None
+
+
+def test_a_template_seen_often_survives_one_off_texts():
+    miner = TemplateMiner(max_chars=100_000)
+    rng = random.Random(12)
+    common = f"You are the research agent.\n{POLICY}"
+    kept = miner.mine("system", common, key="common", session="a")
+    assert miner.mine("system", common, key="common", session="b") == kept
+    for i in range(200):  # 1 MB of newer one-off prompts: ten times the budget
+        miner.mine("system", document(rng, 5_000), key=str(i), session=str(i))
+        miner.check()
+    assert miner.get(kept).sessions == 2  # least recently matched, but seen twice: kept
+    assert len(miner) < 30
+
+
+def test_restore_keeps_the_budget_of_the_new_process():
+    big = TemplateMiner()
+    rng = random.Random(13)
+    for i in range(20):
+        big.mine("system", document(rng, 10_000), key=str(i))
+    small = TemplateMiner.restore(big.snapshot(), max_chars=50_000)
+    small.check()
+    assert 0 < len(small) < len(big)
+
+
 @pytest.mark.parametrize("parts, text, fits", [
     (("a ", " b ", " c"), "a x b y c", True),
     (("a ", " b ", " c"), "a x c", False),
