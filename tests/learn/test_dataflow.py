@@ -151,3 +151,105 @@ def test_an_agent_called_as_a_tool_reads_the_arguments_as_its_task():
     flow.remember("manager", "s-manager", ended=10.0, answer=ask, own_prompt=[])
     found = flow.sources(prompt_chunks(flow, task), session="s-booking", started=11.0)
     assert [s.call for s in found] == ["manager"]
+
+
+def long_answer(rng: random.Random, sentences: int) -> list[str]:
+    return [paragraph(rng, 1) for _ in range(sentences)]
+
+
+def test_held_chunks_stay_under_the_budget():
+    """Large answers and large prompt messages, many of them: what is held is bounded in
+    chunk entries, not only in answers and messages."""
+    rng = random.Random(7)
+    flow = FlowIndex(budget=2_000, cache_chunks=3_000, answer_chunks=64)
+    for i in range(60):
+        document = "\n".join(long_answer(rng, 300))
+        own = prompt_chunks(flow, f"Read this:\n{document}", f"Question {i}: what does it say?")
+        flow.remember(f"a{i}", f"s{i}", float(i), answer("\n".join(long_answer(rng, 300))), own)
+        flow.check()
+    held = flow.sizes()
+    assert held["answer_chunks"] <= 2_000 and flow.index_size() <= 2_000
+    assert held["cached_chunks"] <= 3_000
+    assert 2_000 // 64 - 1 <= len(flow) < 60  # the budget, not the window, forced answers out
+
+
+def test_a_recent_answer_is_still_found_after_the_budget_forced_older_ones_out():
+    rng = random.Random(8)
+    flow = FlowIndex(budget=2_000, answer_chunks=100)
+    texts = ["\n".join(long_answer(rng, 150)) for _ in range(40)]
+    for i, text in enumerate(texts):
+        flow.remember(f"a{i}", f"s{i}", float(i), answer(text), [])
+    assert len(flow) == 20
+    recent = texts[-3].split("\n")
+    quote = "\n".join(recent[20:120])  # two thirds of it, from the middle
+    assert [s.call for s in flow.sources(prompt_chunks(flow, quote), "sum", 100.0)] == ["a37"]
+    assert flow.sources(prompt_chunks(flow, texts[0]), "sum", 100.0) == []  # forgotten
+
+
+@pytest.mark.parametrize("part", [slice(0, 450), slice(75, 525), slice(150, 600)],
+                         ids=["head", "middle", "tail"])
+def test_a_long_answer_is_sampled_and_any_large_part_of_it_is_found(part):
+    """A long answer indexes a sample of its chunks, spread over all of it: a prompt that
+    quotes 3/4 of it, wherever from, is fed by it; one that quotes 1/5 is not. (The sample
+    follows `hash`, which differs between runs: the margins are some 7 standard deviations.)"""
+    rng = random.Random(9)
+    flow = FlowIndex(answer_chunks=128)
+    sentences = long_answer(rng, 600)
+    flow.remember("long", "s1", 10.0, answer("\n".join(sentences)), [])
+    assert flow.sizes()["answer_chunks"] == 128
+    found = flow.sources(prompt_chunks(flow, "\n".join(sentences[part])), "s2", 11.0)
+    assert [s.call for s in found] == ["long"] and 0.5 <= found[0].share < 0.95
+    little = "\n".join(sentences[part][:120])
+    assert flow.sources(prompt_chunks(flow, little), "s2", 11.0) == []
+
+
+def test_a_revision_of_a_long_draft_is_credited_alone():
+    """Relayed sentences are remembered for sampled answers too."""
+    rng = random.Random(10)
+    flow = FlowIndex(answer_chunks=128)
+    draft = long_answer(rng, 500)
+    flow.remember("draft", "s1", 10.0, answer("\n".join(draft)), [])
+    kept = draft[:400] + long_answer(rng, 100)
+    flow.remember("revision", "s2", 20.0, answer("\n".join(kept)),
+                  prompt_chunks(flow, "\n".join(draft)))
+    assert flow.sizes()["answer_chunks"] <= 128 + 128 + 4 * 128
+    found = flow.sources(prompt_chunks(flow, "\n".join(kept)), "s3", 30.0)
+    assert [s.call for s in found] == ["revision"]
+
+
+def test_index_adds_no_tracked_objects_per_chunk():
+    """Millions of small containers (a list per chunk) make each full collection slow."""
+    import gc
+
+    rng = random.Random(11)
+    flow = FlowIndex(max_sharing=40)
+    shared = paragraph(rng, 1)  # a sentence several answers say: a bucket of several calls
+    texts = ["\n".join([shared, *long_answer(rng, 200)]) for _ in range(30)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for i, text in enumerate(texts):
+        flow.remember(f"a{i}", f"s{i}", 1.0, answer(text), [])
+    gc.collect()
+    assert flow.index_size() == 30 * 200 + 1
+    assert len(gc.get_objects()) - before < 5 * 30
+    flow.check()
+
+
+def test_the_same_call_remembered_twice_leaves_no_stale_chunks():
+    rng = random.Random(12)
+    flow = FlowIndex()
+    first, second = paragraph(rng, 4), paragraph(rng, 4)
+    flow.remember("a", "s1", 1.0, answer(first), [])
+    flow.remember("a", "s1", 2.0, answer(second), [])
+    flow.check()
+    assert flow.sources(prompt_chunks(flow, first), "s2", 5.0) == []
+    assert [s.call for s in flow.sources(prompt_chunks(flow, second), "s2", 5.0)] == ["a"]
+
+
+def test_a_message_larger_than_the_cache_is_chunked_but_not_cached():
+    rng = random.Random(13)
+    flow = FlowIndex(cache_chunks=50)
+    small = prompt_chunks(flow, paragraph(rng, 3))[0]
+    huge = prompt_chunks(flow, "\n".join(long_answer(rng, 80)))[0]
+    assert len(huge) == 80
+    assert flow.sizes()["cached_messages"] == 1 and flow.sizes()["cached_chunks"] == len(small)
