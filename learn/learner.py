@@ -106,6 +106,8 @@ class _Digest(NamedTuple):
     ended: float
     duration: float | None
     tenant: str
+    answer_key: str | None
+    """The key of `ex.answer` (which the linker remembers even when `answer` is None)."""
 
 
 class Learner:
@@ -170,24 +172,27 @@ class Learner:
         messages = ex.messages
         if not messages:
             return "no_messages"
-        try:
-            keys = [message_key(m) for m in messages]
-        except (TypeError, ValueError):  # not JSON-able after all (e.g. a NaN, a huge int key)
-            return "unreadable"
-        answer = ex.answer if isinstance(ex.answer, dict) else None
-        if ex.response_error or ex.error:
-            answer = None  # a broken stream's partial answer is not what the agent will resend
-        elif answer is not None:
+        keys, answer_key = ex.message_keys, ex.answer_key  # hashed by the observer that linked it
+        if keys is None or len(keys) != len(messages):  # it did not (catch-up, CLI, benchmarks)
+            answer_key = None
             try:
-                message_key(answer)
+                keys = [message_key(m) for m in messages]
+            except (TypeError, ValueError):  # not JSON-able after all (e.g. a NaN, a huge int key)
+                return "unreadable"
+        answer = ex.answer if isinstance(ex.answer, dict) else None
+        if answer is not None and answer_key is None:
+            try:
+                answer_key = message_key(answer)
             except (TypeError, ValueError):
                 answer = None
+        if ex.response_error or ex.error:
+            answer = None  # a broken stream's partial answer is not what the agent will resend
         done = ex.t_done if isinstance(ex.t_done, (int, float)) else None
         return _Digest(ex.id, ex.path, messages, keys, ex.tools, answer, float(ex.started_at),
-                       float(ex.started_at) + (done or 0.0), done, ex.tenant or "")
+                       float(ex.started_at) + (done or 0.0), done, ex.tenant or "", answer_key)
 
     def _learn(self, ex: "Exchange", d: _Digest) -> list[Prediction]:
-        link: SessionLink = self.linker.link_keys(ex, d.keys)
+        link: SessionLink = self.linker.link_keys(ex, d.keys, d.answer_key)
         session = link.session_id
         tokens = self._tokens(ex, d)
         if tokens:
@@ -211,7 +216,7 @@ class Learner:
 
         if d.answer is not None:
             own = [self.flow.message_chunks(m, k) for m, k in zip(d.messages, d.keys)]
-            self.flow.remember(d.id, session, d.ended, d.answer, own, message_key(d.answer))
+            self.flow.remember(d.id, session, d.ended, d.answer, own, d.answer_key)
         self._calls[d.id] = _Call(template, kind, session, d.ended, depth)
         while len(self._calls) > self.config.calls_window:
             self._calls.popitem(last=False)

@@ -112,6 +112,12 @@ class Exchange:
     response_id: str | None = None
     response_error: str | None = None
 
+    # Derived by the observer (proxy/observe.py), for its session linker and every sink after it.
+    message_keys: list[str] | None = None
+    """`learn.canonical.message_key` of each of `messages`, hashed once; None until linked."""
+    answer_key: str | None = None
+    """`message_key` of `answer`, likewise; None also when there is no answer."""
+
     # -- the raw form --------------------------------------------------------------------
 
     def raw(self) -> tuple:

@@ -1,7 +1,8 @@
 """The observer: everything that happens to an exchange after its call, off the hot path.
 
 `Observer.process()` takes a batch of finished exchanges, analyses them (parse the body,
-reassemble the stream), assigns tenant and session, writes them to the store in one
+reassemble the stream), assigns tenant and session (hashing each message once: the keys ride
+on the exchange to the sinks, whose own linkers reuse them), writes them to the store in one
 transaction (it is the store's single writer), then feeds the sinks (`learn/`). It runs in
 the observer process (proxy/observer_process.py), never in the proxy's: the proxy only
 hands over raw bytes and timings. When the batch's transaction fails, its exchanges are
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from typing import Protocol
 
+from learn.canonical import message_key
 from learn.sessions import SessionLinker
 from proxy.exchange import Exchange
 from storage.store import Store
@@ -72,7 +74,11 @@ class Observer:
             try:
                 ex.analyze()
                 ex.tenant = tenant_of(ex, self._key)
-                link = self.linker.link(ex)
+                # Hashed once here; the sinks (the learner's own linker) read them off `ex`.
+                keys = [message_key(m) for m in ex.messages]
+                answer_key = message_key(ex.answer) if ex.answer is not None else None
+                ex.message_keys, ex.answer_key = keys, answer_key
+                link = self.linker.link_keys(ex, keys, answer_key)
                 ex.session_id, ex.session_source, ex.parent_id = (
                     link.session_id, link.source, link.parent,
                 )

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from learn.sessions import SessionLinker
+from learn.sessions import ENTRY_BYTES, SessionLinker
+from proxy.exchange import Exchange
 from tests.learn.helpers import chat, say, swe_steps, tool_call
 
 SYSTEM = {"role": "system", "content": "You are a careful coding agent."}
@@ -140,3 +141,53 @@ def test_a_tool_call_sent_back_serialised_anew_still_continues_its_session():
     a, b, c = linker.link(first), linker.link(second), linker.link(third)
     assert (b.session_id, b.source, b.parent) == (a.session_id, "prefix", first.id)
     assert c.session_id != a.session_id
+
+
+def _loop(opening: str, turns: int) -> list[dict]:
+    """An agent's history: its opening, then `turns` tool calls with their results."""
+    messages = [SYSTEM, {"role": "user", "content": opening}]
+    for t in range(turns):
+        messages += [tool_call("run", f"c{t}"), {"role": "tool", "tool_call_id": f"c{t}",
+                                                 "content": f"{opening}: output {t}"}]
+    return messages
+
+
+def test_remembered_histories_stay_under_the_byte_budget_through_many_long_sessions():
+    budget = 100_000
+    linker = SessionLinker(history_budget=budget)
+    for s in range(60):
+        for turns in (50, 100, 150):  # three calls of one session, each a longer history
+            linker.link(chat(_loop(f"task {s}", turns), say("next")))
+            assert linker.history_bytes <= budget
+    linker.check()
+    keys = sum(len(conv) // 8 for sessions in linker._by_head.values() for _, conv in sessions.values())
+    assert budget // 2 < linker.history_bytes and keys * 8 < budget
+
+
+def test_a_recently_continued_session_outlives_older_ones_under_the_budget():
+    def step(opening: str, turns: int) -> Exchange:
+        return chat(_loop(opening, turns), tool_call("run", f"c{turns}"))
+
+    def rewritten(opening: str, turns: int) -> Exchange:
+        """The next prompt after `step(opening, turns)`, with its first tool output elided."""
+        messages = [*_loop(opening, turns), tool_call("run", f"c{turns}"),
+                    {"role": "tool", "tool_call_id": f"c{turns}", "content": "..."}]
+        messages[3] = {"role": "tool", "tool_call_id": "c0", "content": "(output omitted)"}
+        return chat(messages, say("done"))
+
+    linker = SessionLinker(history_budget=20 * (ENTRY_BYTES + 8 * 42))
+    kept, forgotten = step("kept", 1), step("forgotten", 1)
+    linker.link(kept)
+    linker.link(forgotten)
+    kept, forgotten = step("kept", 2), step("forgotten", 2)
+    session = linker.link(kept).session_id
+    linker.link(forgotten)
+    for i in range(60):  # other agents' long sessions fill the budget many times over
+        linker.link(step(f"other {i}", 20))
+        if i % 10 == 9:
+            kept = step("kept", 2 + i // 10 + 1)
+            assert linker.link(kept).session_id == session
+    linker.check()
+    link = linker.link(rewritten("kept", 8))
+    assert (link.session_id, link.parent, link.rewritten) == (session, kept.id, True)
+    assert not linker.link(rewritten("forgotten", 2)).rewritten  # only its exact prefix is left

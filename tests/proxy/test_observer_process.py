@@ -11,8 +11,13 @@ import time
 import httpx
 import pytest
 
+from learn import canonical, learner, sessions
+from learn.canonical import message_key
+from proxy import observe
 from proxy.config import Settings
 from proxy.exchange import Exchange
+from proxy.learning import LearnSink
+from proxy.observe import Observer
 from proxy.observer_process import ObserverProcess
 from storage.store import Store
 
@@ -142,3 +147,25 @@ async def test_static_heads_reach_the_listener_and_survive_a_restart(tmp_path):
     finally:
         await restarted.close()
     assert again and again[0][0][:2] == (key, messages)
+
+
+def test_each_message_is_hashed_once_for_both_session_linkers(monkeypatch):
+    """The observer's linker and the learner's each link every call; the keys they compare
+    (the slowest part of a long session's call) are computed once, by the observer."""
+    hashed: list[dict] = []
+
+    def counted(message: dict) -> str:
+        hashed.append(message)
+        return message_key(message)
+
+    for module in (canonical, sessions, learner, observe):
+        monkeypatch.setattr(module, "message_key", counted)
+    learning = LearnSink(None)
+    observer = Observer(None, sinks=[learning])
+    for turn in range(4):
+        ex = _agent_call(0, turn, 1_700_000_000.0 + 10 * turn)
+        hashed.clear()
+        observer.process([ex])
+        assert len(hashed) == len(ex.messages) + 1  # its prompt's messages and its answer
+        assert learning.learner.session_of(ex.id) == ex.session_id
+    assert learning.learner.observed == 4 and ex.session_source == "prefix"
