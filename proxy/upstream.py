@@ -15,6 +15,7 @@ import base64
 import functools
 import logging
 import re
+import time
 from typing import Any, AsyncIterable, Callable
 
 import aiohttp
@@ -41,6 +42,9 @@ KEEPALIVE = 4.0
 """Seconds an idle connection to the upstream is kept for the next request: under uvicorn's
 5 s (vLLM's server), after which the server closes it. A request sent on a connection as the
 server closes it fails unread; `send` then sends it once more, on a new connection."""
+STALE_WITHIN = 0.5
+"""Seconds after sending within which a closed connection is taken for a stale pooled one
+(it fails at once); one that closes later was a server dying mid-call: not sent again."""
 log = logging.getLogger("preheat.upstream")
 
 
@@ -165,11 +169,13 @@ class Upstream:
                                          allow_redirects=False, compress=None, chunked=None)
 
         try:
+            sent = time.monotonic()
             try:
                 return await request()
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError) or not (
-                        body is None or isinstance(body, bytes)):
+                        body is None or isinstance(body, bytes)) or (
+                        time.monotonic() - sent > STALE_WITHIN):
                     raise  # not a pooled connection closing; or a body that cannot be resent
                 # The upstream closed the pooled connection as the request went out (an idle
                 # keep-alive timing out): no answer was begun. Once more, on a new one.

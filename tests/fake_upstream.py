@@ -7,6 +7,7 @@ the proxy gets byte-identical answers. Behaviour is steered by request headers:
     x-fake-status: CODE       answer with this HTTP status and an OpenAI error body
     x-fake-hang: 1            never answer
     x-fake-cut: N             close the connection after N stream events
+    x-fake-drop: SECONDS      close the connection, unanswered, after that long (a server dying)
     x-fake-events: N          number of content events in a stream (default 5)
     x-fake-size: BYTES        pad a non-stream reply's content to about this size
     x-fake-stream-error: 1    end a stream with an error event before [DONE], as vLLM does when
@@ -119,6 +120,12 @@ class FakeUpstream:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        drop = float(request.headers.get("x-fake-drop", "0"))
+        if drop:
+            await asyncio.sleep(drop)
+            assert request.transport is not None
+            request.transport.close()
+            return body, None, web.Response(status=500)  # never reaches the client
         status = int(request.headers.get("x-fake-status", "200"))
         if status != 200:
             err = {"error": {"message": f"fake failure {status}", "type": "fake", "code": status}}

@@ -78,6 +78,19 @@ async def test_a_kept_alive_connection_the_upstream_closes_costs_the_client_noth
         server.close()
 
 
+async def test_a_call_the_upstream_dropped_after_working_on_it_is_not_sent_again(upstream,
+                                                                                   proxy):
+    """Only a connection that closes as the request goes out is a stale one to retry: a
+    server that dies mid-call may have done the work (vLLM generating), so the call is not
+    sent a second time. The client hears of it, and no one computes it twice."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.post(proxy.url + "/v1/chat/completions", json=CHAT)  # pools a connection
+        r = await client.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                              headers={"x-fake-drop": "1"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+    assert upstream.requests == 2
+
+
 async def test_hanging_upstream_is_504_and_others_still_flow(upstream, tmp_path):
     proxy = await start_proxy(
         Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db", read_timeout=0.5)
