@@ -15,7 +15,10 @@ second session on.
     heads.top(8)            # the heads shared by the most sessions, seen recently
 
 A head needs `min_sessions` sessions that agree on it (one session's history is not static),
-and it is forgotten `ttl` seconds after its last use. It is kept in the learned snapshot
+and it is forgotten `ttl` seconds after its last use. A candidate starts as the whole prompt
+of its agent's first call but its newest message, so the candidates are bounded in size as
+well as in number: at most `max_agents` of them, holding at most `max_chars` JSON characters
+together (`MAX_HEAD_CHARS`); past either, the least recently seen agent goes first. It is kept in the learned snapshot
 (`snapshot`/`restore`), so a restarted proxy can warm its engine before traffic arrives.
 """
 
@@ -26,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from learn.canonical import prefix_chain
+
+MAX_HEAD_CHARS = 32_000_000
+"""JSON characters all candidate heads may hold together (their messages and tools)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Head:
 
 
 class _Candidate:
-    __slots__ = ("messages", "tools", "sessions", "calls", "last")
+    __slots__ = ("messages", "tools", "sessions", "calls", "last", "chars")
 
     def __init__(self, messages: list[dict], tools: list, at: float) -> None:
         self.messages = messages
@@ -49,13 +55,18 @@ class _Candidate:
         self.sessions = 1
         self.calls = 1
         self.last = at
+        self.chars = _json_chars(messages, tools)
 
 
 class StaticHeads:
     def __init__(self, min_sessions: int = 2, max_agents: int = 512,
-                 ttl: float = 6 * 3600.0, max_sessions: int = 1 << 16) -> None:
+                 ttl: float = 6 * 3600.0, max_sessions: int = 1 << 16,
+                 max_chars: int = MAX_HEAD_CHARS) -> None:
         self.min_sessions = min_sessions
         self.max_agents = max_agents
+        self.max_chars = max_chars
+        self.chars = 0
+        """JSON characters the candidates hold now (at most `max_chars`, but for the newest)."""
         self.ttl = ttl
         self.max_sessions = max_sessions
         self.version = 0
@@ -75,10 +86,8 @@ class StaticHeads:
         agent = head_key(lead[:1], tools)  # its opening message and tools
         cand = self._by_agent.get(agent)
         if cand is None:
-            self._by_agent[agent] = _Candidate(lead, tools, at)
+            self._add(agent, _Candidate(lead, tools, at))
             self._seen[(agent, session)] = None
-            while len(self._by_agent) > self.max_agents:
-                self._by_agent.popitem(last=False)
             return
         self._by_agent.move_to_end(agent)
         cand.calls += 1
@@ -92,6 +101,9 @@ class StaticHeads:
         n = _common(cand.messages, lead)
         if n < len(cand.messages):
             del cand.messages[n:]
+            self.chars -= cand.chars
+            cand.chars = _json_chars(cand.messages, cand.tools)
+            self.chars += cand.chars
         if cand.sessions == self.min_sessions or n == 0 or cand.sessions % 8 == 0:
             self.version += 1
 
@@ -126,8 +138,20 @@ class StaticHeads:
                 cand.sessions, cand.calls = int(item["sessions"]), int(item["calls"])
             except (KeyError, TypeError, ValueError):
                 continue
-            self._by_agent[str(item["agent"])] = cand
+            self._add(str(item["agent"]), cand)
         self.version += 1
+
+    def _add(self, agent: str, cand: _Candidate) -> None:
+        """A new candidate, the most recent; the least recent go past either bound."""
+        old = self._by_agent.pop(agent, None)
+        if old is not None:
+            self.chars -= old.chars
+        self._by_agent[agent] = cand
+        self.chars += cand.chars
+        while len(self._by_agent) > 1 and (len(self._by_agent) > self.max_agents
+                                           or self.chars > self.max_chars):
+            _, gone = self._by_agent.popitem(last=False)
+            self.chars -= gone.chars
 
 
 def head_key(messages: Sequence[Any], tools: Sequence[Any]) -> str:
@@ -135,6 +159,12 @@ def head_key(messages: Sequence[Any], tools: Sequence[Any]) -> str:
     `engine.admission.prompt_chain` computes it, so a real request names the same prefix."""
     chain = prefix_chain(([list(tools)] if tools else []) + list(messages))
     return chain[0][-1] if chain and chain[0] else ""
+
+
+def _json_chars(messages: Sequence[Any], tools: Sequence[Any]) -> int:
+    """Characters of the messages and tools as JSON (what a candidate holds, near enough)."""
+    chain = prefix_chain(([list(tools)] if tools else []) + list(messages))
+    return sum(chain[1]) if chain else 0
 
 
 def _common(a: Sequence[dict], b: Sequence[dict]) -> int:

@@ -35,12 +35,18 @@ class _Vocab(dict):
         return value
 
 
+ENTRY_IDS = 6
+"""What one cached message costs besides its ids, in ids (see `FallbackTokenizer`)."""
+
+
 class FallbackTokenizer:
     """Deterministic word-level token ids for prompts, with a per-message cache.
 
     Not thread-safe (the learner runs on one thread). Memory is bounded: the word table is
     cleared past `max_vocab` words (ids are hashes, so nothing changes), and the message
-    cache keeps at most `max_cached_tokens` ids, least recently used first out.
+    cache keeps at most `max_cached_tokens` ids, least recently used first out, an entry
+    counting `ENTRY_IDS` more for what holding it costs (its key, its tuple: ~210 bytes, an
+    id ~36), so that many short messages do not hold more than as many ids would.
     """
 
     name = FALLBACK_NAME
@@ -112,10 +118,10 @@ class FallbackTokenizer:
         if len(ids) > self.max_cached_tokens // 4:
             return  # one enormous message must not flush everything else
         self._cache[key] = ids
-        self._cached_tokens += len(ids)
+        self._cached_tokens += len(ids) + ENTRY_IDS
         while self._cached_tokens > self.max_cached_tokens and self._cache:
             _, old = self._cache.popitem(last=False)
-            self._cached_tokens -= len(old)
+            self._cached_tokens -= len(old) + ENTRY_IDS
 
     def __len__(self) -> int:
         return self._cached_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from engine.admission import prompt_chain
 from learn.heads import StaticHeads, head_key
 
@@ -78,3 +80,18 @@ def test_old_heads_are_forgotten_and_the_snapshot_restores_the_rest():
     assert restored.top(now=1_050.0) == heads.top(now=1_050.0)
     restored.restore([{"agent": "bad"}, {"messages": None}])  # unreadable items: skipped
     assert len(restored.top(now=1_050.0)) == 1
+
+
+def test_the_candidates_hold_at_most_their_characters_the_newest_agents_kept():
+    heads = StaticHeads(max_chars=50_000)
+    for i in range(40):  # agents whose first call sent a long history
+        history = [{"role": "system", "content": f"agent {i} " + "x" * 1000}] + [
+            {"role": "user", "content": f"turn {k} " + "y" * 500} for k in range(8)]
+        heads.observe(f"s{i}", [*history, {"role": "user", "content": "now"}], [], float(i))
+    held = sum(len(json.dumps(c.messages, separators=(",", ":"))) for c in
+               heads._by_agent.values())
+    assert heads.chars <= 50_000 and abs(held - heads.chars) < 0.05 * heads.chars
+    assert len(heads._by_agent) < 40
+    shared = [{"role": "system", "content": "agent 39 " + "x" * 1000}]
+    heads.observe("s-next", [*shared, {"role": "user", "content": "hello"}], [], 40.0)
+    assert [h.messages for h in heads.top()] == [tuple(shared)]  # the newest agent survived
