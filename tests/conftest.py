@@ -39,8 +39,10 @@ class RunningProxy:
         return Store(self.db)
 
 
-async def start_proxy(settings: Settings) -> RunningProxy:
+async def start_proxy(settings: Settings, before=()) -> RunningProxy:
+    """A proxy on a free port; `before`: startup contexts to run ahead of preheat's own."""
     app = build_app(settings)
+    app.cleanup_ctx[:0] = list(before)
     runner = web.AppRunner(app, access_log=None, **SERVER_KWARGS)
     await runner.setup()
     sock = socket.socket()

@@ -14,7 +14,7 @@ from aiohttp import web
 from engine.admission import Admission
 from proxy.config import Settings
 from proxy.exchange import Exchange
-from proxy.server import ADMISSION, ENGINE, SERVER_KWARGS, _ticket, build_app, queued_seconds
+from proxy.server import ADMISSION, ENGINE, _ticket, queued_seconds
 from tests.conftest import start_proxy
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 20}
@@ -145,20 +145,15 @@ async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_p
     """A call admission let go after the engine died gets the 503 of an engine restarting,
     not the 502 of sending it to a dead engine."""
     engine = Engine(upstream.url)
-    app = build_app(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
-                             admission_capacity_tokens=1000, admission_max_wait=1,
-                             prewarm=False))
 
     async def embedded(app: web.Application):
         app[ENGINE] = engine
         yield
 
-    app.cleanup_ctx.insert(0, embedded)
-    runner = web.AppRunner(app, access_log=None, **SERVER_KWARGS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                                       admission_capacity_tokens=1000, admission_max_wait=1,
+                                       prewarm=False), before=[embedded])
+    url = proxy.url + "/v1/chat/completions"
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             first = asyncio.ensure_future(client.post(url, headers={"x-fake-delay": "2"}, json={
@@ -173,7 +168,7 @@ async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_p
             assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
             await first
     finally:
-        await runner.cleanup()
+        await proxy.runner.cleanup()
 
 
 def test_one_tenants_session_id_never_lets_anothers_calls_in():
