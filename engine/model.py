@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,9 @@ CHAT_TEMPLATE = (
 )
 # Written last: its presence marks a complete model folder.
 DONE_MARKER = "preheat-tiny-model.txt"
+DEMO_MAX_TOKENS = 128
+"""Output tokens of a call that names no `max_tokens`: random weights never write an end of
+turn, and an agent sending no limit would otherwise wait for the whole context."""
 
 
 def default_model_dir(hidden: int = 256, layers: int = 4) -> Path:
@@ -68,6 +72,7 @@ def ensure_default_model(
     """
     model_dir = Path(model_dir) if model_dir else default_model_dir(hidden, layers)
     if is_built(model_dir):
+        cap_output(model_dir)  # a model built before the cap existed
         return model_dir
     argv = [sys.executable, "-m", "engine.model", str(model_dir),
             "--hidden", str(hidden), "--layers", str(layers)]
@@ -97,6 +102,7 @@ def build_tiny_model(model_dir: Path, hidden: int = 256, layers: int = 4) -> Pat
         tokenizer = _build_tokenizer()
         tokenizer.save_pretrained(tmp)
         _build_weights(tokenizer, hidden, layers).save_pretrained(tmp)
+        cap_output(tmp)
         (tmp / DONE_MARKER).write_text(
             f"Random-weight Llama {hidden}x{layers} built by preheat for trying it offline.\n"
             "Its output is noise; name a real model (e.g. Qwen/Qwen2.5-0.5B-Instruct) for text.\n"
@@ -108,6 +114,22 @@ def build_tiny_model(model_dir: Path, hidden: int = 256, layers: int = 4) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return model_dir
+
+
+def cap_output(model_dir: Path) -> None:
+    """Give the model a default output limit (vLLM reads `max_new_tokens` from its
+    generation config as the `max_tokens` of calls that send none; a call's own wins)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    if "max_new_tokens" in config:
+        return
+    config["max_new_tokens"] = DEMO_MAX_TOKENS
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _corpus(limit: int = CORPUS_BYTES) -> Iterator[str]:

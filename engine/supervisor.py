@@ -39,6 +39,7 @@ import httpx
 
 from engine import process, tool_parser
 from engine.errors import EngineError, diagnose
+from engine.model import DEMO_MAX_TOKENS, cap_output
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def cache_info(metrics_text: str) -> CacheInfo | None:
 
 
 KV_EVENTS_TOPIC = "kv-events"
+DEMO_NAME = "preheat-demo"
 CPU_DEFAULT_KV_BYTES = 1 << 30
 Listener = Callable[["Engine", str], None]
 
@@ -141,14 +143,21 @@ class Engine:
 
     @property
     def served_model_name(self) -> str:
-        """The name clients put in "model" (vLLM's default: the --model argument)."""
+        """The name clients put in "model" (vLLM's default: the --model argument; preheat's
+        offline demo model: `preheat-demo`, its folder's path being no name a client knows)."""
         args = list(self.engine_args)
         for i, arg in enumerate(args):
             if arg.startswith("--served-model-name="):
                 return arg.split("=", 1)[1]
             if arg == "--served-model-name" and i + 1 < len(args):
                 return args[i + 1]
-        return self.model
+        return DEMO_NAME if self.demo else self.model
+
+    @property
+    def demo(self) -> bool:
+        """Whether the model is one of preheat's offline random-weight models."""
+        return process.looks_like_path(self.model) and process.is_random_weights(
+            Path(self.model).expanduser())
 
     @property
     def pid(self) -> int | None:
@@ -198,9 +207,10 @@ class Engine:
                 kv_bytes = CPU_DEFAULT_KV_BYTES
         if kv_bytes is not None:
             argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
-        demo = process.looks_like_path(self.model) and process.is_random_weights(
-            Path(self.model).expanduser())
+        demo = self.demo
         argv += tool_parser.engine_flags(self.model, self.engine_args, demo_model=demo)
+        if demo and not any(a.startswith("--served-model-name") for a in self.engine_args):
+            argv += ["--served-model-name", DEMO_NAME, self.model]  # its path answers too
         return argv + list(self.engine_args)
 
     async def start(self) -> None:
@@ -259,9 +269,14 @@ class Engine:
             self.model = str(path.absolute())
             if process.is_random_weights(path):
                 log.warning(
-                    "model %s has random weights: it exists to try preheat and writes noise; "
-                    "name a real one with --model Qwen/Qwen2.5-0.5B-Instruct", self.model
-                )
+                    "model %s has random weights: it exists to try preheat and writes noise "
+                    "(send model=%s; a call without max_tokens stops at %d tokens); name a "
+                    "real one with --model Qwen/Qwen2.5-0.5B-Instruct",
+                    self.model, self.served_model_name, DEMO_MAX_TOKENS)
+                try:
+                    cap_output(path)
+                except OSError as exc:  # a read-only folder: calls without a limit run long
+                    log.warning("could not give %s a default output limit: %s", path, exc)
         if self._requested_port and not process.port_free(self.host, self._requested_port):
             raise EngineError(
                 f"Port {self._requested_port} on {self.host} is already in use: stop what is "

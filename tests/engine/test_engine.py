@@ -8,6 +8,8 @@ import random
 import httpx
 import pytest
 
+from engine.model import DEMO_MAX_TOKENS
+from engine.supervisor import DEMO_NAME
 from engine.tokenizer import EngineTokenizer
 from engine.warm import Warmer
 
@@ -42,8 +44,23 @@ async def test_started_healthy_with_our_flags(running):
     async with httpx.AsyncClient(base_url=engine.base_url) as client:
         assert (await client.get("/health")).status_code == 200
         models = (await client.get("/v1/models")).json()
-    assert [m["id"] for m in models["data"]] == [running.model]
+    assert [m["id"] for m in models["data"]][0] == running.model
     assert any("Application startup complete" in line for line in engine.last_log_lines(200))
+
+
+async def test_the_demo_model_has_a_name_and_a_default_output_limit(running):
+    """An unmodified agent names a model and often sets no max_tokens: the random-weight demo
+    never writes an end of turn, so each such call would otherwise run to the whole context."""
+    assert running.model == DEMO_NAME
+    chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=running.engine.base_url, timeout=120) as client:
+        unlimited = await client.post("/v1/chat/completions", json={"model": DEMO_NAME, **chat})
+        asked = await client.post("/v1/chat/completions", json={
+            "model": running.engine.model, "max_tokens": DEMO_MAX_TOKENS + 8, **chat})  # its path
+    assert unlimited.status_code == 200, unlimited.text
+    assert unlimited.json()["usage"]["completion_tokens"] == DEMO_MAX_TOKENS
+    assert asked.status_code == 200, asked.text
+    assert asked.json()["usage"]["completion_tokens"] == DEMO_MAX_TOKENS + 8  # a call's own wins
 
 
 async def test_tokenizer_matches_what_the_engine_counts(running):
