@@ -23,8 +23,9 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class Settings:
     upstream: str | None = _opt(
         None, "Base URL of an OpenAI-compatible server to forward to (e.g. http://127.0.0.1:8000). "
-        "When unset preheat runs its own vLLM engine. A user and password in it are sent as "
-        "Basic auth on calls without an Authorization header, and never shown."
+        "With or without a trailing /v1 (vLLM's own /metrics and /tokenize are asked at its "
+        "root). When unset preheat runs its own vLLM engine. A user and password in it are "
+        "sent as Basic auth on calls without an Authorization header, and never shown."
     )
     model: str | None = _opt(
         None, "Model for the embedded vLLM engine (path or name). Unset with no upstream: an "

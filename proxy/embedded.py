@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import AsyncIterator
 
@@ -36,8 +37,11 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await engine.start()
         app[ENGINE] = engine
         app[MIRROR] = mirror
-        log.info("engine ready at %s (model %s)", engine.base_url, model)
+        log.info("engine ready at %s (model %s): clients send \"model\": %s", engine.base_url,
+                 model, json.dumps(engine.served_model_name))
         yield
     finally:
         await engine.stop()
         await mirror.stop()
+        if ENGINE in app:
+            log.info("engine stopped")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -49,7 +50,7 @@ from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.learning import LearnSink
 from proxy.observe import Drops, Observer
-from storage.store import Store, StoreError
+from storage.store import SERVING_BEAT, Store, StoreError
 
 log = logging.getLogger("preheat.observe")
 
@@ -372,12 +373,14 @@ class _Child:
         self.out: list[bytes] = []
         self.reported = Counter[str]()
         self.reported_written = 0
+        self.beaten = -math.inf
 
     def run(self, stop: threading.Event) -> None:
         if not self._open():
             return
         buf = bytearray()
         while not stop.is_set():
+            self._beat()
             if not select.select([self.sock], [], [], 0.5)[0]:
                 continue  # woken only to notice SIGTERM
             data = self.sock.recv(1 << 20)
@@ -407,14 +410,30 @@ class _Child:
             self.learning.listeners.append(self._offer)
             self.observer.sinks.append(self.learning)
         self.observer.sinks.append(self)
+        self._beat()
         self._send(("ready",))
         self._flush_out()
         return True
+
+    def _beat(self) -> None:
+        """Keep the store's mark that a server writes to it (`preheat learn` reads it)."""
+        if time.monotonic() - self.beaten < SERVING_BEAT:
+            return
+        self.beaten = time.monotonic()
+        assert self.observer is not None and self.observer.store is not None
+        try:
+            self.observer.store.mark_serving(self.learning is not None)
+        except Exception as exc:  # a busy or failing store: the captures say more
+            log.warning("could not mark the store as served: %s", exc)
 
     def _close(self) -> None:
         assert self.observer is not None and self.observer.store is not None
         if self.learning is not None:
             self.learning.save()
+        try:
+            self.observer.store.unmark_serving()
+        except Exception as exc:
+            log.warning("could not clear the store's mark of this server: %s", exc)
         self.observer.store.close()
         self._flush_out()
         self.sock.close()

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import logging
 import os
+import socket
 import sys
 import time
 from typing import AsyncIterator
@@ -46,6 +47,11 @@ CACHE = web.AppKey("prompt_cache", PromptCache)
 ADMISSION = web.AppKey("admission", Admission)
 PLANNER = web.AppKey("planner", object)
 INFLIGHT = web.AppKey("inflight", list)
+DROP_REASONS = ("queue_full", "store_error", "observer_down", "observer_died", "unreadable",
+                "closed")
+"""Why captures are lost: each counted from 0 on /metrics, so an alert sees the series."""
+SHUTDOWN_GRACE = 30.0
+"""Seconds calls in flight at SIGTERM or Ctrl-C are given to finish."""
 """One-element list: real requests at the upstream now (warms are not counted)."""
 ADMITTED_PATHS = ("/v1/chat/completions", "/v1/responses")
 ENGINE = web.AppKey("engine", object)
@@ -90,7 +96,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", proxy_call)
     metrics.counter(
         "preheat_captures_dropped_total", "Captures lost (queue full, store failure).",
-        lambda: dict(app[OBSERVER].dropped) if OBSERVER in app else {},
+        lambda: {**dict.fromkeys(DROP_REASONS, 0),
+                 **(app[OBSERVER].dropped if OBSERVER in app else {})},
     )
     metrics.counter(
         "preheat_prompt_cache_total", "Prompt-cache lookups by result.",
@@ -139,6 +146,8 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if observer is not None:
             await observer.close()
+            log.info("captures written: %d this run%s", observer.written,
+                     f" ({observer.dropped.total()} dropped)" if observer.dropped.total() else "")
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -178,6 +187,8 @@ async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _drain_admission(app: web.Application) -> None:
     """On shutdown, before in-flight calls are waited for: the calls still waiting for
     admission are answered 503 at once, rather than held until the grace period ends."""
+    log.info("shutting down: %d calls in flight (finishing them, for up to %.0f s)",
+             app[INFLIGHT][0], SHUTDOWN_GRACE)
     if ADMISSION in app and (n := app[ADMISSION].drain()):
         log.info("shutting down: %d calls waiting for admission answered 503", n)
 
@@ -209,7 +220,8 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
                     keeper.cancel()
                     app[OBSERVER].keep_admission(admission.snapshot())  # before capture ends
             return
-        log.info("admission off: the upstream does not report its KV-cache size")
+        else:
+            log.info("admission off: %s", await _why_no_capacity(app))
     yield
 
 
@@ -273,8 +285,8 @@ async def _prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     inflight = app[INFLIGHT]
-    warmer = Warmer(upstream.base_url, model, mirror=app.get(MIRROR))
-    tokenizer = EngineTokenizer(upstream.base_url, model)
+    warmer = Warmer(upstream.server_url, model, mirror=app.get(MIRROR))
+    tokenizer = EngineTokenizer(upstream.server_url, model)
     planner = WarmPlanner(warmer, tokenizer, app.get(MIRROR), idle=lambda: inflight[0] == 0,
                           pressure=lambda: admission.pressured,
                           min_probability=settings.prewarm_min_probability,
@@ -309,6 +321,15 @@ async def _served_model(upstream: Upstream) -> str | None:
         return data["data"][0]["id"]
     except (PreheatError, ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+async def _why_no_capacity(app: web.Application) -> str:
+    why = await app[UPSTREAM].unreachable()
+    if why:
+        return (f"{why}; its KV-cache size is read once, at start: restart preheat once it is "
+                "up, or set PREHEAT_ADMISSION_CAPACITY_TOKENS")
+    return ("the upstream does not report its KV-cache size (vLLM's /metrics does); set "
+            "PREHEAT_ADMISSION_CAPACITY_TOKENS to give it")
 
 
 async def _engine_capacity(app: web.Application) -> int | None:
@@ -356,12 +377,16 @@ def _ticket(admission: Admission, ex: Exchange):
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
     engine = app.get(ENGINE)
-    body = {"status": "ok", "upstream": redacted(app[UPSTREAM].base_url)}  # no token asked
+    upstream = app[UPSTREAM]
+    body = {"status": "ok", "upstream": redacted(upstream.base_url)}  # no token asked
     if engine is not None:
         body["engine"] = engine.state
         if not engine.ready:
             body["status"] = "engine " + engine.state
             return web.json_response(body, status=503)
+    elif why := await upstream.unreachable():
+        body["status"], body["error"] = "upstream unreachable", why
+        return web.json_response(body, status=503)
     return web.json_response(body)
 
 
@@ -611,6 +636,10 @@ def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT; then finish in-flight calls and flush captures."""
     # Worker threads (admin page reads) must not hold the event loop off the GIL for 5 ms.
     sys.setswitchinterval(0.0005)
+    if settings.port:  # now, not after the engine has started (minutes, on a large model)
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+            s.bind((settings.host, settings.port))  # OSError: the CLI says so
     app = build_app(settings)
     app.on_startup.append(_freeze_heap)  # after the cleanup contexts have started
     web.run_app(
@@ -621,7 +650,7 @@ def run(settings: Settings) -> None:
             "preheat listening on http://%s:%s", settings.host, settings.port
         ),
         access_log=None,
-        shutdown_timeout=30.0,
+        shutdown_timeout=SHUTDOWN_GRACE,
         loop=_new_loop(),
         **SERVER_KWARGS,
     )

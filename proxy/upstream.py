@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import logging
+import math
 import re
 import time
 from typing import Any, AsyncIterable, Callable
@@ -21,7 +22,7 @@ from typing import Any, AsyncIterable, Callable
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import PreheatError, UpstreamTimeout, UpstreamUnreachable
 
 # RFC 9110 7.6.1: connection-specific headers are not forwarded by a proxy.
 HOP_BY_HOP = frozenset(
@@ -45,6 +46,8 @@ server closes it fails unread; `send` then sends it once more, on a new connecti
 STALE_WITHIN = 0.5
 """Seconds after sending within which a closed connection is taken for a stale pooled one
 (it fails at once); one that closes later was a server dying mid-call: not sent again."""
+SERVER_PATHS = ("/metrics", "/tokenize", "/detokenize", "/health")
+"""A vLLM server's own routes, at its root even where its API is under /v1."""
 log = logging.getLogger("preheat.upstream")
 
 
@@ -113,16 +116,29 @@ class Upstream:
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._answered = -math.inf  # monotonic time of the last reply begun
+        self._failed: tuple[float, str] = (-math.inf, "")  # and of the last failure to connect
 
     @property
     def base_url(self) -> str:
         return self._base() if callable(self._base) else self._base
 
-    def url(self, path_qs: str) -> URL:
-        """The upstream URL for a request path; a base ending in /v1 does not double it."""
+    @property
+    def server_url(self) -> str:
+        """The base URL without a trailing /v1: where a vLLM server's own routes are."""
         base = URL(self.base_url)
         prefix = base.path.rstrip("/")
-        if prefix.endswith("/v1") and (path_qs == "/v1" or path_qs.startswith(("/v1/", "/v1?"))):
+        prefix = prefix[:-3] if prefix.endswith("/v1") else prefix
+        return str(base.with_path(prefix or "/", encoded=True)).rstrip("/")
+
+    def url(self, path_qs: str) -> URL:
+        """The upstream URL for a request path; a base ending in /v1 does not double it, nor
+        holds the server's own routes (/metrics, /tokenize, /health: vLLM's are at its root)."""
+        base = URL(self.base_url)
+        prefix = base.path.rstrip("/")
+        if prefix.endswith("/v1") and (
+                path_qs == "/v1" or path_qs.startswith(("/v1/", "/v1?"))
+                or path_qs.split("?", 1)[0] in SERVER_PATHS):
             prefix = prefix[:-3]
         return URL(str(base.origin()) + prefix + path_qs, encoded=True)
 
@@ -146,6 +162,25 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def unreachable(self, fresh: float = 5.0, timeout: float = 3.0) -> str | None:
+        """Why the upstream cannot be reached, or None: a reply begun in the last `fresh` s
+        says it can; else it is asked (any HTTP answer to GET /health will do)."""
+        now = time.monotonic()
+        if self._answered > max(self._failed[0], now - fresh):
+            return None
+        if self._failed[0] > now - min(fresh, 1.0):
+            return self._failed[1]  # a health checker polling a dead upstream: not each time
+        try:
+            resp = await asyncio.wait_for(self.send("GET", "/health", [], None), timeout)
+        except asyncio.TimeoutError:
+            why = f"the upstream at {redacted(self.base_url)} did not answer within {timeout:g} s"
+            self._failed = (time.monotonic(), why)
+            return why
+        except PreheatError as exc:
+            return str(exc)
+        resp.release()
+        return None
 
     async def send(
         self,
@@ -171,7 +206,9 @@ class Upstream:
         try:
             sent = time.monotonic()
             try:
-                return await request()
+                resp = await request()
+                self._answered = time.monotonic()
+                return resp
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError) or not (
                         body is None or isinstance(body, bytes)) or (
@@ -181,15 +218,17 @@ class Upstream:
                 # keep-alive timing out): no answer was begun. Once more, on a new one.
                 log.info("the upstream closed a kept-alive connection under %s %s (%r); "
                          "sending it again", method, url.path, exc)
-                return await request()
+                resp = await request()
+                self._answered = time.monotonic()
+                return resp
         except asyncio.TimeoutError as exc:
             raise UpstreamTimeout(f"the upstream at {redacted(self.base_url)} did not answer "
                                   f"within {self.read_timeout:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"cannot connect to the upstream at {redacted(self.base_url)}: "
-                f"{exc.os_error or exc}"
-            ) from exc
+            why = f"cannot connect to the upstream at {redacted(self.base_url)}: " \
+                  f"{exc.os_error or exc}"
+            self._failed = (time.monotonic(), why)
+            raise UpstreamUnreachable(why) from exc
         except aiohttp.ClientError as exc:
             # Not {exc!r}: a ClientResponseError's repr holds the request's headers, and with
             # them the client's API key (or our Basic auth), which would reach the store.

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import secrets
+import socket
+import time
 from typing import Iterator, Sequence
 
 from sqlalchemy import create_engine, event, func, select
@@ -23,6 +26,11 @@ from learn.canonical import canonical_json, content_hash, dumps, loads
 from proxy.exchange import EXCHANGE_VERSION, Exchange
 from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Session
 import storage.learned  # noqa: F401  (registers its tables)
+
+
+SERVING_KEY = "serving"
+SERVING_BEAT = 10.0
+SERVING_STALE = 45.0
 
 
 class StoreError(Exception):
@@ -74,6 +82,35 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- who serves from this store ---------------------------------------------------------
+
+    def mark_serving(self, learning: bool) -> None:
+        """Say (again) that a `preheat serve` writes here: called at start and every
+        `SERVING_BEAT` s after, by the store's writer."""
+        mark = {"pid": os.getpid(), "host": socket.gethostname(), "learning": learning,
+                "beat": time.time()}
+        with OrmSession(self.engine) as db:
+            db.merge(Meta(key=SERVING_KEY, value=json.dumps(mark)))
+            db.commit()
+
+    def unmark_serving(self) -> None:
+        with OrmSession(self.engine) as db:
+            if (row := db.get(Meta, SERVING_KEY)) is not None:
+                db.delete(row)
+                db.commit()
+
+    def serving(self) -> dict | None:
+        """The mark of a `preheat serve` writing here now (pid, host, learning), or None; a
+        mark not renewed for `SERVING_STALE` s is of a server that was killed."""
+        with OrmSession(self.engine) as db:
+            row = db.get(Meta, SERVING_KEY)
+        try:
+            mark = json.loads(row.value) if row is not None else None
+            fresh = mark is not None and time.time() - float(mark["beat"]) < SERVING_STALE
+        except (ValueError, KeyError, TypeError):
+            return None
+        return mark if fresh else None
 
     def _meta_value(self, key: str, make) -> str:
         with OrmSession(self.engine) as db:

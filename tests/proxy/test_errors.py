@@ -23,6 +23,33 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str, words: str) 
     assert words in err["message"]
 
 
+async def test_healthz_says_whether_the_upstream_can_be_reached(upstream, tmp_path):
+    """A health check behind a load balancer sees a dead upstream (503, and why), not "ok"."""
+    dead = await start_proxy(Settings(upstream=f"http://127.0.0.1:{free_port()}",
+                                      admission=False, db=f"sqlite:///{tmp_path}/d.db"))
+    live = await start_proxy(Settings(upstream=upstream.url + "/v1", admission=False,
+                                      db=f"sqlite:///{tmp_path}/l.db"))
+    try:
+        async with httpx.AsyncClient() as client:
+            down = await client.get(dead.url + "/healthz")
+            up = await client.get(live.url + "/healthz")
+    finally:
+        await dead.runner.cleanup()
+        await live.runner.cleanup()
+    assert down.status_code == 503
+    assert down.json()["status"] == "upstream unreachable"
+    assert "cannot connect to the upstream" in down.json()["error"]
+    assert up.status_code == 200 and up.json()["status"] == "ok"
+
+
+async def test_metrics_count_lost_captures_from_zero(proxy):
+    """An alert on lost captures needs the series before the first loss."""
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(proxy.url + "/metrics")).text
+    for reason in ("queue_full", "store_error", "observer_died"):
+        assert f'preheat_captures_dropped_total{{reason="{reason}"}} 0' in metrics
+
+
 async def test_unreachable_upstream_is_502(tmp_path):
     proxy = await start_proxy(
         Settings(upstream=f"http://127.0.0.1:{free_port()}", db=f"sqlite:///{tmp_path}/p.db")

@@ -169,3 +169,24 @@ def test_each_message_is_hashed_once_for_both_session_linkers(monkeypatch):
         assert len(hashed) == len(ex.messages) + 1  # its prompt's messages and its answer
         assert learning.learner.session_of(ex.id) == ex.session_id
     assert learning.learner.observed == 4 and ex.session_source == "prefix"
+
+
+async def test_the_store_says_a_server_writes_to_it_while_one_does(tmp_path):
+    """`preheat learn` must know: a server running on the store saves over what it learned."""
+    db = f"sqlite:///{tmp_path}/s.db"
+    observer = ObserverProcess(Settings(db=db))
+    await observer.start()
+    try:
+        mark = Store(db).serving()
+    finally:
+        await observer.close()
+    assert mark is not None and mark["learning"] is True
+    assert Store(db).serving() is None  # stopped cleanly: the mark is gone
+    store = Store(db)
+    store.mark_serving(learning=True)
+    assert store.serving() is not None
+    row = json.loads(store._meta_value("serving", lambda: ""))
+    with Store(db).engine.begin() as conn:  # a server killed 10 minutes ago left its mark
+        conn.exec_driver_sql("UPDATE meta SET value = ? WHERE key = 'serving'",
+                             (json.dumps({**row, "beat": time.time() - 600}),))
+    assert store.serving() is None

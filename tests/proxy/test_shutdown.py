@@ -70,6 +70,8 @@ async def test_stopping_finishes_in_flight_calls_and_loses_no_capture(upstream, 
     assert await asyncio.wait_for(proc.wait(), 30) == 0, output
     assert quick_results == [200] * 30
     assert stream_results == [11] * 20  # every in-flight stream finished whole
+    assert "shutting down: 20 calls in flight" in output  # what it is waiting for, and why
+    assert "captures written: 50 this run" in output
     store = Store(db)
     assert store.count()["exchanges"] == 50
     assert all(ex.error is None for ex in store.exchanges())
@@ -107,14 +109,19 @@ async def test_calls_waiting_for_admission_are_told_to_retry_at_once(upstream, t
     assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
-async def test_port_in_use_is_one_clear_line(upstream, tmp_path):
+@pytest.mark.parametrize("serving", ["upstream", "engine"])
+async def test_port_in_use_is_one_clear_line(upstream, tmp_path, serving):
+    """Said at once: not after an engine has started (minutes, for a large model). The model
+    named here does not exist, so an engine started first would fail on that instead."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     port = sock.getsockname()[1]
+    serve = (["--upstream", upstream.url] if serving == "upstream"
+             else ["--model", str(tmp_path / "no-model")])
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream.url,
+            sys.executable, "-m", "proxy.cli", "serve", *serve,
             "--port", str(port), "--db", f"sqlite:///{tmp_path}/x.db",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )

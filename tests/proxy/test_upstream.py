@@ -11,7 +11,7 @@ import pytest
 
 from engine.process import free_port
 from proxy.config import Settings
-from proxy.upstream import redacted
+from proxy.upstream import Upstream, redacted
 from tests.conftest import start_proxy
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -31,6 +31,30 @@ BASIC = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
 ])
 def test_redacted_drops_the_user_and_password(url, shown):
     assert redacted(url) == shown
+
+
+@pytest.mark.parametrize("base, path, sent", [
+    ("http://h:8000", "/v1/chat/completions", "http://h:8000/v1/chat/completions"),
+    ("http://h:8000/v1", "/v1/chat/completions", "http://h:8000/v1/chat/completions"),
+    ("http://h:8000/v1/", "/models?x=1", "http://h:8000/v1/models?x=1"),  # a client without /v1
+    ("http://h:8000/v1", "/metrics", "http://h:8000/metrics"),  # vLLM's own routes: at its root
+    ("http://h:8000/v1", "/tokenize", "http://h:8000/tokenize"),
+    ("https://gw.example.com/llm/v1", "/health", "https://gw.example.com/llm/health"),
+    ("https://gw.example.com/llm", "/metrics", "https://gw.example.com/llm/metrics"),
+])
+def test_an_upstream_given_with_v1_reaches_the_same_routes(base, path, sent):
+    """`--upstream http://host:8000/v1`, as OPENAI_BASE_URL habit writes it, works as without:
+    admission reads the KV-cache size from /metrics, pre-warming tokenizes at /tokenize."""
+    assert str(Upstream(base).url(path)) == sent
+
+
+@pytest.mark.parametrize("base, server", [
+    ("http://h:8000", "http://h:8000"),
+    ("http://u:p@h:8000/v1/", "http://u:p@h:8000"),
+    ("https://gw.example.com/llm/v1", "https://gw.example.com/llm"),
+])
+def test_the_server_url_is_the_base_without_v1(base, server):
+    assert Upstream(base).server_url == server
 
 
 async def test_credentials_in_the_upstream_url_reach_no_page_body_log_or_store(tmp_path, caplog):
