@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from proxy.config import Settings, options
 
@@ -22,7 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`preheat sessions | head`): stop quietly, as Python's docs on
+        # SIGPIPE advise; stdout goes to devnull so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
     except CliError as exc:
@@ -114,6 +123,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if settings.upstream and settings.model:
         raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")
+    if settings.log_level.upper() not in logging.getLevelNamesMapping():
+        raise CliError(f"PREHEAT_LOG_LEVEL={settings.log_level!r} is not a valid level "
+                       "(DEBUG, INFO, WARNING, ERROR or CRITICAL)")
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     from engine.errors import EngineError
@@ -129,12 +141,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_store(args: argparse.Namespace):
-    """The store named by `--db` (or PREHEAT_DB), or a one-line error for the user."""
-    from storage.store import Store, StoreError
+def open_store(args: argparse.Namespace, create: bool = False):
+    """The store named by `--db` (or PREHEAT_DB), or a one-line error for the user.
 
+    Only a command that writes calls (`import`) passes `create`: opening a store creates it,
+    and a reader run from the wrong folder would otherwise make an empty `preheat.db` there
+    and report that nothing was captured.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from storage.store import Store, StoreError, store_url
+
+    url = store_url(_settings(args).db)
+    if not create:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise CliError(f"cannot open the store at {url}: {exc}") from None
+        path = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
+            raise CliError(f"no capture store at {Path(path).absolute()}: pass --db (or set "
+                           "PREHEAT_DB), or run this where `preheat serve` ran")
     try:
-        return Store(_settings(args).db)
+        return Store(url)
     except StoreError as exc:
         raise CliError(str(exc)) from None
 
@@ -185,7 +215,26 @@ def exchange_summary(ex) -> dict:
         "usage": ex.usage,
         "events": ex.events,
         "error": ex.error,
+        "error_body": error_body(ex),
     }
+
+
+ERROR_BODY_CHARS = 2_000
+
+
+def error_body(ex) -> str | None:
+    """What the upstream answered a failed call (status >= 400) with, cut to ERROR_BODY_CHARS."""
+    if ex.status is None or ex.status < 400:
+        return None
+    if ex.response_json is not None:
+        text = json.dumps(ex.response_json, ensure_ascii=False)
+    elif ex.response_chunks:
+        text = ex.response_body.decode("utf-8", errors="replace")
+    elif ex.events:
+        text = "\n".join(str(e.get("data")) for e in ex.events)
+    else:
+        return None
+    return text if len(text) <= ERROR_BODY_CHARS else text[:ERROR_BODY_CHARS] + "…"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -224,9 +273,18 @@ def _print_exchange(d: dict) -> None:
     if d["request_error"]:
         print(f"  request not parsed: {d['request_error']}")
     request = d["request"] if isinstance(d["request"], dict) else {}
-    for m in request.get("messages") or []:
-        content = m.get("content") if isinstance(m, dict) else m
-        print(f"  [{m.get('role', '?') if isinstance(m, dict) else '?'}] {str(content)[:200]}")
+    prompt = request.get("messages") or request.get("input") or []
+    if isinstance(prompt, str):  # a Responses API `input` may be plain text
+        prompt = [{"role": "input", "content": prompt}]
+    if not prompt and isinstance(request.get("prompt"), str):
+        prompt = [{"role": "prompt", "content": request["prompt"]}]
+    for m in prompt if isinstance(prompt, list) else []:
+        if isinstance(m, dict):
+            role = m.get("role") or m.get("type") or "?"
+            content = m.get("content", m.get("output", m.get("arguments")))
+        else:
+            role, content = "?", m
+        print(f"  [{role}] {str(content)[:200]}")
     if d["answer"]:
         print(f"  [answer] {str(d['answer'].get('content'))[:200]}")
         for call in d["answer"].get("tool_calls") or []:
@@ -236,6 +294,8 @@ def _print_exchange(d: dict) -> None:
         print(f"  usage {json.dumps(d['usage'])}")
     if d["error"]:
         print(f"  error: {d['error']}")
+    if d["error_body"]:
+        print(f"  response: {d['error_body']}")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -249,4 +309,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m proxy.cli`: run the imported module's main, so that this file is not loaded
+    # twice and the `CliError` the sub-command modules raise is the one main() catches.
+    from proxy.cli import main as imported_main
+
+    sys.exit(imported_main())

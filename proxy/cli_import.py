@@ -33,11 +33,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         trace = read_trace(args.file, tools=args.tools, model=args.model, limit=args.limit)
     except TraceError as exc:
         raise CliError(str(exc)) from None
-    store = open_store(args)
+    store = open_store(args, create=True)
     try:
         result = import_trace(trace, store)
     finally:
         store.close()
     print(f"imported {result.exchanges:,} calls in {result.sessions:,} sessions from "
-          f"{args.file} ({trace.format}); {result.present:,} were already in the store")
+          f"{args.file} ({trace.format}) into {store.url}; {result.present:,} were already "
+          "in the store")
     return 0

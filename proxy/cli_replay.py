@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from pathlib import Path
 
 from proxy.cli import CliError, open_store
+
+SHOWN_ERRORS = 3
+"""Distinct errors printed per target; report.json has every call's."""
 
 
 def register(sub) -> None:
@@ -85,6 +89,7 @@ def _exchanges(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from proxy.importer import PLACEHOLDER_MODEL
     from proxy.replay import Progress, plan, run
     from proxy.replay_report import write_report
 
@@ -97,6 +102,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         sessions = sessions[: args.limit]
     if not sessions:
         raise CliError("nothing to replay: no successful chat, completions or responses calls")
+    if not args.model and any(c.body.get("model") == PLACEHOLDER_MODEL
+                              for s in sessions for c in s.calls):
+        raise CliError(f"these calls were imported from a file that names no model (they "
+                       f"record {PLACEHOLDER_MODEL!r}): pass --model, a model the target serves")
     n_calls = sum(len(s.calls) for s in sessions)
     targets = {"A": args.compare[0], "B": args.compare[1]} if args.compare else \
         {"target": args.target}
@@ -112,6 +121,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if note:
         print(f"preheat: {note}", file=sys.stderr)
     errors = sum(c.error is not None for r in runs.values() for c in r.calls)
+    for label, result in runs.items():
+        failed = Counter(c.error for c in result.calls if c.error is not None)  # first seen first
+        for error, n in list(failed.items())[:SHOWN_ERRORS]:
+            print(f"preheat: {label} {result.target}: {n} of {len(result.calls)} calls failed: "
+                  f"{error}", file=sys.stderr)
+        if len(failed) > SHOWN_ERRORS:
+            print(f"preheat: {label}: and {len(failed) - SHOWN_ERRORS} other kinds of error, "
+                  f"in {report.parent / 'report.json'}", file=sys.stderr)
     print(f"replayed {len(sessions)} sessions, {n_calls} calls per target "
           f"({errors} errors); report: {report}")
-    return 0
+    every_call_failed = any(r.calls and all(c.error is not None for c in r.calls)
+                            for r in runs.values())
+    return 1 if every_call_failed else 0

@@ -14,15 +14,21 @@ Three formats, told apart by their content:
   `started_at` and `timings` ({first_token, done} in seconds since the call started).
 
 No timing is recorded in trajectory files: their calls get start times 1 ms apart within a
-run (runs a minute apart) and no durations, which replay reads as "untimed". Exchange ids are
-derived from the file's name and the call's place in it, so importing a file twice adds
-nothing the second time. Sessions come from `learn.sessions.SessionLinker`, as for traffic.
+run (runs a minute apart) and no durations, which replay reads as "untimed". Such made-up
+times lie in the past: the last untimed call starts `RUN_SPACING` before the file was last
+written (or before now, if that is earlier), so an import never dates calls after the traffic
+captured next. Exchange ids are derived from the file's name and the call's place in it, so
+importing a file twice adds nothing the second time. Sessions come from
+`learn.sessions.SessionLinker`, as for traffic; an imported call's `session_source` is the
+linker's prefixed with `import:` (`import:new`, `import:prefix`, ...), which is how the store,
+the CLI and the admin page tell imported calls from captured ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -37,6 +43,10 @@ RUN_SPACING = 60.0
 """Seconds between the runs of an untimed trajectory file: far enough apart that the learner
 never takes two runs for agents of one workflow instance started together."""
 CALL_SPACING = 0.001
+PLACEHOLDER_MODEL = "imported"
+"""The model recorded for calls of a file that names none (and no `--model` was given)."""
+IMPORTED = "import:"
+"""Prefix of an imported call's `session_source`."""
 
 
 class TraceError(ValueError):
@@ -72,17 +82,24 @@ def read_trace(path: str | Path, tools: str | Path | None = None, model: str | N
             data = json.loads(text)
         except ValueError:
             data = None  # JSONL: several objects, one a line
-    base = os.path.getmtime(path)
+    # Where made-up start times end: a run's spacing before the file was written (or now).
+    last = min(os.path.getmtime(path), time.time()) - RUN_SPACING
     if isinstance(data, list) and data and all(isinstance(r, dict) and "traj" in r for r in data):
         tools_path = Path(tools) if tools else path.with_name("tools.json")
         schemas = _load_tools(tools_path) if tools or tools_path.exists() else None
         runs = data[:limit] if limit else data
+        base = last - (len(runs) - 1) * RUN_SPACING
         return Trace("trajectories", list(_trajectories(path.name, runs, schemas, model, base)))
     if isinstance(data, dict) and isinstance(data.get("trajectory"), list):
-        return Trace("swe-agent", list(_swe_agent(path.name, data["trajectory"], model, base)))
+        calls = list(_swe_agent(path.name, data["trajectory"], model, 0.0))
+        shift = last - calls[-1].started_at if calls else 0.0  # the span: known once all are read
+        for ex in calls:
+            ex.started_at += shift
+        return Trace("swe-agent", calls)
     if data is not None and not isinstance(data, dict):
         raise TraceError(f"{path}: a JSON list, but not of runs with a 'traj' message list")
     lines = stripped.splitlines() if data is None else [stripped]
+    base = last - len(lines) * CALL_SPACING
     return Trace("jsonl", list(_jsonl(path.name, lines, model, base, limit)))
 
 
@@ -120,7 +137,8 @@ def _finish(ex: Exchange, body: dict, answer: dict | None, linker: SessionLinker
 
 def _link(ex: Exchange, linker: SessionLinker) -> None:
     link = linker.link(ex)
-    ex.session_id, ex.session_source, ex.parent_id = link.session_id, link.source, link.parent
+    ex.session_id, ex.parent_id = link.session_id, link.parent
+    ex.session_source = IMPORTED + link.source
 
 
 def _trajectories(source: str, runs: list[dict], tools: list | None, model: str | None,
@@ -134,7 +152,7 @@ def _trajectories(source: str, runs: list[dict], tools: list | None, model: str 
         for k, message in enumerate(traj):
             if not (isinstance(message, dict) and message.get("role") == "assistant") or k == 0:
                 continue
-            body: dict = {"model": model or "imported", "messages": traj[:k]}
+            body: dict = {"model": model or PLACEHOLDER_MODEL, "messages": traj[:k]}
             if tools:
                 body["tools"] = tools
             ex = _exchange(_id(source, r, k), "/v1/chat/completions", body,
@@ -157,7 +175,7 @@ def _swe_agent(source: str, steps: list, model: str | None, base: float) -> Iter
             answer = nxt[len(messages)]  # the answer as the agent resent it
         elif isinstance(step.get("response"), str):
             answer = {"role": "assistant", "content": step["response"]}
-        body = {"model": model or "imported", "messages": messages}
+        body = {"model": model or PLACEHOLDER_MODEL, "messages": messages}
         ex = _exchange(_id(source, i), "/v1/chat/completions", body, t)
         gap = step.get("execution_time")
         t += (gap if isinstance(gap, (int, float)) and gap > 0 else 0.0) + CALL_SPACING

@@ -8,9 +8,10 @@ within a session each call waits for the call it continued (its parent, else the
 that had ended before it started) and then for the recorded tool gap (scaled too), and calls
 that overlapped run concurrently. Each call's output is forced to its recorded length
 (`max_tokens` = recorded completion tokens, `ignore_eos: true`, which vLLM accepts) and it is
-streamed, so time to first token can be measured. A trace without timings (an imported
-trajectory file) replays its sessions together, or `stagger` seconds apart, each call right
-after the previous one plus any recorded gap.
+streamed, so time to first token can be measured. A session without timings (no call has a
+duration: an imported trajectory file) is untimed: its recorded start is made up, so untimed
+sessions start together, or `stagger` seconds apart, each call right after the previous one
+plus any recorded gap; timed sessions in the same replay keep their recorded offsets.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class PlannedCall:
 class PlannedSession:
     id: str
     offset: float
-    """Recorded seconds from the first session's start to this one's."""
+    """Recorded seconds from the first timed session's start to this one's (untimed: the
+    stagger)."""
     calls: tuple[PlannedCall, ...]
 
 
@@ -98,11 +100,11 @@ def plan(exchanges: Iterable[Exchange], model: str | None = None, force_length: 
             by_session.setdefault(ex.session_id or ex.id, []).append(ex)
     if not by_session:
         return []
-    timed = any(ex.t_done is not None for calls in by_session.values() for ex in calls)
-    first = min(ex.started_at for calls in by_session.values() for ex in calls)
+    timed = {sid for sid, calls in by_session.items() if any(ex.t_done is not None for ex in calls)}
+    first = min((ex.started_at for sid in timed for ex in by_session[sid]), default=0.0)
     out = []
-    for k, (sid, calls) in enumerate(sorted(by_session.items(),
-                                            key=lambda kv: min(e.started_at for e in kv[1]))):
+    untimed = 0
+    for sid, calls in sorted(by_session.items(), key=lambda kv: min(e.started_at for e in kv[1])):
         calls.sort(key=lambda e: (e.started_at, e.id))
         t0 = calls[0].started_at
         index = {ex.id: i for i, ex in enumerate(calls)}
@@ -118,7 +120,10 @@ def plan(exchanges: Iterable[Exchange], model: str | None = None, force_length: 
             assert body is not None
             planned.append(PlannedCall(i, ex.id, ex.path, body, after, max(gap, 0.0),
                                        output_tokens(ex)[0]))
-        offset = (t0 - first) if timed else k * stagger
+        if sid in timed:
+            offset = t0 - first
+        else:
+            offset, untimed = untimed * stagger, untimed + 1
         out.append(PlannedSession(sid, offset, tuple(planned)))
     return out
 

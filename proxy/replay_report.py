@@ -141,7 +141,10 @@ def plot(runs: dict[str, RunResult], out: Path) -> list[str]:
     ax.set_ylabel("share of calls")
     ax.set_title("TTFT distribution")
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    if ax.lines:  # no call answered: an empty plot, and no legend to warn about
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no call answered", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out / "ttft_cdf.png", dpi=110)
     plt.close(fig)

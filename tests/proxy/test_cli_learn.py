@@ -68,6 +68,7 @@ def test_a_plain_file_path_names_the_same_sqlite_store(captured, capsys):
 
 def test_nothing_learned_yet(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PREHEAT_DB", f"sqlite:///{tmp_path / 'empty.db'}")
+    Store(f"sqlite:///{tmp_path / 'empty.db'}").close()
     assert main(["templates"]) == 0
     assert "run `preheat learn`" in capsys.readouterr().out
     assert main(["workflows", "--json"]) == 0

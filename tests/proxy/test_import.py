@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from proxy.cli import main
-from proxy.importer import TraceError, import_trace, read_trace
+from proxy.importer import RUN_SPACING, TraceError, import_trace, read_trace
 from storage.store import Store
 
 WORKLOADS = Path(__file__).resolve().parents[2].parent / "shared" / "workloads"
@@ -38,7 +40,9 @@ def test_tau_bench_trajectories(tmp_path, capsys):
         assert [c.messages for c in calls] == [first_run[:k] for k in ks]
         assert [c.answer for c in calls] == [first_run[k] for k in ks]
         assert all(c.tools == tools and c.status == 200 for c in calls)
-        assert [c.session_source for c in calls] == ["new"] + ["prefix"] * (len(calls) - 1)
+        assert [c.session_source for c in calls] == \
+            ["import:new"] + ["import:prefix"] * (len(calls) - 1)
+        assert all(s["source"] == "import:new" for s in sessions)
     finally:
         store.close()
     assert main(["import", str(TAU), "--db", db]) == 0  # again: nothing new
@@ -52,6 +56,26 @@ def test_swe_agent_trajectory_keeps_tool_time():
     assert trace.format == "swe-agent" and len(trace.exchanges) == len(steps)
     gaps = [b.started_at - a.started_at for a, b in zip(trace.exchanges, trace.exchanges[1:])]
     assert gaps == pytest.approx([s["execution_time"] + 0.001 for s in steps[:-1]], abs=1e-6)
+
+
+@pytest.mark.parametrize("written", [-86_400.0, 3_600.0])  # a day ago; by a clock running ahead
+def test_untimed_runs_are_dated_in_the_past(tmp_path, written):
+    runs = [{"traj": [{"role": "user" if k % 2 == 0 else "assistant", "content": f"{r}.{k}"}
+                      for k in range(6)]} for r in range(4)]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(runs))
+    now = time.time()
+    os.utime(path, (now + written, now + written))
+    trace = read_trace(path)
+    assert all(ex.session_source.startswith("import:") for ex in trace.exchanges)
+    starts = {}
+    for ex in trace.exchanges:
+        starts.setdefault(ex.session_id, []).append(ex.started_at)
+    first = sorted(min(v) for v in starts.values())
+    assert [b - a for a, b in zip(first, first[1:])] == pytest.approx([RUN_SPACING] * 3)
+    # The last run ends a run's spacing before the file was written, or before now.
+    assert max(ex.started_at for ex in trace.exchanges) < min(now, now + written) - RUN_SPACING + 1
+    assert max(ex.started_at for ex in trace.exchanges) > min(now, now + written) - 2 * RUN_SPACING
 
 
 def _jsonl(path: Path, lines: list[dict]) -> Path:
@@ -77,7 +101,8 @@ def test_jsonl_of_requests_and_responses(tmp_path):
     assert trace.format == "jsonl"
     a, b, c, d = trace.exchanges
     assert a.answer == answer and a.usage["completion_tokens"] == 2 and a.t_done == 0.5
-    assert (b.session_id, b.session_source, b.parent_id) == (a.session_id, "prefix", a.id)
+    assert (b.session_id, b.session_source, b.parent_id) == (a.session_id, "import:prefix", a.id)
+    assert a.started_at == 100.0 and b.started_at < time.time() - RUN_SPACING  # as recorded; past
     assert c.path == "/v1/completions" and c.messages[0]["content"] == "Once upon"
     assert d.path == "/v1/responses" and d.session_id == "explicit"
     store = Store(f"sqlite:///{tmp_path}/j.db")

@@ -3,8 +3,10 @@ gaps are kept, outputs are forced to their recorded length, and the report compa
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from learn.learner import Learner
 from proxy.cli import main
+from proxy.cli_replay import register
 from proxy.importer import read_trace
 from proxy.replay import Progress, plan, run
 from proxy.replay_report import PLOTS_MISSING, write_report
@@ -122,6 +125,56 @@ async def test_replay_captured_sessions_by_id_and_by_workflow(proxy, upstream, t
     assert await asyncio.to_thread(main, ["replay", "--db", proxy.db, "--session", "nope",
                                           "--target", upstream.url]) == 2
     assert "no captured session 'nope'" in capsys.readouterr().err
+
+
+def _runs_file(path: Path, runs: int = 3) -> Path:
+    """An untimed trajectory file, as `preheat import` reads (it names no model)."""
+    path.write_text(json.dumps([
+        {"traj": [{"role": "user" if k % 2 == 0 else "assistant", "content": f"run {r} turn {k}"}
+                  for k in range(4)]} for r in range(runs)]))
+    return path
+
+
+def test_imported_untimed_sessions_are_staggered_beside_timed_ones(trace, tmp_path):
+    imported = read_trace(_runs_file(tmp_path / "runs.json")).exchanges
+    sessions = plan(read_trace(trace).exchanges + imported, stagger=0.5)
+    offsets = {s.id: s.offset for s in sessions}
+    assert [offsets[k] for k in "ABC"] == pytest.approx([0.0, 0.1, 0.0])  # timed: as recorded
+    untimed = [s.offset for s in sessions if s.id not in {"A", "B", "C"}]
+    assert untimed == [0.0, 0.5, 1.0]  # not the made-up minute between imported runs
+    assert all(c.gap < 0.01 for s in sessions if s.id not in {"A", "B", "C"} for c in s.calls)
+
+
+async def test_an_imported_trace_needs_a_model(tmp_path, upstream, capsys):
+    db = f"sqlite:///{tmp_path}/i.db"
+    assert main(["import", str(_runs_file(tmp_path / "runs.json")), "--db", db]) == 0
+    capsys.readouterr()
+    argv = ["replay", "--db", db, "--target", upstream.url, "--out", str(tmp_path / "r")]
+    assert await asyncio.to_thread(main, argv) == 2
+    err = capsys.readouterr().err
+    assert "'imported'" in err and "pass --model" in err
+    assert not (tmp_path / "r").exists()  # said up front: nothing was sent
+
+
+async def test_when_every_call_fails_replay_says_why_and_fails(trace, tmp_path, capsys):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    argv = ["replay", "--trace", str(trace), "--target", dead, "--speed", "10",
+            "--out", str(tmp_path / "r")]
+    assert await asyncio.to_thread(main, argv) == 1
+    captured = capsys.readouterr()
+    assert "(9 errors)" in captured.out
+    assert "9 of 9 calls failed: ClientConnectorError" in captured.err
+    assert (tmp_path / "r" / "ttft_cdf.png").exists()  # plotted, without a legend warning
+
+
+def test_the_default_report_folder_is_ignored_by_git():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = parser.parse_args(["replay", "--target", "http://x"]).out
+    ignored = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
+    assert f"{out}/" in ignored or f"/{out}/" in ignored
 
 
 async def test_without_matplotlib_the_report_says_so(trace, upstream, tmp_path, monkeypatch):
