@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from proxy.cli import DB_HELP
+from proxy.cli import DB_HELP, CliError
 
 
 def register(sub) -> None:
@@ -80,17 +80,27 @@ def cmd_workflows(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from learn.learner import Learner
+    from proxy.learning import IMPORTED_KEY, UNTIL_KEY
     from storage.learned import save_learned
 
     store = _store(args)
+    if (mark := store.serving()) and mark.get("learning"):
+        raise CliError(
+            f"a preheat serve is learning from this store (its writer is pid {mark.get('pid')} "
+            f"on {mark.get('host')}) and saves what it learned over this every minute; it "
+            "learns imported calls itself. To learn afresh, stop it, run this, start it again.")
     learner = Learner()
-    seen = 0
+    imported = store.imported()  # before reading: an import stored later is learned later
+    until = seen = 0
     for ex in store.exchanges():
         learner.observe(ex)
+        until = max(until, ex.started_at)
         seen += 1
         if seen % 10_000 == 0:
             print(f"... {seen} exchanges", file=sys.stderr)
-    snapshot_id = save_learned(store, learner.snapshot())
+    snapshot = learner.snapshot()
+    snapshot[UNTIL_KEY], snapshot[IMPORTED_KEY] = until, imported  # a server goes on from here
+    snapshot_id = save_learned(store, snapshot)
     skipped = sum(learner.skipped.values())
     print(f"learned from {learner.observed} of {seen} exchanges ({skipped} skipped"
           + (f": {', '.join(f'{k} {v}' for k, v in sorted(learner.skipped.items()))}" if skipped else "")

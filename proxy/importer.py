@@ -37,6 +37,7 @@ import xxhash
 
 from learn.sessions import SessionLinker
 from proxy.exchange import Exchange
+from storage.store import IMPORTED_SOURCE
 
 JSON_HEADERS = [("content-type", "application/json")]
 RUN_SPACING = 60.0
@@ -45,7 +46,7 @@ never takes two runs for agents of one workflow instance started together."""
 CALL_SPACING = 0.001
 PLACEHOLDER_MODEL = "imported"
 """The model recorded for calls of a file that names none (and no `--model` was given)."""
-IMPORTED = "import:"
+IMPORTED = IMPORTED_SOURCE
 """Prefix of an imported call's `session_source`."""
 
 
@@ -265,6 +266,8 @@ def import_trace(trace: Trace, store, batch: int = 500) -> ImportResult:
     todo = [ex for ex in trace.exchanges if ex.id not in present]
     for i in range(0, len(todo), batch):
         store.write(todo[i : i + batch])
+    if todo:
+        store.note_import()  # a server learns them now (and a restarted one, whatever their times)
     return ImportResult(trace.format, len(todo), len({ex.session_id for ex in todo}),
                         len(trace.exchanges) - len(todo))
 

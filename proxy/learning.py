@@ -30,7 +30,10 @@ UNTIL_KEY = "preheat_until"
 HEADS_KEY = "preheat_heads"
 ADMISSION_KEY = "preheat_admission"
 """Admission's own snapshot (`Admission.snapshot`), sent by the proxy, saved alongside."""
+IMPORTED_KEY = "preheat_imported"
 CATCH_UP_LIMIT = 50_000
+IMPORT_WRITES = 4
+"""Write batches of an import (500 calls each) learned at a time, between captures."""
 
 
 class LearnSink:
@@ -38,7 +41,9 @@ class LearnSink:
         self.store = store
         self.save_every = save_every
         self.until = 0.0
-        """Arrival time of the newest exchange learned from."""
+        """Arrival time of the newest captured exchange learned from."""
+        self.imported = 0.0
+        """Up to when imported calls were stored whole and learned (`Store.note_import`)."""
         self.heads = StaticHeads()
         self.admission: dict | None = None
         """The proxy's admission, as it last sent it (kept through restarts)."""
@@ -53,6 +58,7 @@ class LearnSink:
                 data = load_learned(self.store)
                 if data is not None:
                     self.until = float(data.get(UNTIL_KEY) or 0.0)
+                    self.imported = float(data.get(IMPORTED_KEY) or 0.0)
                     self.heads.restore(data.get(HEADS_KEY) or [])
                     self.admission = data.get(ADMISSION_KEY)
                     learner = Learner.restore(data)
@@ -63,11 +69,12 @@ class LearnSink:
         return Learner()
 
     def catch_up(self) -> int:
-        """Learn from stored exchanges newer than the snapshot (before traffic starts)."""
+        """Learn from stored exchanges newer than the snapshot (before traffic starts):
+        captures after the last save, and what was imported since."""
         if self.store is None:
             return 0
         n = 0
-        for ex in self.store.exchanges(since=self.until):
+        for ex in self.store.exchanges(since=self.until, imported=False):
             self._learn(ex)
             self.until = max(self.until, ex.started_at)
             n += 1
@@ -76,6 +83,29 @@ class LearnSink:
         if n:
             self._unsaved += n
             log.info("learned from %d stored calls", n)
+        while self.catch_up_imports():
+            pass
+        return n
+
+    def catch_up_imports(self, writes: int = IMPORT_WRITES) -> int:
+        """Learn from calls `preheat import` stored since the last time (at most `writes` of
+        its batches, so that a large import does not hold captures back for long). Imported
+        calls are dated in the past, so the captures' `until` cannot find them."""
+        if self.store is None:
+            return 0
+        done = self.store.imported()
+        if done <= self.imported:
+            return 0
+        batches = self.store.import_writes(self.imported, done, writes)
+        last = batches[-1] if len(batches) == writes else done
+        n = 0
+        for ex in self.store.exchanges(imported=True, stored=(self.imported, last)):
+            self._learn(ex)
+            n += 1
+        self.imported = last
+        self._unsaved += 1
+        if n:
+            log.info("learned from %d imported calls", n)
         return n
 
     def observe(self, ex: Exchange) -> None:
@@ -106,6 +136,7 @@ class LearnSink:
         try:
             snapshot = self.learner.snapshot()
             snapshot[UNTIL_KEY] = self.until
+            snapshot[IMPORTED_KEY] = self.imported
             snapshot[HEADS_KEY] = self.heads.snapshot()
             if self.admission is not None:
                 snapshot[ADMISSION_KEY] = self.admission

@@ -56,9 +56,11 @@ log = logging.getLogger("preheat.observe")
 
 _LENGTH = struct.Struct("<I")
 BATCH = 256
+"""Most exchanges written in one transaction."""
 HEADS_SENT = 8
 """Static heads the child names to the pre-warm planner."""
-"""Most exchanges written in one transaction."""
+IMPORTS_EVERY = 2.0
+"""Seconds between looks for calls `preheat import` stored, to learn them."""
 NICE = 10
 """The child's CPU priority below the proxy's: its work can wait, a call's cannot."""
 RESTART_DELAY = 1.0
@@ -373,14 +375,14 @@ class _Child:
         self.out: list[bytes] = []
         self.reported = Counter[str]()
         self.reported_written = 0
-        self.beaten = -math.inf
+        self.ticked = self.marked = -math.inf
 
     def run(self, stop: threading.Event) -> None:
         if not self._open():
             return
         buf = bytearray()
         while not stop.is_set():
-            self._beat()
+            self._tick()
             if not select.select([self.sock], [], [], 0.5)[0]:
                 continue  # woken only to notice SIGTERM
             data = self.sock.recv(1 << 20)
@@ -410,21 +412,28 @@ class _Child:
             self.learning.listeners.append(self._offer)
             self.observer.sinks.append(self.learning)
         self.observer.sinks.append(self)
-        self._beat()
+        self._tick()
         self._send(("ready",))
         self._flush_out()
         return True
 
-    def _beat(self) -> None:
-        """Keep the store's mark that a server writes to it (`preheat learn` reads it)."""
-        if time.monotonic() - self.beaten < SERVING_BEAT:
+    def _tick(self) -> None:
+        """Keep the store's mark that a server writes to it (every `SERVING_BEAT` s; `preheat
+        learn` reads it), and learn what `preheat import` stored meanwhile (every
+        `IMPORTS_EVERY` s: one row read, unless there is something to learn)."""
+        now = time.monotonic()
+        if now - self.ticked < IMPORTS_EVERY:
             return
-        self.beaten = time.monotonic()
+        self.ticked = now
         assert self.observer is not None and self.observer.store is not None
         try:
-            self.observer.store.mark_serving(self.learning is not None)
+            if now - self.marked >= SERVING_BEAT:
+                self.marked = now
+                self.observer.store.mark_serving(self.learning is not None)
+            if self.learning is not None:
+                self.learning.catch_up_imports()
         except Exception as exc:  # a busy or failing store: the captures say more
-            log.warning("could not mark the store as served: %s", exc)
+            log.warning("could not mark the store as served or learn its imports: %s", exc)
 
     def _close(self) -> None:
         assert self.observer is not None and self.observer.store is not None

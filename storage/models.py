@@ -115,8 +115,12 @@ class ExchangeRow(Base):
     parent_id: Mapped[str | None] = mapped_column(String(32))
     """The exchange this one continues (prefix inference)."""
     cache: Mapped[str | None] = mapped_column(String(8))
+    stored_at: Mapped[float | None] = mapped_column(Float)
+    """When the row was written (None in stores older than the column): what `preheat
+    import` wrote since a time, whatever times its calls are dated with."""
 
     __table_args__ = (
         Index("ix_exchanges_session", "session_id", "started_at"),
         Index("ix_exchanges_started", "started_at"),
+        Index("ix_exchanges_stored", "stored_at"),
     )

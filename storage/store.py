@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Iterator, Sequence
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as OrmSession
@@ -28,6 +28,9 @@ from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Sessi
 import storage.learned  # noqa: F401  (registers its tables)
 
 
+IMPORTED_KEY = "imported"
+IMPORTED_SOURCE = "import:"
+"""How an imported call's `session_source` begins (`proxy/importer.py`)."""
 SERVING_KEY = "serving"
 SERVING_BEAT = 10.0
 SERVING_STALE = 45.0
@@ -35,6 +38,16 @@ SERVING_STALE = 45.0
 
 class StoreError(Exception):
     """The store could not be opened or written; the message says why."""
+
+
+def _add_columns(engine: Engine) -> None:
+    """Columns added since a store was made (create_all makes missing tables only)."""
+    have = {c["name"] for c in inspect(engine).get_columns(ExchangeRow.__tablename__)}
+    if "stored_at" not in have:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE exchanges ADD COLUMN stored_at FLOAT")
+            conn.exec_driver_sql(
+                "CREATE INDEX IF NOT EXISTS ix_exchanges_stored ON exchanges (stored_at)")
 
 
 def store_url(url: str) -> str:
@@ -67,6 +80,7 @@ class Store:
         try:
             self.engine = make_engine(url)
             Base.metadata.create_all(self.engine)
+            _add_columns(self.engine)
             # Built once: SQLAlchemy rebuilds a statement's columns each time it is made.
             self._insert_messages = _insert_ignore(Message, self.engine)
             self._upsert_sessions = _upsert_sessions(self.engine)
@@ -100,6 +114,33 @@ class Store:
                 db.delete(row)
                 db.commit()
 
+    def note_import(self) -> float:
+        """Say that an import has written all its calls (after they are committed): a
+        server learns the imported calls stored up to the time returned."""
+        now = time.time()
+        with OrmSession(self.engine) as db:
+            db.merge(Meta(key=IMPORTED_KEY, value=repr(now)))
+            db.commit()
+        return now
+
+    def imported(self) -> float:
+        """Up to when imported calls are stored whole (`note_import`); 0 if never."""
+        with OrmSession(self.engine) as db:
+            row = db.get(Meta, IMPORTED_KEY)
+        try:
+            return float(row.value) if row is not None else 0.0
+        except ValueError:
+            return 0.0
+
+    def import_writes(self, after: float, until: float, limit: int) -> list[float]:
+        """The times of the first `limit` writes of imported calls stored in (after, until]."""
+        q = (select(ExchangeRow.stored_at).distinct()
+             .where(ExchangeRow.stored_at > after, ExchangeRow.stored_at <= until,
+                    ExchangeRow.session_source.startswith(IMPORTED_SOURCE, autoescape=True))
+             .order_by(ExchangeRow.stored_at).limit(limit))
+        with OrmSession(self.engine) as db:
+            return list(db.scalars(q))
+
     def serving(self) -> dict | None:
         """The mark of a `preheat serve` writing here now (pid, host, learning), or None; a
         mark not renewed for `SERVING_STALE` s is of a server that was killed."""
@@ -128,8 +169,9 @@ class Store:
         messages: dict[str, dict] = {}
         rows: list[dict] = []
         sessions: dict[str, dict] = {}
+        now = time.time()
         for ex in items:
-            rows.append(_row_of(ex, messages))
+            rows.append(_row_of(ex, messages) | {"stored_at": now})
             if ex.session_id:
                 s = sessions.setdefault(
                     ex.session_id,
@@ -187,14 +229,21 @@ class Store:
             return None if row is None else self._load(db, [row])[0]
 
     def exchanges(
-        self, session_id: str | None = None, batch: int = 500, since: float | None = None
+        self, session_id: str | None = None, batch: int = 500, since: float | None = None,
+        imported: bool | None = None, stored: tuple[float, float] | None = None,
     ) -> Iterator[Exchange]:
-        """Stored exchanges in arrival order (of one session, or all; started after `since`)."""
+        """Stored exchanges in arrival order: of one session, or all; started after `since`;
+        imported or captured only (imported: None, either); stored in (`stored`]."""
         q = select(ExchangeRow).order_by(ExchangeRow.started_at, ExchangeRow.id)
         if session_id is not None:
             q = q.where(ExchangeRow.session_id == session_id)
         if since is not None:
             q = q.where(ExchangeRow.started_at > since)
+        if imported is not None:
+            marked = ExchangeRow.session_source.startswith(IMPORTED_SOURCE, autoescape=True)
+            q = q.where(marked if imported else ~marked | ExchangeRow.session_source.is_(None))
+        if stored is not None:
+            q = q.where(ExchangeRow.stored_at > stored[0], ExchangeRow.stored_at <= stored[1])
         with OrmSession(self.engine) as db:
             page: list[ExchangeRow] = []
             for row in db.scalars(q.execution_options(yield_per=batch)):
@@ -289,7 +338,7 @@ def _row_of(ex: Exchange, messages: dict[str, dict]) -> dict:
         raw = ex.request_body
     elif body is not None and not isinstance(body, dict):
         raw = ex.request_body
-    response = ex.response_json if not ex.stream else None
+    response = ex.response_json  # None for a stream: also a stream request's JSON error
     response_raw = None
     if not ex.stream and response is None and ex.response_chunks:
         response_raw = ex.response_body

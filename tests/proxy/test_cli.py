@@ -49,8 +49,9 @@ async def test_sessions_and_show(proxy, capsys):
     assert len(json.loads(capsys.readouterr().out)["calls"]) == 2
 
 
-async def test_show_says_why_a_call_failed_and_shows_a_plain_input(proxy, capsys):
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+@pytest.mark.parametrize("stream", [False, True])
+async def test_show_says_why_a_call_failed_and_shows_a_plain_input(proxy, capsys, stream):
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": stream}
     async with httpx.AsyncClient() as client:
         failed = await client.post(proxy.url + "/v1/chat/completions", json=chat,
                                    headers={"x-fake-status": "404", "X-Session-ID": "bad"})

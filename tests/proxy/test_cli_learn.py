@@ -11,6 +11,7 @@ from bench.shapes import exchange_of, generate, schedule
 from learn.learner import SNAPSHOT_VERSION, Learner
 from proxy import cli_learn
 from proxy.cli import main
+from proxy.learning import LearnSink
 from storage.learned import learned_history, load_learned, save_learned
 from storage.store import Store
 
@@ -107,3 +108,20 @@ def test_an_unreadable_snapshot_is_one_line(tmp_path, capsys):
     store.close()
     assert main(["templates", "--db", url]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_a_server_restored_from_learn_does_not_learn_the_same_calls_again(captured, capsys):
+    url, instances = captured
+    assert main(["learn", "--db", url]) == 0
+    sink = LearnSink(Store(url))
+    assert sink.catch_up() == 0
+    assert sink.learner.observed == sum(len(i.calls) for i in instances)
+
+
+def test_learn_refuses_while_a_server_learns_from_the_store(captured, capsys):
+    """Its snapshot would be saved over within a minute by the server's own."""
+    url, _ = captured
+    Store(url).mark_serving(learning=True)
+    assert main(["learn", "--db", url]) == 2
+    assert "a preheat serve is learning from this store" in capsys.readouterr().err
+    assert load_learned(Store(url)) is None

@@ -20,6 +20,7 @@ from proxy.learning import LearnSink
 from proxy.observe import Observer
 from proxy.observer_process import ObserverProcess
 from storage.store import Store
+from tests.proxy.test_import import TAU as TAU_BENCH
 
 
 def _exchange(i: int) -> Exchange:
@@ -190,3 +191,33 @@ async def test_the_store_says_a_server_writes_to_it_while_one_does(tmp_path):
         conn.exec_driver_sql("UPDATE meta SET value = ? WHERE key = 'serving'",
                              (json.dumps({**row, "beat": time.time() - 600}),))
     assert store.serving() is None
+
+
+@pytest.mark.skipif(not TAU_BENCH.exists(), reason="../shared/workloads is not there")
+async def test_a_running_server_learns_an_import_once_and_a_restart_not_again(tmp_path):
+    """Imported calls are dated before the captures that came first (untimed traces end in
+    the past), so neither a running server nor a restarted one finds them by their times."""
+    from proxy.importer import import_trace, read_trace
+
+    db = f"sqlite:///{tmp_path}/i.db"
+    observer = ObserverProcess(Settings(db=db))
+    await observer.start()
+    try:
+        for turn in range(3):  # captured now: the learner's newest time is after the import's
+            assert observer.submit(_agent_call(0, turn, time.time()))
+        await observer.flush()
+        before = (await observer.learned())["observed"]
+        trace = read_trace(TAU_BENCH, limit=3)
+        import_trace(trace, Store(db))
+        assert max(ex.started_at for ex in trace.exchanges) < time.time() - 30
+        for _ in range(100):  # looked for every 2 s
+            learned = (await observer.learned())["observed"]
+            if learned > before:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await observer.close()
+    assert learned == before + len(trace.exchanges)
+    again = LearnSink(Store(db))  # a restart: the saved snapshot says the import was learned
+    assert again.catch_up() == 0 and again.catch_up_imports() == 0
+    assert again.learner.observed == learned

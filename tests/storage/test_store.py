@@ -1,0 +1,43 @@
+"""The store's own promises: a store made by an older preheat opens and keeps working."""
+
+from __future__ import annotations
+
+import json
+
+from proxy.exchange import Exchange
+from storage.store import Store
+
+
+def _call(i: int) -> Exchange:
+    body = {"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}]}
+    return Exchange(method="POST", path="/v1/chat/completions", status=200, started_at=100.0 + i,
+                    request_headers=[("content-type", "application/json")],
+                    request_body=json.dumps(body).encode())
+
+
+def test_a_store_from_before_stored_at_gains_the_column_and_keeps_its_rows(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = Store(url)
+    store.write([_call(0)])
+    with store.engine.begin() as conn:  # as an older preheat made it
+        conn.exec_driver_sql("DROP INDEX ix_exchanges_stored")
+        conn.exec_driver_sql("ALTER TABLE exchanges DROP COLUMN stored_at")
+    store.close()
+    reopened = Store(url)
+    reopened.write([_call(1)])
+    assert [ex.started_at for ex in reopened.exchanges()] == [100.0, 101.0]
+    with reopened.engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT stored_at FROM exchanges ORDER BY started_at").all()
+    assert stored[0][0] is None and stored[1][0] is not None
+
+
+def test_imported_calls_are_found_by_when_they_were_stored(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    captured, imported = _call(0), _call(1)
+    imported.session_id, imported.session_source = "s-1", "import:new"
+    store.write([captured])
+    store.write([imported])
+    done = store.note_import()
+    assert [ex.id for ex in store.exchanges(imported=True, stored=(0.0, done))] == [imported.id]
+    assert [ex.id for ex in store.exchanges(imported=False)] == [captured.id]
+    assert store.import_writes(0.0, done, 10) and store.import_writes(done, done + 1, 10) == []
