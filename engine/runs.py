@@ -17,8 +17,8 @@ forwarded:
   id); the observer reports them with each call's usage (`answer_hashes`). A prompt that
   arrived before its source's answer was reported is placed again when its own answer is,
   and the two runs become one.
-- A new session with neither starts a run, or joins one another root started within
-  `together` seconds (agents a framework launches at once).
+- A new session with neither starts a run, or joins the run another root started within
+  `together` seconds before it (agents a framework launches at once).
 
 A run's size is its service: output tokens plus `PREFILL_WEIGHT` per uncached prompt token
 (a decode token costs a step; a prefill token a share of one). Runs idle for `idle` seconds
@@ -112,12 +112,14 @@ def prompt_hashes(body: dict) -> list[int]:
 
 
 class Run:
-    __slots__ = ("id", "started", "kinds", "service", "pending", "last", "calls", "admitted")
+    __slots__ = ("id", "started", "kind", "service", "pending", "last", "calls", "admitted")
 
     def __init__(self, rid: str, started: float) -> None:
         self.id = rid
         self.started = started
-        self.kinds: set[str] = set()
+        self.kind = ""
+        """The smallest kind of the agents that started the run (the same for every run of
+        one workflow, whichever agent happened to arrive first)."""
         self.service = 0.0
         self.pending = 0
         """Calls arrived and not answered yet (waiting for admission or in flight)."""
@@ -127,9 +129,8 @@ class Run:
         """Calls admission let go to the engine: a run with some is under way, and its
         other agents should not wait behind runs not yet begun."""
 
-    @property
-    def kind(self) -> str:
-        return min(self.kinds) if self.kinds else ""
+    def started_by(self, kind: str) -> None:
+        self.kind = min(self.kind, kind) if self.kind else kind
 
 
 def put_first(window: OrderedDict, restored: list, limit: int) -> None:
@@ -194,7 +195,7 @@ class Runs:
             rid, how = self._costart(now), "costarts"
             if rid is None:
                 rid, how = self._new(now), "starts"
-            self._runs[rid].kinds.add(kind)
+            self._runs[rid].started_by(kind)
             self._roots.append((now, rid))
         log.debug("session %s %s run %s (%d chunks)", group, how, rid, len(found))
         self._of_group[group] = rid
@@ -214,12 +215,15 @@ class Runs:
         return None
 
     def _costart(self, now: float) -> str | None:
+        """The run another root started within `together` s of its start: measured from the
+        run's start, not its latest root's, or steady traffic (a new session every 0.5 s)
+        would chain every session into one run that never ends."""
         for t, rid in reversed(self._roots):
             if now - t > self.together:
                 break
-            rid = self.find(rid)
-            if rid in self._runs:
-                return rid
+            run = self._runs.get(self.find(rid))
+            if run is not None and now - run.started <= self.together:
+                return run.id
         return None
 
     def _new(self, now: float) -> str:
@@ -276,8 +280,8 @@ class Runs:
         a.calls += b.calls
         a.admitted += b.admitted
         a.last = max(a.last, b.last)
-        if b.started - a.started <= self.together:  # a root of the run, not a late misplacement
-            a.kinds |= b.kinds
+        if b.started - a.started <= self.together and b.kind:  # a root, not a late misplacement
+            a.started_by(b.kind)
         a.started = min(a.started, b.started)
         return keep
 

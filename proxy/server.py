@@ -367,9 +367,13 @@ def _ticket(admission: Admission, ex: Exchange):
     if prompt is None:
         return None
     session = next((v for v in map(ex.header, EXPLICIT_HEADERS) if v), None)
-    if session is not None:  # one tenant's session id never lets another's calls in
-        secret = (ex.api_key or "").encode("utf-8", "surrogateescape")
-        session += "@" + hashlib.blake2b(secret, key=SESSION_KEY, digest_size=8).hexdigest()
+    if session is not None:  # one tenant's id never lets another's calls in; and an 8 KB id
+        # costs admission's 50,000 remembered sessions no more than a short one
+        mac = hashlib.blake2b(key=SESSION_KEY, digest_size=16)
+        for part in (ex.api_key or "", session):
+            data = part.encode("utf-8", "surrogateescape")
+            mac.update(len(data).to_bytes(4, "little") + data)
+        session = "x-" + mac.hexdigest()
     return admission.ticket(prompt[0], prompt[1], session=session,
                             hashes=lambda: prompt_hashes(request))
 

@@ -175,13 +175,15 @@ def test_one_tenants_session_id_never_lets_anothers_calls_in():
     adm = Admission(1000)
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 
-    def group(key: str) -> str:
+    def group(key: str, session: str = "1") -> str:
         ex = Exchange(method="POST", path="/v1/chat/completions", request_body=body,
                       request_headers=[("Authorization", f"Bearer {key}"),
-                                       ("X-Session-ID", "1")])
+                                       ("X-Session-ID", session)])
         return _ticket(adm, ex).group
 
     assert group("sk-a") == group("sk-a") != group("sk-b")
+    assert group("sk-a", "s" * 8000) != group("sk-a", "s" * 7999)
+    assert len(group("sk-a", "s" * 8000)) < 40  # what admission remembers of a session: its id
 
 
 async def test_a_body_too_deep_to_parse_is_forwarded_as_sent(upstream, tmp_path):
