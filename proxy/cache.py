@@ -4,12 +4,15 @@ A request is deterministic when it asks for greedy decoding (`temperature: 0`) o
 `seed`; the same request then gets the same answer, so the upstream need not compute it
 again. The stored answer is the exact bytes the upstream sent (a stream replays as the same
 event sequence). Entries are scoped per tenant (a keyed hash of the API key): one tenant
-never sees another's answers. The cache is bounded in bytes (least recently used entries go
-first) and in age. `Cache-Control: no-cache` (or `no-store`) skips it; the response header
-`X-Preheat-Cache` says HIT or MISS whenever the cache looked. Only a whole, successful answer
-is kept: a stream must have ended as the server ends one that finished (`data: [DONE]`, or the
-Responses API's `response.completed`) with no error event in it (vLLM reports a generation
-that fails after the headers went out as an error event in a 200 stream).
+never sees another's answers. The cache is bounded in bytes, counted as the memory an entry
+really takes (its objects as well as its body: see `ENTRY_BYTES`), least recently used
+entries going first, and in age: expired entries are dropped when looked up, and swept from
+the least recently used end whenever an answer is stored. `Cache-Control: no-cache` (or
+`no-store`) skips it; the response header `X-Preheat-Cache` says HIT or MISS whenever the
+cache looked. Only a whole, successful answer is kept: a stream must have ended as the server
+ends one that finished (`data: [DONE]`, or the Responses API's `response.completed`) with no
+error event in it (vLLM reports a generation that fails after the headers went out as an
+error event in a 200 stream).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -39,21 +43,52 @@ STREAM_FAILED = re.compile(
     rb"|^event: ?(?:error|response\.failed|response\.incomplete)\s*$", re.M)
 
 
-@dataclass(frozen=True)
+# What holding an answer costs in memory besides the bytes of its body and header text, as
+# tracemalloc counts it on 64-bit CPython 3.11, object by object (a snapshot's traces grouped
+# by line) over thousands of answers stored, the oldest pushed out. Short answers are mostly
+# these: a one-token answer with three headers takes ~1.25 KB for ~340 bytes of body and
+# headers, so counting the body alone undercounted 2.75 times.
+# tests/proxy/test_prompt_cache.py checks the sum against tracemalloc.
+ENTRY_BYTES = 420
+"""One entry: its key (a 32-digit str, 81), the `Entry` (72), its two tuples (80), its time
+and size (56) and its place in the LRU: a node and its share of the tables (70-140 as they
+fill, and fill up with the keys pushed out until they are rebuilt)."""
+CHUNK_BYTES = 41
+"""One chunk (a stream's event): a bytes object's header (33) and its place in the tuple (8)."""
+HEADER_BYTES = 162
+"""One header: its pair (56), its place in the tuple (8) and two str objects (49 each)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     status: int
     headers: tuple[tuple[str, str], ...]
     chunks: tuple[bytes, ...]
-    size: int
     stored_at: float
+    size: int = field(init=False)
+    """Bytes of memory the entry holds (`ENTRY_BYTES`), what the cache's bound counts."""
+
+    def __post_init__(self) -> None:
+        size = ENTRY_BYTES + len(self.chunks) * CHUNK_BYTES + sum(map(len, self.chunks))
+        size += sum(HEADER_BYTES + len(k) + len(v) for k, v in self.headers)
+        object.__setattr__(self, "size", size)
 
 
 class PromptCache:
-    """An LRU map from request key to a stored response, bounded in bytes and age."""
+    """An LRU map from request key to a stored response, bounded in bytes and age.
 
-    def __init__(self, max_bytes: int = 256 * 1024 * 1024, ttl: float = 3600.0) -> None:
+    `put` first drops expired entries from the least recently used end, stopping at the
+    first that is not: every entry after it was used since, so none is left that was neither
+    stored nor used within the `ttl`. One that was used since but is older than the `ttl` is
+    dropped when next looked up, or pushed out by size.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024, ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.clock = clock
+        """What `Entry.stored_at` is read against (a fake one in tests)."""
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.bytes = 0
         self.hits = 0
@@ -62,17 +97,22 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: str) -> bool:
+        """Held, expired or not; unlike `get`, this neither drops nor refreshes it."""
+        return key in self._entries
+
     def get(self, key: str) -> Entry | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if time.monotonic() - entry.stored_at > self.ttl:
+        if self.clock() - entry.stored_at > self.ttl:
             self._remove(key)
             return None
         self._entries.move_to_end(key)
         return entry
 
     def put(self, key: str, entry: Entry) -> None:
+        self._expire(self.clock())
         if entry.size > self.max_bytes // 4:  # one huge answer must not flush everything
             return
         if key in self._entries:
@@ -81,6 +121,13 @@ class PromptCache:
         self.bytes += entry.size
         while self.bytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            key, oldest = next(iter(self._entries.items()))
+            if now - oldest.stored_at <= self.ttl:
+                return
+            self._remove(key)
 
     def _remove(self, key: str) -> None:
         self.bytes -= self._entries.pop(key).size
@@ -143,8 +190,7 @@ class PromptCacheStage(Stage):
         chunks = tuple(c for _, c in ex.response_chunks)
         if not whole(chunks, ex.response_header("content-type") or ""):
             return
-        size = sum(len(c) for c in chunks) + 200
-        self.cache.put(ex.cache_key, Entry(ex.status, headers, chunks, size, time.monotonic()))
+        self.cache.put(ex.cache_key, Entry(ex.status, headers, chunks, self.cache.clock()))
 
 
 def whole(chunks: tuple[bytes, ...], content_type: str) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+import tracemalloc
+
 import httpx
 import pytest
 
@@ -140,21 +144,78 @@ async def test_hits_are_captured_as_exchanges(upstream, proxy):
 
 
 def _entry(size: int, at: float = 0.0) -> Entry:
-    return Entry(200, (), (b"x" * size,), size, at)
+    return Entry(200, (), (b"x" * size,), at)
 
 
 def test_bounded_by_bytes_least_recently_used_first():
-    cache = PromptCache(max_bytes=1000)
+    cache = PromptCache(max_bytes=4000)
     for k in "abc":
-        cache.put(k, _entry(200, at=1e12))
+        cache.put(k, _entry(500, at=1e12))  # 961 bytes each, with what holding one costs
     cache.get("a")  # a is now the most recently used
-    cache.put("d", _entry(240, at=1e12))
-    cache.put("e", _entry(240, at=1e12))
+    cache.put("d", _entry(520, at=1e12))
+    cache.put("e", _entry(520, at=1e12))
     assert cache.get("b") is None and cache.get("a") is not None
-    assert cache.bytes <= 1000
+    assert cache.bytes <= 4000
 
 
 def test_bounded_by_age():
     cache = PromptCache(ttl=10)
     cache.put("old", _entry(10, at=-100.0))
     assert cache.get("old") is None and len(cache) == 0
+
+
+def test_expired_entries_are_swept_when_an_answer_is_stored():
+    """Without being looked up: from the least recently used end, up to the first that is
+    not expired (an older one used since stays until looked up)."""
+    now = 0.0
+    cache = PromptCache(ttl=10, clock=lambda: now)
+    for k in "abc":  # stored at 0, 1, 2
+        cache.put(k, _entry(10, at=now))
+        now += 1
+    now = 8.0
+    assert cache.get("a") is not None  # used at 8: b, c, a from least recently used
+    now = 11.5  # a and b are expired, c is not
+    cache.put("d", _entry(10, at=now))
+    assert "b" not in cache and all(k in cache for k in "cad")
+    assert cache.get("a") is None  # dropped once looked up
+    now = 100.0
+    cache.put("e", _entry(10, at=now))
+    assert len(cache) == 1 and cache.bytes == _entry(10).size
+
+
+def _answer(i: int) -> tuple[bytes, ...]:
+    """A one-token chat completion, as vLLM sends it."""
+    return (json.dumps({
+        "id": f"chatcmpl-{i:024x}", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "4"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1}}).encode(),)
+
+
+def _stream(i: int) -> tuple[bytes, ...]:
+    """Twenty events of one token each, one chunk an event, and the end."""
+    events = [
+        b'data: {"id":"chatcmpl-%024x","object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":"tok%d "}}]}\n\n' % (i, k) for k in range(20)]
+    return (*events, b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("answer", [_answer, _stream], ids=["one-token", "stream-20-events"])
+def test_memory_held_stays_within_the_byte_bound(answer):
+    """What the cache's objects really take (tracemalloc), not only their body bytes: short
+    answers are mostly the objects holding them."""
+    limit = 4 << 20
+    cache = PromptCache(max_bytes=limit)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(10_000):  # two to ten times what fits
+            headers = (("content-type", "application/json"), ("server", "uvicorn"),
+                       ("x-request-id", f"chatcmpl-{i:016x}"))
+            headers = tuple((k.encode().decode(), v.encode().decode()) for k, v in headers)
+            cache.put(f"{i:032x}", Entry(200, headers, answer(i), time.monotonic()))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(cache) < 5000  # the bound was reached: entries were pushed out
+    assert 0.8 * limit < held < 1.2 * limit
