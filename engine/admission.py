@@ -168,6 +168,8 @@ class Group:
     in_flight: int = 0
     calls: int = 0
     last_done: float = 0.0
+    entered: int = 0
+    """When it entered the resident set (a count): groups are released in that order."""
 
 
 @dataclass(eq=False)
@@ -270,8 +272,25 @@ class Admission:
         then goes to `_finished`) unless they come back first: a session whose tool call
         outlasts its hold is under way, not finished, and taking it for a finished one
         before any has finished makes its agent look one call long."""
-        self._learned_by_kind: dict[str | None, tuple[list, int, int]] = {}
+        self._learned_by_kind: dict[str | None, tuple[list[int], int, int]] = {}
         """Per kind: what `_learned` found, until the next session finishes."""
+        self._learned_changes = 0
+        """Times `_learned_by_kind` was forgotten: a session's hold may change with it."""
+        self._leaving_due = math.inf
+        """No session in `_leaving` is due before this (`_expire` looks no further until then)."""
+        self._idle: dict[str, None] = {}
+        """Resident groups between calls, by their last answer, oldest first. `_expire` asks
+        only the oldest whether their hold has ended, and stops at the first one whose time
+        since its answer is short of the least hold a session that is not done can have
+        (`_hold_ended`): asking every resident group each call took 2-3 ms at 1,400 resident."""
+        self._idle_fresh: dict[str, None] = {}
+        """Groups whose hold may be 0 (done) and that `_expire` has not asked since: those
+        that answered since, or all of them once `_learned_changes` moved (`_idle_known`)."""
+        self._idle_known = 0
+        """`_learned_changes` when `_expire` last asked every group in `_idle` not fresh."""
+        self._idle_in_order = True
+        """`_idle` is in the order of last answers (a clock never goes back; a test's may)."""
+        self._entered = itertools.count()
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._union = 0
@@ -392,6 +411,8 @@ class Admission:
             return
         g.output_tokens = max(g.output_tokens, output_tokens)
         g.last_done = time.monotonic()
+        if not g.in_flight:
+            self._between_calls(g)
         self._measure(g)
         self._release_ready()
 
@@ -486,7 +507,7 @@ class Admission:
             log.warning("could not restore admission's snapshot (%s); learning afresh", exc)
             return 0
         put_first(self._finished, finished, PROFILE_WINDOW)
-        self._learned_by_kind.clear()
+        self._forget_learned()
         self._gaps = sorted(self._gaps + gaps)
         self.chars_per_token = cpt
         return len(finished)
@@ -534,12 +555,14 @@ class Admission:
         """Calls a session makes (upper quartile, as `expected_footprint`)."""
         return self._learned(kind)[2]
 
-    def _learned(self, kind: str | None) -> tuple[list[tuple[int, int, str]], int, int]:
-        """Finished sessions of the kind (from the first one: other agents' sessions say
-        little of this one's, as a debater's three calls and a support agent's six; all
-        kinds' where none of the kind finished and at least PROFILE_MIN_SESSIONS did), and
-        the upper quartiles of their footprints and calls. Remembered until the next
-        session finishes: admission asks for them per resident group on every decision."""
+    def _learned(self, kind: str | None) -> tuple[list[int], int, int]:
+        """The calls each finished session of the kind made, sorted (from the first one:
+        other agents' sessions say little of this one's, as a debater's three calls and a
+        support agent's six; all kinds' where none of the kind finished and at least
+        PROFILE_MIN_SESSIONS did), and the upper quartiles of their footprints and calls.
+        Remembered until the next session finishes: admission asks for them per resident
+        group on every decision (`_done` counts in the sorted calls by bisection: summing
+        over 200 finished sessions per resident group took 17 ms a call at 1,200 resident)."""
         found = self._learned_by_kind.get(kind)
         if found is None:
             finished = list(self._finished.values())
@@ -548,13 +571,19 @@ class Admission:
                 finished = same
             elif len(finished) < PROFILE_MIN_SESSIONS:
                 finished = []
+            calls_made = sorted(p[1] for p in finished)
             footprint = calls = 0
             if finished:
                 at = int(0.75 * (len(finished) - 1))
                 footprint = sorted(p[0] for p in finished)[at]
-                calls = sorted(p[1] for p in finished)[at]
-            found = self._learned_by_kind[kind] = (finished, footprint, calls)
+                calls = calls_made[at]
+            found = self._learned_by_kind[kind] = (calls_made, footprint, calls)
         return found
+
+    def _forget_learned(self) -> None:
+        """The finished sessions changed: what `_learned` found, and so sessions' holds."""
+        self._learned_by_kind.clear()
+        self._learned_changes += 1
 
     def _reserved_tokens(self) -> int:
         """The resident set now, plus the growth its sessions are expected to have."""
@@ -662,8 +691,8 @@ class Admission:
         now = time.monotonic()
         self._load.append((now, *self._totals(now), self._in_flight))
 
-    def _held(self, g: Group) -> bool:
-        return time.monotonic() - g.last_done < self._hold_for(g)
+    def _held(self, g: Group, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) - g.last_done < self._hold_for(g)
 
     def _hold_for(self, g: Group) -> float:
         """How long an idle group keeps its place: its agent's tool time, and longer while
@@ -678,10 +707,11 @@ class Admission:
     def _done(self, g: Group) -> bool:
         """Nearly every finished session of its kind stopped within the calls `g` has made.
         (One that does come back is a session under way again: it goes before new ones.)"""
-        finished = self._learned(g.kind)[0]
-        if not finished:
+        calls_made = self._learned(g.kind)[0]
+        if not calls_made:
             return False
-        return sum(1 for p in finished if p[1] > g.calls) < DONE_BEYOND * len(finished)
+        more = len(calls_made) - bisect.bisect_right(calls_made, g.calls)
+        return more < DONE_BEYOND * len(calls_made)
 
     def _gap_p90(self) -> float:
         """The tool time to hold an idle session for: p90 of the gaps seen, x1.2. Until
@@ -705,7 +735,7 @@ class Admission:
         if g is None:
             if not self._groups:
                 self._occupied_since = now
-            g = self._groups[t.group] = Group(t.group, t.kind)
+            g = self._groups[t.group] = Group(t.group, t.kind, entered=next(self._entered))
             if t.group not in self._born:
                 self._born[t.group] = (now, self.expected_footprint(t.kind) == 0)
                 while len(self._born) > MAX_SESSIONS:
@@ -725,6 +755,8 @@ class Admission:
         if t.run and self.runs is not None:
             self.runs.admitted(t.run)
         g.in_flight += 1
+        self._idle.pop(g.id, None)
+        self._idle_fresh.pop(g.id, None)
         self._running(+1)
         g.calls += 1
         self._set_chain(g, t.chain, t.sizes)
@@ -770,29 +802,78 @@ class Admission:
         profile = self._profiles.get(g.id)
         if between_calls and profile is not None:
             self._leaving.pop(g.id, None)
-            self._leaving[g.id] = (g.last_done + 2 * self._hold_for(g),
-                                   (profile[0], profile[1], g.kind))
+            due = g.last_done + 2 * self._hold_for(g)
+            self._leaving[g.id] = (due, (profile[0], profile[1], g.kind))
+            self._leaving_due = min(self._leaving_due, due)
             while len(self._leaving) > PROFILE_WINDOW:
                 self._leaving.popitem(last=False)
         self._set_chain(g, (), ())
         del self._groups[g.id]
+        self._idle.pop(g.id, None)
+        self._idle_fresh.pop(g.id, None)
         if not self._groups:
             self._occupied_since = None
 
     def _expire(self) -> None:
         if self.runs is not None:
             self.runs.expire()
-        for g in [g for g in self._groups.values() if not g.in_flight and not self._held(g)]:
+        for g in self._hold_ended(time.monotonic()):
             log.debug("released %s after %d calls (held %.1f s)", g.id, g.calls,
                       self._hold_for(g))
             self._release(g)
         now = time.monotonic()
+        if self._leaving_due > now:
+            return
         for gid in [gid for gid, (due, _) in self._leaving.items() if due <= now]:
             self._finished.pop(gid, None)
             self._finished[gid] = self._leaving.pop(gid)[1]
             while len(self._finished) > PROFILE_WINDOW:
                 self._finished.popitem(last=False)
-            self._learned_by_kind.clear()
+            self._forget_learned()
+        self._leaving_due = min((due for due, _ in self._leaving.values()), default=math.inf)
+
+    def _between_calls(self, g: Group) -> None:
+        """The group answered its last call in flight: it is held from now (`_idle`)."""
+        self._idle.pop(g.id, None)
+        if self._idle and self._groups[next(reversed(self._idle))].last_done > g.last_done:
+            self._idle_in_order = False
+        self._idle[g.id] = None
+        self._idle_fresh[g.id] = None
+
+    def _hold_ended(self, now: float) -> list[Group]:
+        """The groups between calls whose hold has ended, in the resident set's order (the
+        order in which every resident group used to be asked, and released).
+
+        A group's hold is 0 when it is done, else one of two values the same for all (the
+        tool gap, or MID_SESSION_HOLD times it, at most `max_hold`). So a group not done is
+        held at least the lesser of the two (`least`), and past the first group in `_idle`
+        (oldest answer first) that answered within `least` of `now`, only the groups that
+        may be done are asked: the fresh ones (`_idle_fresh`)."""
+        if self._learned_changes != self._idle_known or not self._idle_in_order:
+            self._idle_fresh.update(self._idle)  # any may be done now: ask all
+            self._idle_known = self._learned_changes
+        if not self._idle:
+            self._idle_in_order = True
+            return []
+        gap = self._gap_p90()
+        least = min(min(self.max_hold, gap), min(self.max_hold, gap * MID_SESSION_HOLD))
+        ended, asked = [], self._idle_fresh
+        for gid in self._idle:
+            g = self._groups[gid]
+            if now - g.last_done < least:
+                break
+            if gid not in asked and not self._held(g, now):
+                ended.append(g)
+        fresh: dict[str, None] = {}
+        for gid in asked:
+            g = self._groups[gid]
+            if not self._held(g, now):
+                ended.append(g)
+            elif not self._hold_for(g):
+                fresh[gid] = None  # held with a hold of 0: answered after `now` (a test's clock)
+        self._idle_fresh = fresh
+        ended.sort(key=lambda g: g.entered)
+        return ended
 
     # -- the waiting queue ---------------------------------------------------------------
 
@@ -953,7 +1034,7 @@ class Admission:
         """A session sent another call: it had not finished, whenever it is let in."""
         if self._leaving.pop(group, None) is None and group in self._finished:
             del self._finished[group]
-            self._learned_by_kind.clear()
+            self._forget_learned()
 
     def _suspend(self, g: Group, calling: bool = False) -> None:
         """Set a resident session aside: its next call (`calling`: the one arriving now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import pytest
@@ -189,6 +190,55 @@ async def test_the_engine_load_is_the_calls_on_it_averaged_over_time(monkeypatch
     clock.now += 30
     assert adm._load_mean() == pytest.approx(1.0)  # B alone, for the whole window
     assert len(adm._load) <= 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_sessions_are_released_as_when_every_one_was_asked(monkeypatch, seed):
+    """`_expire` asks only the sessions between calls whose hold may have ended (the oldest
+    answers, and those that may be done); what it releases is what asking every resident
+    session releases, in the resident set's order, as finished sessions, tool gaps and
+    the clock move."""
+    clock = Clock()
+    monkeypatch.setattr(admission_module, "time", clock)
+    adm = make(10**9, hold=1.0, max_hold=10.0)
+    # until sessions of their own agent finish, sessions are taken to make 2-4 calls
+    adm.restore({"version": 1, "finished": [[100, n, "other"] for n in (2, 3, 3, 4) * 10],
+                 "gaps": [], "chars_per_token": CPT, "runs": []})
+    hold_ended, released = adm._hold_ended, []
+
+    def every_one_asked(now: float) -> list:
+        every = [g for g in adm._groups.values() if not g.in_flight and not adm._held(g, now)]
+        got = hold_ended(now)
+        assert got == every
+        released.extend(g.calls for g in got)
+        return got
+
+    monkeypatch.setattr(adm, "_hold_ended", every_one_asked)
+    rng = random.Random(seed)
+    sessions: list[list] = []  # [messages, calls left, ticket in flight]
+    for _ in range(3000):
+        clock.now += rng.choice([0.0, 0.05, 0.2, 0.5, 1.5, 12.0])
+        idle = [s for s in sessions if s[2] is None and s[1]]
+        busy = [s for s in sessions if s[2] is not None]
+        if busy and rng.random() < 0.5:
+            s = rng.choice(busy)
+            adm.leave(s[2], rng.randint(1, 50))
+            s[1], s[2] = s[1] - 1, None
+            continue
+        if idle and rng.random() < 0.6:
+            s = rng.choice(idle)
+            s[0] = [*s[0], "answer", "tool output " * rng.randint(1, 20)]
+        elif len(idle) + len(busy) < 60:
+            s = [["system", f"task {len(sessions)}"], rng.randint(1, 6), None]
+            sessions.append(s)
+        else:
+            adm.stats()
+            continue
+        s[2] = ticket(adm, body(*s[0]))
+        await asyncio.wait_for(adm.enter(s[2]), 1)
+        assert set(adm._idle) == {g.id for g in adm._groups.values() if not g.in_flight}
+    assert set(released) == {1, 2, 3, 4, 5, 6}  # after their holds, or with their last answers
+    assert len(adm._finished) > 40  # sessions finished meanwhile (the holds changed with them)
 
 
 async def test_spare_throughput_never_takes_a_session_past_the_raised_fill(monkeypatch):
