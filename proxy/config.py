@@ -54,6 +54,15 @@ class Settings:
     capture_queue: int = _opt(
         10_000, "Exchanges waiting to be written before new captures are dropped (and counted)."
     )
+    capture_queue_bytes: int = _opt(
+        256 * 1024 * 1024, "Bytes of exchanges waiting to be written (held by the proxy while the "
+        "observer process lags) before new captures are dropped (and counted)."
+    )
+    retain_days: float | None = _opt(
+        None, "Days captured exchanges are kept: older ones (by when they were made and "
+        "stored), the sessions left without any and the messages no exchange refers to any "
+        "more are deleted every few minutes. Unset: kept for ever. Learned snapshots stay."
+    )
     connect_timeout: float = _opt(10.0, "Seconds to wait for a connection to the upstream.")
     read_timeout: float = _opt(
         600.0, "Seconds to wait for the upstream's next byte before answering 504."
@@ -68,7 +77,8 @@ class Settings:
     prompt_cache: bool = _opt(
         True, "Answer an identical deterministic request (temperature 0 or a seed) from memory."
     )
-    prompt_cache_bytes: int = _opt(256 * 1024 * 1024, "Most bytes the prompt cache holds.")
+    prompt_cache_bytes: int = _opt(256 * 1024 * 1024, "Most bytes of memory the prompt cache "
+                                   "holds (its answers' objects counted, not only their bodies).")
     prompt_cache_ttl: float = _opt(3600.0, "Seconds a prompt-cache entry stays valid.")
     admission: bool = _opt(
         True, "Cache-aware admission: keep the working set of the agent sessions being served "

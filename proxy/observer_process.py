@@ -16,11 +16,14 @@ competes with the event loop for the GIL (bench/results/overhead.md says what it
     keep_admission(s) ─── ("admission", s) ────▶  saved with the learned snapshot
 
 Each frame is a 4-byte length and a pickle. Captures stay countable: `depth` is submitted
-minus processed; a full queue, a child that died holding exchanges, and a child not running
-all lose captures, counted in `dropped` by reason (with those the child itself lost), and a
-dead child is started again. The child ignores SIGINT (Ctrl-C reaches the whole process
-group, and the proxy decides when capture ends); it stops when the proxy closes its end of
-the socket, after writing everything it was sent, or on SIGTERM after what it has received.
+minus processed; a full queue (in exchanges, or in bytes the proxy holds for the child), a
+child that died holding exchanges, and a child not running all lose captures, counted in
+`dropped` by reason (with those the child itself lost), and a dead child is started again.
+With `retain_days` the child also deletes old captures (storage/retention.py), in steps of
+about 50 ms while it waits for captures (and one every `RETAIN_BUSY` s when they never
+stop). The child ignores SIGINT (Ctrl-C reaches the whole process group, and the proxy
+decides when capture ends); it stops when the proxy closes its end of the socket, after
+writing everything it was sent, or on SIGTERM after what it has received.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.learning import LearnSink
 from proxy.observe import Drops, Observer
+from storage.retention import Retention
 from storage.store import SERVING_BEAT, Store, StoreError
 
 log = logging.getLogger("preheat.observe")
@@ -64,6 +68,8 @@ IMPORTS_EVERY = 2.0
 NICE = 10
 """The child's CPU priority below the proxy's: its work can wait, a call's cannot."""
 RESTART_DELAY = 1.0
+RETAIN_BUSY = 0.5
+"""Seconds between retention's steps while captures arrive without a pause."""
 COPY_TTL = 2.0
 """Seconds an admin page's copy of the live learner is reused before a fresh one is asked."""
 
@@ -96,6 +102,7 @@ class ObserverProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.maxsize = settings.capture_queue
+        self.max_bytes = settings.capture_queue_bytes
         self.dropped = Drops()
         self.written = 0
         self.restarts = 0
@@ -169,6 +176,12 @@ class ObserverProcess:
             return False
         if self.depth >= self.maxsize:
             self.dropped.add("queue_full", 1)
+            return False
+        # What the child has not read yet waits in the transport's buffer, in this process:
+        # bounded so, it holds at most `max_bytes` and one exchange more. Checked before the
+        # pickle, so a lagging child costs the event loop nothing per call dropped.
+        if self._transport.get_write_buffer_size() >= self.max_bytes:
+            self.dropped.add("queue_bytes", 1)
             return False
         feedback = ex.ticket is not None and self.on_usage is not None
         self._transport.write(_frame(("ex", ex.raw(), feedback)))
@@ -369,13 +382,14 @@ class _Child:
         self.settings = settings
         self.observer: Observer | None = None
         self.learning: LearnSink | None = None
+        self.retention: Retention | None = None
         self.feedback: set[str] = set()
         self.offers = False
         self.heads_sent = -1
         self.out: list[bytes] = []
         self.reported = Counter[str]()
         self.reported_written = 0
-        self.ticked = self.marked = -math.inf
+        self.ticked = self.marked = self.retained = -math.inf
 
     def run(self, stop: threading.Event) -> None:
         if not self._open():
@@ -383,8 +397,11 @@ class _Child:
         buf = bytearray()
         while not stop.is_set():
             self._tick()
-            if not select.select([self.sock], [], [], 0.5)[0]:
-                continue  # woken only to notice SIGTERM
+            busy = self.retention is not None and self.retention.busy
+            if not select.select([self.sock], [], [], 0.01 if busy else 0.5)[0]:
+                self._retain(idle=True)
+                continue  # woken only to notice SIGTERM, or to go on with retention
+            self._retain(idle=False)
             data = self.sock.recv(1 << 20)
             if not data:
                 break
@@ -412,6 +429,8 @@ class _Child:
             self.learning.listeners.append(self._offer)
             self.observer.sinks.append(self.learning)
         self.observer.sinks.append(self)
+        if self.settings.retain_days is not None:
+            self.retention = Retention(store, self.settings.retain_days)
         self._tick()
         self._send(("ready",))
         self._flush_out()
@@ -435,8 +454,26 @@ class _Child:
         except Exception as exc:  # a busy or failing store: the captures say more
             log.warning("could not mark the store as served or learn its imports: %s", exc)
 
+    def _retain(self, idle: bool) -> None:
+        """Delete what is older than `retain_days` while a pass is under way (every 5
+        minutes), a step of about 50 ms at a time: whenever nothing waits to be read, and
+        every `RETAIN_BUSY` s between batches when captures keep coming."""
+        if self.retention is None:
+            return
+        now = time.monotonic()
+        if not idle and now - self.retained < RETAIN_BUSY:
+            return
+        self.retained = now
+        try:
+            self.retention.step()
+        except Exception:
+            log.exception("retention failed; trying again at its next pass")
+            self.retention.abandon()
+
     def _close(self) -> None:
         assert self.observer is not None and self.observer.store is not None
+        if self.retention is not None:
+            self.retention.close()
         if self.learning is not None:
             self.learning.save()
         try:

@@ -47,8 +47,8 @@ CACHE = web.AppKey("prompt_cache", PromptCache)
 ADMISSION = web.AppKey("admission", Admission)
 PLANNER = web.AppKey("planner", object)
 INFLIGHT = web.AppKey("inflight", list)
-DROP_REASONS = ("queue_full", "store_error", "observer_down", "observer_died", "unreadable",
-                "closed")
+DROP_REASONS = ("queue_full", "queue_bytes", "store_error", "observer_down", "observer_died",
+                "unreadable", "closed")
 """Why captures are lost: each counted from 0 on /metrics, so an alert sees the series."""
 SHUTDOWN_GRACE = 30.0
 """Seconds calls in flight at SIGTERM or Ctrl-C are given to finish."""

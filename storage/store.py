@@ -65,6 +65,9 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers never wait for the writer
             cur = dbapi_conn.cursor()
+            # Takes only in a new file (before WAL writes its header; an existing store keeps
+            # its mode): retention gives the pages it frees back (storage/retention.py).
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")

@@ -25,6 +25,12 @@ def test_environment_then_flags():
     assert s.engine_args == ("--a", "--b")
 
 
+def test_retention_is_unset_unless_asked_for():
+    assert Settings.from_env({}).retain_days is None
+    assert Settings.from_env({"PREHEAT_RETAIN_DAYS": "0.5"}).retain_days == 0.5
+    assert Settings.from_env({"PREHEAT_CAPTURE_QUEUE_BYTES": "1024"}).capture_queue_bytes == 1024
+
+
 def test_bad_value_says_which_variable():
     with pytest.raises(ValueError, match="PREHEAT_PORT='eighty' is not a valid int"):
         Settings.from_env({"PREHEAT_PORT": "eighty"})

@@ -49,6 +49,36 @@ async def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
     assert not observer.submit(_exchange(10)) and observer.dropped["closed"] == 1
 
 
+async def test_what_waits_for_a_lagging_observer_is_bounded_in_bytes(tmp_path):
+    """Agent calls carry long contexts: 10,000 queued exchanges of 128 KB held 1.3 GB in the
+    proxy before the queue bound (in exchanges) dropped any."""
+    db = f"sqlite:///{tmp_path}/b.db"
+    bound, body = 4 << 20, 256 << 10
+    observer = ObserverProcess(Settings(db=db, capture_queue_bytes=bound))
+    await observer.start()
+    try:
+        os.kill(observer.pid, signal.SIGSTOP)
+        try:
+            accepted, held = [], []
+            for i in range(100):  # 25 MiB of calls, 6 times the bound
+                ex = _exchange(i)
+                ex.request_body = ex.request_body[:-3] + b"x" * body + b'"}]}'
+                accepted.append(observer.submit(ex))
+                held.append(observer._transport.get_write_buffer_size())
+        finally:
+            os.kill(observer.pid, signal.SIGCONT)
+        taken = sum(accepted)
+        assert bound // body <= taken < 60 and accepted == [True] * taken + [False] * (100 - taken)
+        assert observer.dropped == {"queue_bytes": 100 - taken}
+        assert max(held) < bound + 2 * body  # the bound, and the one call that crossed it
+        await observer.flush()
+        assert observer.written == taken and observer.depth == 0
+        assert observer.submit(_exchange(100))  # drained: captured again
+    finally:
+        await observer.close()
+    assert Store(db).count()["exchanges"] == taken + 1
+
+
 async def test_an_exchange_it_cannot_read_is_stored_raw_and_the_next_one_too(tmp_path):
     db = f"sqlite:///{tmp_path}/g.db"
     observer = ObserverProcess(Settings(db=db))
@@ -221,3 +251,28 @@ async def test_a_running_server_learns_an_import_once_and_a_restart_not_again(tm
     again = LearnSink(Store(db))  # a restart: the saved snapshot says the import was learned
     assert again.catch_up() == 0 and again.catch_up_imports() == 0
     assert again.learner.observed == learned
+
+
+async def test_the_observer_deletes_what_is_older_than_retain_days(tmp_path):
+    """The store's single writer enforces retention, between the captures it writes."""
+    db = f"sqlite:///{tmp_path}/r.db"
+    store = Store(db)
+    old = [_exchange(i) for i in range(3)]
+    for ex in old:
+        ex.started_at = time.time() - 10 * 86400
+    store.write(old)
+    with store.engine.begin() as conn:  # captured ten days ago
+        conn.exec_driver_sql("UPDATE exchanges SET stored_at = started_at")
+    observer = ObserverProcess(Settings(db=db, retain_days=7, learn=False))
+    await observer.start()
+    try:
+        assert observer.submit(_exchange(3))
+        await observer.flush()
+        for _ in range(200):  # the first pass begins at start, messages are searched after
+            if store.count() == {"exchanges": 1, "sessions": 1, "messages": 1}:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await observer.close()
+    assert store.count() == {"exchanges": 1, "sessions": 1, "messages": 1}
+    assert [ex.request_json["messages"][0]["content"] for ex in store.exchanges()] == ["3"]
