@@ -17,8 +17,9 @@ forwarded:
   id); the observer reports them with each call's usage (`answer_hashes`). A prompt that
   arrived before its source's answer was reported is placed again when its own answer is,
   and the two runs become one.
-- A new session with neither starts a run, or joins the run another root started within
-  `together` seconds before it (agents a framework launches at once).
+- A new session with neither starts a run, or joins the run of another root started within
+  `together` seconds before it (agents a framework launches at once, or one after another),
+  while that run is under `BURST` seconds old.
 
 A run's size is its service: output tokens plus `PREFILL_WEIGHT` per uncached prompt token
 (a decode token costs a step; a prefill token a share of one). Runs idle for `idle` seconds
@@ -54,6 +55,8 @@ MIN_FINISHED = 3
 """Finished runs (of any kind) before sizes are guessed at all: until then nothing is ordered."""
 WINDOW = 200
 """Finished runs remembered for sizes."""
+BURST = 5.0
+"""Seconds from a run's start during which roots launched one after another join it."""
 MAX_GROUPS = 50_000
 MAX_CHUNKS = 50_000
 """Answer chunks remembered (hand-offs read answers of the last minutes; ~6 MB)."""
@@ -215,14 +218,15 @@ class Runs:
         return None
 
     def _costart(self, now: float) -> str | None:
-        """The run another root started within `together` s of its start: measured from the
-        run's start, not its latest root's, or steady traffic (a new session every 0.5 s)
-        would chain every session into one run that never ends."""
+        """The run of a root started within `together` s before, while that run is under
+        `BURST` s old: agents launched one after another make one burst, but steady traffic
+        (a new session every 0.5 s) must not chain every session into one run that never
+        ends."""
         for t, rid in reversed(self._roots):
             if now - t > self.together:
                 break
             run = self._runs.get(self.find(rid))
-            if run is not None and now - run.started <= self.together:
+            if run is not None and now - run.started <= BURST:
                 return run.id
         return None
 

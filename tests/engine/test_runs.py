@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.admission import Admission, prompt_chain
-from engine.runs import WINDOW, Runs, answer_hashes, prompt_hashes, text_hashes
+from engine.runs import BURST, WINDOW, Runs, answer_hashes, prompt_hashes, text_hashes
 
 ANSWER = ("Revenue rose in the third quarter while margins held steady.\n"
           "The guidance for next year assumes modest growth in every region.")
@@ -33,18 +33,18 @@ def test_calls_are_placed_by_session_by_answer_read_and_by_start_time():
 
 
 def test_steady_traffic_does_not_chain_every_new_session_into_one_run():
-    """A new session every 0.4 s, each within `together` of the last: runs are cut at
-    `together` from their start, or one run would never end, its size never learned."""
+    """A new session every 0.4 s, each within `together` of the last: a run takes roots for
+    `BURST` s from its start, or one run would never end, its size never learned."""
     runs = Runs(together=0.5, idle=1.0)
     placed = [runs.place(f"s{i}", f"kind-{i % 7}", list, now=0.4 * i)[0] for i in range(1000)]
-    assert placed[1] == placed[0]  # launched together: one run
-    assert len(set(placed)) >= 400
+    assert placed[1] == placed[0] and placed[int(BURST / 0.4)] == placed[0]  # one burst
+    assert len(set(placed)) >= 1000 * 0.4 / (BURST + 0.4)
     for i, rid in enumerate(placed):  # each session makes one call, answered at once
         runs.arrived(rid)
         runs.left(rid, now=0.4 * i)
         runs.answered(rid, 10.0, [])
     runs.expire(now=400.0 + 2)
-    assert len(runs) == 0 and len(runs._finished) == 200  # every run ended and was learned
+    assert len(runs) == 0 and len(runs._finished) == len(set(placed))  # ended and learned
     assert {kind for kind, _ in runs._finished.values()} <= {f"kind-{k}" for k in range(7)}
 
 
