@@ -163,13 +163,18 @@ def free_ports(host: str, count: int) -> list[int]:
             s.close()
 
 
-def port_free(host: str, port: int) -> bool:
+def try_bind(host: str, port: int) -> None:
+    """Bind `host:port` and let go at once; raises OSError (in use, no such address)."""
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and aiohttp bind
+        s.bind((host, port))
+
+
+def port_free(host: str, port: int) -> bool:
+    try:
+        try_bind(host, port)
+    except OSError:
+        return False
     return True
 
 

@@ -12,7 +12,6 @@ import gc
 import hashlib
 import logging
 import os
-import socket
 import sys
 import time
 from typing import AsyncIterator
@@ -20,7 +19,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from engine.admission import Admission, Ticket, prompt_chain
-from engine.process import cpu_seconds
+from engine.process import cpu_seconds, try_bind
 from engine.runs import prompt_hashes
 from engine.supervisor import cache_info
 from learn.sessions import EXPLICIT_HEADERS
@@ -641,9 +640,7 @@ def run(settings: Settings) -> None:
     # Worker threads (admin page reads) must not hold the event loop off the GIL for 5 ms.
     sys.setswitchinterval(0.0005)
     if settings.port:  # now, not after the engine has started (minutes, on a large model)
-        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
-            s.bind((settings.host, settings.port))  # OSError: the CLI says so
+        try_bind(settings.host, settings.port)  # OSError: the CLI says so
     app = build_app(settings)
     app.on_startup.append(_freeze_heap)  # after the cleanup contexts have started
     web.run_app(
