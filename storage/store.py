@@ -50,6 +50,16 @@ def _add_columns(engine: Engine) -> None:
                 "CREATE INDEX IF NOT EXISTS ix_exchanges_stored ON exchanges (stored_at)")
 
 
+def imported_clause():
+    """SQL condition: the exchange was imported (`preheat import`), not captured."""
+    return ExchangeRow.session_source.startswith(IMPORTED_SOURCE, autoescape=True)
+
+
+def captured_clause():
+    """SQL condition: the exchange was captured from traffic, not imported."""
+    return ~imported_clause() | ExchangeRow.session_source.is_(None)
+
+
 def store_url(url: str) -> str:
     """A database URL, or a plain file path taken as a SQLite file (`--db data/preheat.db`)."""
     return url if "://" in url else f"sqlite:///{url}"
@@ -243,8 +253,7 @@ class Store:
         if since is not None:
             q = q.where(ExchangeRow.started_at > since)
         if imported is not None:
-            marked = ExchangeRow.session_source.startswith(IMPORTED_SOURCE, autoescape=True)
-            q = q.where(marked if imported else ~marked | ExchangeRow.session_source.is_(None))
+            q = q.where(imported_clause() if imported else captured_clause())
         if stored is not None:
             q = q.where(ExchangeRow.stored_at > stored[0], ExchangeRow.stored_at <= stored[1])
         with OrmSession(self.engine) as db:
@@ -258,9 +267,13 @@ class Store:
                 yield from self._load(db, page)
 
     def count(self) -> dict:
+        """Rows stored: exchanges (captured and imported), of them imported, sessions,
+        messages."""
         with OrmSession(self.engine) as db:
             return {
                 "exchanges": db.scalar(select(func.count()).select_from(ExchangeRow)),
+                "imported": db.scalar(select(func.count()).select_from(ExchangeRow)
+                                      .where(imported_clause())),
                 "sessions": db.scalar(select(func.count()).select_from(Session)),
                 "messages": db.scalar(select(func.count()).select_from(Message)),
             }

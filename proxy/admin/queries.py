@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from proxy.cli import exchange_summary
 from storage.models import ExchangeRow
-from storage.store import Store
+from storage.store import Store, captured_clause
 
 _SMALL = (ExchangeRow.id, ExchangeRow.session_id, ExchangeRow.path, ExchangeRow.status,
           ExchangeRow.started_at, ExchangeRow.t_first_token, ExchangeRow.t_done,
@@ -35,14 +35,17 @@ def _tokens(usage: Any) -> tuple[int, int]:
 
 
 def overview(store: Store, recent: int = 50_000) -> dict:
-    """Traffic, tokens and the estimated prefill time the cached tokens saved."""
+    """Traffic, tokens and the estimated prefill time the cached tokens saved. Traffic is
+    the calls captured: imported traces (`preheat import`) are counted, not taken for
+    traffic (they are dated when their trace says, and carry no timings)."""
     counts = store.count()
     with OrmSession(store.engine) as db:
-        rows = db.execute(select(*_SMALL).order_by(ExchangeRow.started_at.desc()).limit(recent)).all()
+        rows = db.execute(select(*_SMALL).where(captured_clause())
+                          .order_by(ExchangeRow.started_at.desc()).limit(recent)).all()
         by_route = Counter()
-        for path, status, n in db.execute(select(ExchangeRow.path, ExchangeRow.status,
-                                                 func.count()).group_by(ExchangeRow.path,
-                                                                        ExchangeRow.status)):
+        for path, status, n in db.execute(select(ExchangeRow.path, ExchangeRow.status, func.count())
+                                          .where(captured_clause())
+                                          .group_by(ExchangeRow.path, ExchangeRow.status)):
             by_route[(path, status)] += n
     prompt = completion = cached = errors = 0
     ttfts: list[float] = []

@@ -127,3 +127,26 @@ def test_bad_files_say_why(tmp_path, text, message, capsys):
         read_trace(path)
     assert main(["import", str(path), "--db", f"sqlite:///{tmp_path}/x.db"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SWE.exists(), reason="../shared/workloads is not there")
+def test_the_overview_counts_an_import_but_does_not_take_it_for_traffic(tmp_path):
+    from proxy.admin import views
+    from proxy.admin.queries import overview
+    from tests.storage.test_retention import _call
+
+    store = Store(f"sqlite:///{tmp_path}/p.db")
+    try:
+        now = time.time()
+        store.write([_call("live", now - 30, "hi"), _call("live", now - 20, "hi", "more")])
+        import_trace(read_trace(SWE), store)  # 13 calls, dated when the trace says
+        d = overview(store)
+        assert d["counts"]["exchanges"] == 15 and d["counts"]["imported"] == 13
+        assert d["window"]["calls"] == 2 and d["window"]["last_at"] == pytest.approx(now - 20)
+        assert d["routes"] == [{"path": "/v1/chat/completions", "status": 200, "calls": 2}]
+        assert sum(d["per_minute"]) == 2
+        text = str(views.overview({**d, "engine": None, "upstream": "u", "optimisations": []}))
+        assert ">2</div><div class=\"k\">calls captured" in text
+        assert ">13</div><div class=\"k\">calls imported" in text
+    finally:
+        store.close()
