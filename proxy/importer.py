@@ -264,10 +264,14 @@ def import_trace(trace: Trace, store, batch: int = 500) -> ImportResult:
     """Write a trace's exchanges through `Store.write`, skipping those already stored."""
     present = _stored_ids(store, [ex.id for ex in trace.exchanges])
     todo = [ex for ex in trace.exchanges if ex.id not in present]
-    for i in range(0, len(todo), batch):
-        store.write(todo[i : i + batch])
     if todo:
-        store.note_import()  # a server learns them now (and a restarted one, whatever their times)
+        key = store.begin_import()
+        try:
+            for i in range(0, len(todo), batch):
+                store.write(todo[i : i + batch])
+                store.renew_import(key)
+        finally:  # a server learns what was written now (and a restarted one, whatever its times)
+            store.end_import(key)
     return ImportResult(trace.format, len(todo), len({ex.session_id for ex in todo}),
                         len(trace.exchanges) - len(todo))
 

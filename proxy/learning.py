@@ -43,7 +43,7 @@ class LearnSink:
         self.until = 0.0
         """Arrival time of the newest captured exchange learned from."""
         self.imported = 0.0
-        """Up to when imported calls were stored whole and learned (`Store.note_import`)."""
+        """Up to when imported calls were stored whole and learned (`Store.imported`)."""
         self.heads = StaticHeads()
         self.admission: dict | None = None
         """The proxy's admission, as it last sent it (kept through restarts)."""

@@ -31,6 +31,10 @@ import storage.learned  # noqa: F401  (registers its tables)
 IMPORTED_KEY = "imported"
 IMPORTED_SOURCE = "import:"
 """How an imported call's `session_source` begins (`proxy/importer.py`)."""
+IMPORTING_KEY = "importing:"
+"""Meta keys of imports writing now (`begin_import`), one per import."""
+IMPORT_STALE = 120.0
+"""An import that has not written for this long was killed: it holds nothing back."""
 SERVING_KEY = "serving"
 SERVING_BEAT = 10.0
 SERVING_STALE = 45.0
@@ -117,9 +121,7 @@ class Store:
         `SERVING_BEAT` s after, by the store's writer."""
         mark = {"pid": os.getpid(), "host": socket.gethostname(), "learning": learning,
                 "beat": time.time()}
-        with OrmSession(self.engine) as db:
-            db.merge(Meta(key=SERVING_KEY, value=json.dumps(mark)))
-            db.commit()
+        self._put_meta(SERVING_KEY, json.dumps(mark))
 
     def unmark_serving(self) -> None:
         with OrmSession(self.engine) as db:
@@ -127,23 +129,56 @@ class Store:
                 db.delete(row)
                 db.commit()
 
-    def note_import(self) -> float:
+    def begin_import(self) -> str:
+        """Say that an import is about to write; returns the key `renew_import` and
+        `end_import` take. Until it ends, `imported()` stays before it began: another
+        import's end, noted meanwhile, must not let a server learn past this one's batches
+        (each is stamped before it commits, and may commit after that note)."""
+        key = f"{IMPORTING_KEY}{secrets.token_hex(8)}"
+        now = time.time()
+        self._put_meta(key, json.dumps({"began": now, "beat": now}))
+        return key
+
+    def renew_import(self, key: str) -> None:
+        """The import of `key` still writes (call after each batch)."""
+        with OrmSession(self.engine) as db:
+            if (row := db.get(Meta, key)) is not None:
+                mark = json.loads(row.value)
+                row.value = json.dumps({**mark, "beat": time.time()})
+                db.commit()
+
+    def end_import(self, key: str | None = None) -> float:
         """Say that an import has written all its calls (after they are committed): a
-        server learns the imported calls stored up to the time returned."""
+        server learns the imported calls stored up to the time returned (that of the
+        earliest import still writing, if that is sooner: see `imported`)."""
         now = time.time()
         with OrmSession(self.engine) as db:
+            if key is not None and (row := db.get(Meta, key)) is not None:
+                db.delete(row)
             db.merge(Meta(key=IMPORTED_KEY, value=repr(now)))
             db.commit()
         return now
 
     def imported(self) -> float:
-        """Up to when imported calls are stored whole (`note_import`); 0 if never."""
+        """Up to when imported calls are stored whole: the last import's end, or where an
+        import still writing began, if sooner; 0 if never."""
         with OrmSession(self.engine) as db:
             row = db.get(Meta, IMPORTED_KEY)
+            writing = db.scalars(select(Meta.value).where(
+                Meta.key.startswith(IMPORTING_KEY, autoescape=True))).all()
         try:
-            return float(row.value) if row is not None else 0.0
+            done = float(row.value) if row is not None else 0.0
         except ValueError:
-            return 0.0
+            done = 0.0
+        now = time.time()
+        for value in writing:
+            try:
+                mark = json.loads(value)
+                if now - float(mark["beat"]) < IMPORT_STALE:
+                    done = min(done, float(mark["began"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return done
 
     def import_writes(self, after: float, until: float, limit: int) -> list[float]:
         """The times of the first `limit` writes of imported calls stored in (after, until]."""
@@ -165,6 +200,11 @@ class Store:
         except (ValueError, KeyError, TypeError):
             return None
         return mark if fresh else None
+
+    def _put_meta(self, key: str, value: str) -> None:
+        with OrmSession(self.engine) as db:
+            db.merge(Meta(key=key, value=value))
+            db.commit()
 
     def _meta_value(self, key: str, make) -> str:
         with OrmSession(self.engine) as db:

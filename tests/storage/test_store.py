@@ -37,7 +37,52 @@ def test_imported_calls_are_found_by_when_they_were_stored(tmp_path):
     imported.session_id, imported.session_source = "s-1", "import:new"
     store.write([captured])
     store.write([imported])
-    done = store.note_import()
+    done = store.end_import()
     assert [ex.id for ex in store.exchanges(imported=True, stored=(0.0, done))] == [imported.id]
     assert [ex.id for ex in store.exchanges(imported=False)] == [captured.id]
     assert store.import_writes(0.0, done, 10) and store.import_writes(done, done + 1, 10) == []
+
+
+def _imported(i: int) -> Exchange:
+    ex = _call(i)
+    ex.session_id, ex.session_source = f"s-{i}", "import:new"
+    return ex
+
+
+def test_an_import_still_writing_holds_back_what_a_server_may_learn(tmp_path, monkeypatch):
+    """Two imports at once: the first to end must not let a server learn past where the
+    other began (its next batch, stamped before it commits, may land behind that end)."""
+    from proxy.learning import LearnSink
+    from storage import store as store_module
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    sink = LearnSink(store)
+    first = store.begin_import()
+    store.write([_imported(0)])
+    store.renew_import(first)
+    second = store.begin_import()
+    late = _imported(1)
+    stamped = __import__("time").time()  # the second import's batch, stamped now...
+    ended = store.end_import(first)
+    assert store.imported() < stamped < ended  # ...so nothing past where it began is learnable
+    assert sink.catch_up_imports() == 1  # the first import's call
+    monkeypatch.setattr(store_module.time, "time", lambda: stamped)
+    store.write([late])  # ...and committed only now, after the first import's end
+    monkeypatch.undo()
+    store.renew_import(second)
+    assert store.end_import(second) == store.imported()
+    assert sink.catch_up_imports() == 1  # the late batch is learned, and nothing twice
+    assert sink.catch_up_imports() == 0 and sink.learner.observed == 2
+
+
+def test_an_import_that_was_killed_holds_nothing_back(tmp_path, monkeypatch):
+    from storage import store as store_module
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store.begin_import()  # and never ended
+    store.write([_imported(0)])
+    ended = store.end_import(store.begin_import())
+    assert store.imported() < ended
+    now = store_module.time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.IMPORT_STALE + 1)
+    assert store.imported() == ended
