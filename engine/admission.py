@@ -88,6 +88,11 @@ third of the rate sixteen reach; the default of `Admission.spare_below`). The re
 sessions then spend most of their time in tool calls, and the cache, not the engine, bounds
 the work: waiting sessions go in up to SPARE_RAISE times `fill`, as a few histories evicted
 cost less than an engine left idle."""
+OVERSIZE = 1.25
+"""A prompt estimated at this many times the KV cache goes to the engine at once: no cache
+that small holds it, so waiting for room is in vain, and vLLM refuses a prompt over its
+context (at most the cache) at once. Above 1, as the estimate runs high (characters per token
+not yet calibrated)."""
 SPARE_RAISE = 1.2
 SPARE_SPAN = 5.0
 """Seconds of the resident set's history before its average load is trusted (the first
@@ -188,6 +193,9 @@ class Admission:
             self.runs.arrived(t.run)
         if self.capacity_tokens is None:
             self._admit(t, "direct")
+        elif (sum(t.sizes) > OVERSIZE * self.capacity_tokens
+              and not any(w.group == t.group for w in self._waiting)):
+            self._admit(t, "oversize")  # no room will ever hold it: the engine refuses it now
         elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
             await self._wait(t)  # the smallest run first
         elif g is not None and (g.in_flight or self._held(g)):

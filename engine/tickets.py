@@ -70,7 +70,8 @@ class Ticket:
     """'direct' (no pressure), 'resident' (continuation), 'fits' (a new session, at once),
     'returned' (a session under way, back after leaving the cache), 'waited' (first in the
     waiting order), 'backfill' (past one that did not fit), 'spare' (over `fill`, on an
-    engine with few calls at once), 'idle', 'timeout' or 'shutdown' (`drain`)."""
+    engine with few calls at once), 'idle', 'timeout', 'oversize' (a prompt larger than the
+    cache: `OVERSIZE`) or 'shutdown' (`drain`)."""
     priority: int = 0
     """The engine priority to run at (`engine.admission.PRIORITY`): set when admitted under
     pressure, else 0."""

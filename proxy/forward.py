@@ -91,7 +91,6 @@ async def _forward(
 ) -> web.StreamResponse:
     app = request.app
     engine = app.get(ENGINE)
-    _engine_up(engine)
     limit = settings.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
@@ -106,8 +105,9 @@ async def _forward(
         body = _stream_body(request, ex, limit, settings.capture_max_bytes if keep else 0)
 
     reply = app[PIPELINE].request(ex)
-    if reply is not None:
+    if reply is not None:  # (the prompt cache answers while the engine restarts)
         return await _send_reply(request, ex, reply, t0)
+    _engine_up(engine)
 
     admission = app.get(ADMISSION)
     if admission is not None and ex.path in ADMITTED_PATHS and isinstance(body, bytes):
@@ -205,10 +205,12 @@ async def _relay(
         if ex.ticket is not None and ex.ticket.admitted is not None:
             out.headers.add("Server-Timing", server_timing(ex.ticket))
         await out.prepare(request)
-        ex.added_latency = ex.t_upstream_sent + (time.perf_counter() - t_headers)
+        held = ex.ticket.waited if ex.ticket is not None and ex.ticket.admitted else 0.0
+        ex.added_latency = ex.t_upstream_sent - held + (time.perf_counter() - t_headers)
         cap = settings.capture_max_bytes if keep or ex.cache == "MISS" else 0
         kept = 0
         chunks = ex.response_chunks
+        writing = False
         try:
             async for chunk in resp.content.iter_any():
                 if ex.t_first_byte is None:
@@ -218,15 +220,17 @@ async def _relay(
                     kept += len(chunk)
                 elif cap:  # only the head is kept: neither stored whole nor cached
                     ex.response_truncated = True
+                writing = True
                 await out.write(chunk)
+                writing = False
         except asyncio.TimeoutError:
             ex.error, ex.error_type = "the upstream stopped sending mid-response", "upstream_timeout"
             log.warning("upstream timed out mid-response on %s %s", ex.method, ex.path)
             request.transport and request.transport.close()  # type: ignore[func-returns-value]
             return out
         except Exception as exc:  # the upstream hung up mid-body: cut the client off too
-            if isinstance(exc, ConnectionError) and request.transport is None:
-                raise
+            if isinstance(exc, ConnectionError) and (writing or request.transport is None):
+                raise  # the client hung up (its transport may still be closing): not upstream's
             ex.error, ex.error_type = f"the upstream closed mid-response: {exc!r}", "upstream_closed"
             if request.transport is not None:
                 request.transport.close()

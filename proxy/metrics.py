@@ -56,7 +56,8 @@ class Metrics:
                 "# TYPE preheat_errors_total counter"]
         for kind, n in sorted(self.errors.items()):
             out.append(f'preheat_errors_total{{type="{kind}"}} {n}')
-        out += ["# HELP preheat_added_latency_seconds Time the proxy added to a call.",
+        out += ["# HELP preheat_added_latency_seconds Time the proxy added to a call "
+                "(admission's hold apart: preheat_admission_wait_seconds_max).",
                 "# TYPE preheat_added_latency_seconds histogram"]
         cumulative = 0
         for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -189,6 +190,7 @@ async def run(sessions: list[PlannedSession], target: str, speed: float = 1.0,
     if base.endswith("/v1"):
         base = base[:-3]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    run_id = secrets.token_hex(4)  # sessions of two replays of one capture stay apart
     gate = asyncio.Semaphore(max_sessions) if max_sessions else None
     result = RunResult(target)
     connector = aiohttp.TCPConnector(limit=0)
@@ -212,7 +214,7 @@ async def run(sessions: list[PlannedSession], target: str, speed: float = 1.0,
                     if delay > 0:
                         await asyncio.sleep(delay)
                     try:
-                        res = await _send(http, base, s.id, c, t0)
+                        res = await _send(http, base, s.id, c, t0, f"replay-{run_id}-{s.id}")
                     except Exception as exc:  # any failure is this call's result, not the run's
                         res = CallResult(s.id, c.index, c.exchange_id, time.perf_counter() - t0,
                                          error=f"{type(exc).__name__}: {exc}"[:300],
@@ -234,12 +236,16 @@ async def run(sessions: list[PlannedSession], target: str, speed: float = 1.0,
 
 
 async def _send(http: aiohttp.ClientSession, base: str, session: str, c: PlannedCall,
-                t0: float) -> CallResult:
+                t0: float, session_header: str) -> CallResult:
+    """Send one call. It says its session (`X-Session-ID`): a replay sends the recorded
+    answers, not the ones the target just wrote, so a proxy could not tell the calls of one
+    session by their content (an agent resends the answers it got)."""
     sent = time.perf_counter()
     res = CallResult(session, c.index, c.exchange_id, sent - t0, expected_tokens=c.expected_tokens)
     chunks: list[tuple[float, bytes]] = []
     try:
-        async with http.post(base + c.path, json=c.body) as resp:
+        async with http.post(base + c.path, json=c.body,
+                             headers={"X-Session-ID": session_header}) as resp:
             res.status = resp.status
             async for chunk in resp.content.iter_any():
                 chunks.append((time.perf_counter() - sent, chunk))

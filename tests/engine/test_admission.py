@@ -88,6 +88,24 @@ async def test_a_session_the_engine_refused_at_once_holds_no_place():
     assert b1.waited < 0.5 and a1.group not in adm._profiles
 
 
+async def test_a_prompt_larger_than_the_cache_goes_at_once_for_the_engine_to_refuse():
+    """No cache that small will ever hold it, so waiting for room would only hold it until
+    the bound (60 s by default) before vLLM refuses it all the same."""
+    adm = make(1000, hold=30, max_wait=30)
+    for name in "AB":  # two sessions resident, in flight
+        await adm.enter(ticket(adm, body(name * 400)))
+    huge = ticket(adm, body("H" * 1300))
+    await asyncio.wait_for(adm.enter(huge), 1)
+    assert huge.how == "oversize" and huge.waited < 0.1
+    adm.leave(huge, refused=True)
+    assert huge.group not in adm._groups
+    large = ticket(adm, body("L" * 1200))  # within the estimate's margin: it waits for room
+    waiting = asyncio.create_task(adm.enter(large))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    waiting.cancel()
+
+
 async def test_a_call_refused_mid_session_keeps_the_sessions_place():
     adm = make(1000, hold=5, max_wait=5)
     a1 = ticket(adm, body("A" * 600))

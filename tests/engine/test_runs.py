@@ -229,13 +229,13 @@ async def test_when_the_cache_decides_ordering_holds_nothing_back():
     adm = _learned(running=1, max_wait=5.0)
     adm.capacity_tokens, adm.fill, adm.chars_per_token = 1000, 1.0, 1.0
     adm.runs.together = 0.0
-    big = _ticket(adm, "big", "B" * 1200, "big")
+    big = _ticket(adm, "big", "B" * 1100, "big")
     await adm.enter(big)  # an empty engine takes anything; now the cache is full
     small = _ticket(adm, "small", "task", "small")
     waiting_small = asyncio.create_task(adm.enter(small))
     await asyncio.sleep(0.01)
     assert not waiting_small.done()  # no room in the cache
-    nxt = _ticket(adm, "big", "B" * 1200 + "more", "big")
+    nxt = _ticket(adm, "big", "B" * 1100 + "more", "big")
     await asyncio.wait_for(adm.enter(nxt), 0.1)
     assert nxt.how == "resident" and adm.held_for_smaller == 0
     waiting_small.cancel()

@@ -81,6 +81,10 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         sent = [c.t_upstream_sent for s in store.sessions()
                 for c in store.exchanges(session_id=s["id"])]
         assert max(sent) >= max(held) / 1000
+        # ...and the latency preheat added is its own work, the hold apart.
+        added = [c.added_latency for s in store.sessions()
+                 for c in store.exchanges(session_id=s["id"])]
+        assert max(added) < max(held) / 1000
     finally:
         await proxy.runner.cleanup()
 
@@ -151,7 +155,7 @@ async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_p
         yield
 
     proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
-                                       admission_capacity_tokens=1000, admission_max_wait=1,
+                                       admission_capacity_tokens=2000, admission_max_wait=1,
                                        prewarm=False), before=[embedded])
     url = proxy.url + "/v1/chat/completions"
     try:
@@ -167,6 +171,33 @@ async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_p
             r = await held
             assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
             await first
+    finally:
+        await proxy.runner.cleanup()
+
+
+async def test_the_prompt_cache_answers_while_the_engine_restarts(upstream, tmp_path):
+    engine = Engine(upstream.url)
+
+    async def embedded(app: web.Application):
+        app[ENGINE] = engine
+        yield
+
+    proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                                       prewarm=False), before=[embedded])
+    url = proxy.url + "/v1/chat/completions"
+    call = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = await client.post(url, json=call)
+            assert first.status_code == 200 and first.headers["X-Preheat-Cache"] == "MISS"
+            engine.ready, engine.state = False, "restarting"
+            again = await client.post(url, json=call)
+            assert again.status_code == 200 and again.headers["X-Preheat-Cache"] == "HIT"
+            assert again.content == first.content
+            other = await client.post(url, json={**call, "messages": [
+                {"role": "user", "content": "something else"}]})
+            assert other.status_code == 503 and "restarting" in other.json()["error"]["message"]
+        assert upstream.requests == 1
     finally:
         await proxy.runner.cleanup()
 

@@ -202,6 +202,43 @@ async def test_client_disconnect_mid_stream_cancels_upstream(upstream, proxy):
     assert upstream.cancelled == 1
 
 
+async def test_a_client_gone_while_its_transport_closes_is_not_taken_for_the_upstream(
+        upstream, proxy, monkeypatch):
+    """aiohttp refuses a write once the client's transport is closing, before it is gone
+    ('Cannot write to closing transport'): that is the client hanging up, not the upstream."""
+    from types import SimpleNamespace
+
+    from aiohttp import ClientConnectionResetError, web
+
+    from proxy import forward
+
+    class Closing(web.StreamResponse):
+        async def write(self, data: bytes) -> None:
+            if self.prepared and getattr(self, "_sent", 0) >= 1:
+                raise ClientConnectionResetError("Cannot write to closing transport")
+            self._sent = getattr(self, "_sent", 0) + 1
+            await super().write(data)
+
+    monkeypatch.setattr(forward, "web", SimpleNamespace(StreamResponse=Closing,
+                                                        Response=web.Response))
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:  # (the client here is still there, and sees its stream cut or ended)
+            async with client.stream("POST", proxy.url + "/v1/chat/completions",
+                                     json={**CHAT, "stream": True},
+                                     headers={"x-fake-events": "5", "x-fake-delay": "0.05"}) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+        except httpx.HTTPError:
+            pass
+    monkeypatch.undo()
+    [ex] = list((await proxy.store()).exchanges())
+    assert ex.error_type == "client_disconnected"
+    async with httpx.AsyncClient(timeout=10) as client:
+        metrics = (await client.get(proxy.url + "/metrics")).text
+    assert 'type="client_disconnected"} 1' in metrics
+    assert 'type="upstream_closed"} 0' in metrics or 'type="upstream_closed"' not in metrics
+
+
 BAD_BODIES = [
     ("malformed-json", b'{"model": "m", "messages": [', "application/json", "not valid JSON"),
     ("empty", b"", "application/json", "empty body"),

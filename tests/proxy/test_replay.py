@@ -81,6 +81,19 @@ async def test_order_gaps_and_concurrency_are_kept(trace, proxy):
     assert first["max_tokens"] == 3 and first["ignore_eos"] is True and first["stream"] is True
     assert first["model"] == "served-model"
     assert sent["task A6"]["max_tokens"] == 5
+    # The target wrote its own answers, the replay sent the recorded ones; each session's
+    # calls are still one session there.
+    store = await proxy.store()
+    try:
+        by_task = {}
+        for s in store.sessions():
+            tasks = {ex.request_json["messages"][1]["content"]
+                     for ex in store.exchanges(session_id=s["id"])}
+            assert len(tasks) == 1
+            by_task[tasks.pop()] = len(s["exchanges"])
+    finally:
+        store.close()
+    assert by_task == {"task A": 3, "task B": 2, "task C": 4}
 
 
 async def test_compare_writes_both_columns_and_plots(trace, upstream, proxy, tmp_path, capsys):

@@ -81,7 +81,7 @@ async def test_calls_waiting_for_admission_are_told_to_retry_at_once(upstream, t
     """Stopping does not hold calls that never reached the engine through the grace period:
     they get a 503 to retry elsewhere, while the call on the engine finishes."""
     proc, url = await _start(upstream.url, f"sqlite:///{tmp_path}/p.db",
-                             {"PREHEAT_ADMISSION_CAPACITY_TOKENS": "1000",
+                             {"PREHEAT_ADMISSION_CAPACITY_TOKENS": "2000",
                               "PREHEAT_PREWARM": "0"})
 
     async def call(client: httpx.AsyncClient, text: str, delay: str = "0") -> httpx.Response:
