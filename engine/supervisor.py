@@ -53,6 +53,13 @@ class CacheInfo:
     block_size: int  # tokens per block
     num_blocks: int  # blocks in the cache
 
+    @property
+    def tokens(self) -> int:
+        """Tokens the cache holds for requests: vLLM keeps one block aside (its null block),
+        as its own 'KV cache size' log line counts."""
+        return max(0, self.num_blocks - 1) * self.block_size
+
+
 def cache_info(metrics_text: str) -> CacheInfo | None:
     """The KV cache a vLLM server reports in its /metrics (`vllm:cache_config_info`)."""
     for line in metrics_text.splitlines():

@@ -248,7 +248,7 @@ async def _engine_capacity(app: web.Application) -> int | None:
             if resp.status != 200:
                 return None
             info = cache_info(await resp.text())
-            return info.num_blocks * info.block_size if info else None
+            return info.tokens if info else None
     except (PreheatError, UnicodeDecodeError):
         return None
 

@@ -57,8 +57,8 @@ def _engine_state(engine: Any) -> dict:
         out[name] = value if isinstance(value, (str, int, float, bool)) or value is None \
             else str(value)
     cache = getattr(engine, "cache", None)
-    if cache is not None and hasattr(cache, "num_blocks"):
-        out["kv_cache_tokens"] = cache.num_blocks * cache.block_size
+    if cache is not None and hasattr(cache, "tokens"):
+        out["kv_cache_tokens"] = cache.tokens
     return out
 
 

@@ -661,4 +661,5 @@ def test_capacity_from_vllm_metrics():
     text = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",num_gpu_blocks="512"} 1.0\n'
     info = cache_info(text)
     assert (info.block_size, info.num_blocks) == (128, 512)
+    assert info.tokens == 511 * 128  # as vLLM counts: one block is its null block
     assert cache_info("nothing here") is None

@@ -69,7 +69,7 @@ async def _chat(client, url, model, messages, max_tokens=24):
 
 async def test_admission_reads_the_engine_cache(running, two_proxies):
     cache = running.engine.cache
-    assert two_proxies[2][ADMISSION].capacity_tokens == cache.num_blocks * cache.block_size
+    assert two_proxies[2][ADMISSION].capacity_tokens == cache.tokens
 
 
 async def test_learned_continuations_reach_the_planner_and_resident_ones_are_not_warmed(
