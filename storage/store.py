@@ -184,7 +184,7 @@ class Store:
         """The times of the first `limit` writes of imported calls stored in (after, until]."""
         q = (select(ExchangeRow.stored_at).distinct()
              .where(ExchangeRow.stored_at > after, ExchangeRow.stored_at <= until,
-                    ExchangeRow.session_source.startswith(IMPORTED_SOURCE, autoescape=True))
+                    imported_clause())
              .order_by(ExchangeRow.stored_at).limit(limit))
         with OrmSession(self.engine) as db:
             return list(db.scalars(q))
