@@ -63,7 +63,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from typing import Any, Callable, Sequence
 
 from engine.footprints import Footprints
@@ -343,14 +343,6 @@ class Admission:
         self._footprints.restore(*learned)
         return len(learned[0])
 
-    @property
-    def _profiles(self) -> OrderedDict[str, list[int]]:
-        return self._footprints.profiles
-
-    @property
-    def _finished(self) -> OrderedDict[str, tuple[int, int, str]]:
-        return self._footprints.finished
-
     # -- working set ---------------------------------------------------------------------
 
     def expected_footprint(self, kind: str | None = None) -> int:
@@ -515,10 +507,6 @@ class Admission:
     def _least_hold(self) -> float:
         gap = self._gap_p90()
         return min(min(self.max_hold, gap), min(self.max_hold, gap * MID_SESSION_HOLD))
-
-    @property
-    def _idle(self) -> dict[str, None]:
-        return self._resident.idle
 
     # -- the waiting queue ---------------------------------------------------------------
 

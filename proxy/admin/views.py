@@ -29,8 +29,8 @@ def _sparkline(values: list[int], width: int = 360, height: int = 46) -> Safe:
 def overview(d: dict) -> Safe:
     c, tok, ttft, saved = d["counts"], d["tokens"], d["ttft"], d["saved"]
     cards = join([
-        _card(num(c["exchanges"] - c.get("imported", 0)), "calls captured"),
-        *([_card(num(c["imported"]), "calls imported")] if c.get("imported") else []),
+        _card(num(c["exchanges"] - c["imported"]), "calls captured"),
+        *([_card(num(c["imported"]), "calls imported")] if c["imported"] else []),
         _card(num(c["sessions"]), "sessions"),
         _card(share(tok["cached"], tok["prompt"]), "prompt tokens served from cache"),
         _card(secs(saved["seconds"]) if saved["seconds"] is not None else "-",

@@ -85,7 +85,7 @@ async def test_a_session_the_engine_refused_at_once_holds_no_place():
     assert not waiting.done()
     adm.leave(a1, refused=True)
     await asyncio.wait_for(waiting, 1)
-    assert b1.waited < 0.5 and a1.group not in adm._profiles
+    assert b1.waited < 0.5 and a1.group not in adm._footprints.profiles
 
 
 async def test_a_prompt_larger_than_the_cache_goes_at_once_for_the_engine_to_refuse():
@@ -254,9 +254,9 @@ async def test_sessions_are_released_as_when_every_one_was_asked(monkeypatch, se
             continue
         s[2] = ticket(adm, body(*s[0]))
         await asyncio.wait_for(adm.enter(s[2]), 1)
-        assert set(adm._idle) == {g.id for g in adm._groups.values() if not g.in_flight}
+        assert set(adm._resident.idle) == {g.id for g in adm._groups.values() if not g.in_flight}
     assert set(released) == {1, 2, 3, 4, 5, 6}  # after their holds, or with their last answers
-    assert len(adm._finished) > 40  # sessions finished meanwhile (the holds changed with them)
+    assert len(adm._footprints.finished) > 40  # sessions finished meanwhile (the holds changed with them)
 
 
 async def test_spare_throughput_never_takes_a_session_past_the_raised_fill(monkeypatch):
