@@ -40,6 +40,16 @@ SERVING_BEAT = 10.0
 SERVING_STALE = 45.0
 
 
+def _import_beat(value: str) -> float | None:
+    """When the import of a mark (`begin_import`) last wrote; None for a mark not understood."""
+    try:
+        mark = json.loads(value)
+        float(mark["began"])
+        return float(mark["beat"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class StoreError(Exception):
     """The store could not be opened or written; the message says why."""
 
@@ -136,7 +146,14 @@ class Store:
         (each is stamped before it commits, and may commit after that note)."""
         key = f"{IMPORTING_KEY}{secrets.token_hex(8)}"
         now = time.time()
-        self._put_meta(key, json.dumps({"began": now, "beat": now}))
+        with OrmSession(self.engine) as db:
+            for row in db.scalars(select(Meta).where(
+                    Meta.key.startswith(IMPORTING_KEY, autoescape=True))):
+                beat = _import_beat(row.value)
+                if beat is None or now - beat >= IMPORT_STALE:
+                    db.delete(row)  # the mark of an import that was killed
+            db.add(Meta(key=key, value=json.dumps({"began": now, "beat": now})))
+            db.commit()
         return key
 
     def renew_import(self, key: str) -> None:
@@ -172,12 +189,9 @@ class Store:
             done = 0.0
         now = time.time()
         for value in writing:
-            try:
-                mark = json.loads(value)
-                if now - float(mark["beat"]) < IMPORT_STALE:
-                    done = min(done, float(mark["began"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+            beat = _import_beat(value)
+            if beat is not None and now - beat < IMPORT_STALE:
+                done = min(done, float(json.loads(value)["began"]))
         return done
 
     def import_writes(self, after: float, until: float, limit: int) -> list[float]:
@@ -305,6 +319,11 @@ class Store:
                     page = []
             if page:
                 yield from self._load(db, page)
+
+    def count_exchanges(self) -> int:
+        """Calls stored, captured and imported (one count, where `count` makes four)."""
+        with OrmSession(self.engine) as db:
+            return db.scalar(select(func.count()).select_from(ExchangeRow))
 
     def count(self) -> dict:
         """Rows stored: exchanges (captured and imported), of them imported, sessions,

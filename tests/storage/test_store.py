@@ -86,3 +86,23 @@ def test_an_import_that_was_killed_holds_nothing_back(tmp_path, monkeypatch):
     now = store_module.time.time()
     monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.IMPORT_STALE + 1)
     assert store.imported() == ended
+
+
+def test_the_next_import_clears_the_marks_of_killed_imports(tmp_path, monkeypatch):
+    from storage import store as store_module
+    from storage.models import Meta
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    killed = store.begin_import()  # and never ended
+    running = store.begin_import()
+    now = store_module.time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.IMPORT_STALE - 1)
+    store.renew_import(running)  # still writing
+    monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.IMPORT_STALE + 1)
+    new = store.begin_import()
+    with store.engine.connect() as conn:
+        keys = {k for (k,) in conn.execute(Meta.__table__.select().with_only_columns(Meta.key))
+                if k.startswith(store_module.IMPORTING_KEY)}
+    assert keys == {running, new} and killed not in keys
+    ended = store.end_import(new)
+    assert store.imported() <= now < ended  # the import still writing holds back, as before
