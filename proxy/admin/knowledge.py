@@ -43,7 +43,7 @@ class Knowledge:
         with self._lock:
             if self.source == "snapshot":
                 return self._own
-            if self._own is None and self.store.count()["exchanges"] > REBUILD_LIMIT:
+            if self._own is None and self.store.count_exchanges() > REBUILD_LIMIT:
                 from storage.learned import load_learned
 
                 try:
