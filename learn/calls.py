@@ -24,7 +24,8 @@ from typing import Sequence
 
 import xxhash
 
-from learn.canonical import canonical_json, function_of, message_text, tool_calls_of
+from learn.canonical import (canonical_json, function_of, message_text, restore_sessions,
+                             session_key, session_keys, tool_calls_of)
 from learn.radix import common_length
 from learn.templates import STRICT_ROLES, TemplateMiner
 
@@ -149,7 +150,7 @@ class CallRegistry:
         st.calls += 1
         st.last = self.clock
         if len(st.sessions) < 64:
-            st.sessions.add(hash(session))
+            st.sessions.add(session_key(session))
         if tokens is not None:
             self._learn_prefix(st, session, tokens)
         return tid
@@ -231,7 +232,7 @@ class CallRegistry:
             "templates": [
                 {"id": s.id, "path": s.path, "tools": list(s.tools), "head": list(s.head),
                  "turn": None if s.turn is None else list(s.turn), "calls": s.calls,
-                 "sessions": len(s.sessions),
+                 "sessions": len(s.sessions), "session_keys": session_keys(s.sessions),
                  "prefix": list(s.prefix) if s.multi and s.prefix else None}
                 for s in self._stats.values() if s.calls >= min_calls
             ],
@@ -245,7 +246,7 @@ class CallRegistry:
             turn = None if t.get("turn") is None else tuple(t["turn"])
             st = _Stats(t["id"], t["path"], tuple(t["tools"]), tuple(t["head"]), turn)
             st.calls = int(t.get("calls", 0))
-            st.sessions = set(range(min(int(t.get("sessions", 0)), 64)))
+            st.sessions = restore_sessions(t.get("sessions", 0), t.get("session_keys"))
             if with_prefixes and t.get("prefix"):
                 st.prefix, st.multi = tuple(t["prefix"]), True
                 self._prefix_ids += len(st.prefix)

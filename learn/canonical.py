@@ -51,6 +51,29 @@ def content_hash(obj: Any) -> str:
     return xxhash.xxh3_128_hexdigest(canonical_json(obj))
 
 
+def session_key(session: str) -> int:
+    """A session id as the learner counts it: the same in every process (`hash` of a str is
+    not), so that a learned snapshot read back knows the sessions it has seen."""
+    return xxhash.xxh3_64_intdigest(session.encode("utf-8", "surrogatepass"))
+
+
+SESSION_KEYS_KEPT = 4
+"""A template's snapshot names its sessions while it has been seen in at most this many (a
+count is kept beyond): enough to tell one session from two across a restart."""
+
+
+def session_keys(sessions: set[int]) -> list[int] | None:
+    """What a snapshot keeps of a template's sessions beside their count."""
+    return sorted(sessions) if len(sessions) <= SESSION_KEYS_KEPT else None
+
+
+def restore_sessions(count: int, keys: list[int] | None, cap: int = 64) -> set[int]:
+    """A template's sessions read back: the ones named, and small stand-ins for the rest of
+    the count (no xxh3 of a session id is one of them but by a 1 in 2^58 chance)."""
+    named = {int(k) for k in keys or ()}
+    return named | set(range(max(0, min(int(count), cap) - len(named))))
+
+
 def prefix_chain(items: Sequence[Any]) -> tuple[list[str], list[int]] | None:
     """The hash of every leading run of `items` and each item's size in JSON characters.
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import xxhash
 
 from learn.align import FULL, common_prefix, common_suffix, generalize, weight
-from learn.canonical import canonical_json
+from learn.canonical import canonical_json, restore_sessions, session_key, session_keys
 
 MINED_ROLES = frozenset({"system", "developer", "user", "prompt"})
 STRICT_ROLES = frozenset({"system", "developer"})
@@ -195,7 +195,7 @@ class TemplateMiner:
         else:
             self._cache.move_to_end(key)
         if len(cluster.sessions) < 64:
-            cluster.sessions.add(hash(session))
+            cluster.sessions.add(session_key(session))
         cluster.last = self.clock
         if len(self._clusters) > self.max_templates or self._chars > self.max_chars:
             self._evict(keep=cluster)
@@ -266,7 +266,8 @@ class TemplateMiner:
         return {
             "templates": [
                 {"role": c.role, "scope": c.scope, "parts": list(c.parts), "slots": list(c.names),
-                 "messages": c.messages, "sessions": len(c.sessions)}
+                 "messages": c.messages, "sessions": len(c.sessions),
+                 "session_keys": session_keys(c.sessions)}
                 for c in keep
             ],
             "aliases": dict(list(self._alias.items())[-10_000:]),
@@ -278,7 +279,7 @@ class TemplateMiner:
         for t in data.get("templates", []):
             cluster = _Cluster(t["role"], tuple(t["parts"]), tuple(t["slots"]), t.get("scope", ""))
             cluster.messages = int(t.get("messages", 1))
-            cluster.sessions = set(range(min(int(t.get("sessions", 1)), 64)))
+            cluster.sessions = restore_sessions(t.get("sessions", 1), t.get("session_keys"))
             miner._add(cluster)
         miner._alias.update(data.get("aliases", {}))
         if len(miner._clusters) > miner.max_templates or miner._chars > miner.max_chars:

@@ -289,3 +289,26 @@ def test_memory_stays_bounded_under_long_traffic():
     assert 0 <= last["prefix_ids"] <= cfg.prefix_tokens
     assert memory[3] < 1.1 * memory[2], f"memory still growing: {memory}"
     assert Counter(learner.skipped) == Counter()
+
+
+def test_a_session_seen_before_a_restart_is_not_counted_again():
+    """A template seen in one session stays a one-session template after the learned
+    snapshot is read back and that session sends it again."""
+    from learn.calls import CallRegistry
+    from learn.templates import TemplateMiner
+
+    miner = TemplateMiner()
+    registry = CallRegistry(miner)
+    tid = registry.assign("/v1/chat/completions", [{"role": "user", "content": "hi"}], ["m1"], [],
+                          "session-a", None)
+    cid = miner.mine("user", "Summarise the quarterly report for the board.", "k1", "session-a")
+    miner2 = TemplateMiner.restore(miner.snapshot(min_messages=1))
+    registry2 = CallRegistry(miner2)
+    registry2.restore(registry.snapshot())
+    assert registry2.assign("/v1/chat/completions", [{"role": "user", "content": "hi"}], ["m1"],
+                            [], "session-a", None) == tid
+    assert miner2.mine("user", "Summarise the quarterly report for the board.", "k1",
+                       "session-a") == cid
+    assert registry2.get(tid).sessions == 1 and miner2.get(cid).sessions == 1
+    miner2.mine("user", "Summarise the quarterly report for the board.", "k1", "session-b")
+    assert miner2.get(cid).sessions == 2
