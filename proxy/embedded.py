@@ -9,6 +9,8 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from proxy.appkeys import ENGINE, MIRROR, SETTINGS
+
 log = logging.getLogger("preheat.engine")
 
 DEMO_NOTICE = (
@@ -21,7 +23,6 @@ DEMO_NOTICE = (
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     from engine.mirror import KVMirror
     from engine.supervisor import Engine
-    from proxy.server import ENGINE, MIRROR, SETTINGS
 
     settings = app[SETTINGS]
     model = settings.model

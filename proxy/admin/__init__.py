@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy.admin.auth import ADMIN_TOKEN, announce, resolve_token
 from proxy.admin.routes import ADMIN, AdminState, add_routes
+from proxy.appkeys import ENGINE, OBSERVER, SETTINGS
 
 log = logging.getLogger("preheat.admin")
 
@@ -30,8 +31,6 @@ __all__ = ["setup_admin", "ADMIN", "ADMIN_TOKEN"]
 
 def setup_admin(app: web.Application) -> None:
     """Add the /admin routes and what they need to `app` (built by proxy.server.build_app)."""
-    from proxy.server import SETTINGS
-
     settings = app[SETTINGS]
     token, generated = resolve_token(settings.admin_token)
     app[ADMIN_TOKEN] = token
@@ -54,7 +53,6 @@ def setup_admin(app: web.Application) -> None:
 def _open_state(app: web.Application) -> AdminState:
     from proxy.admin.knowledge import Knowledge
     from proxy.admin.live import optimisations
-    from proxy.server import ENGINE, SETTINGS
     from proxy.upstream import redacted
     from storage.store import Store
 
@@ -73,7 +71,5 @@ def _open_state(app: web.Application) -> AdminState:
 
 def live_learner(app: web.Application) -> Any:
     """A recent copy of the proxy's live learner (blocks: call from a worker thread)."""
-    from proxy.server import OBSERVER
-
     observer = app.get(OBSERVER)
     return observer.learner() if observer is not None else None

@@ -12,9 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
-def optimisations(app: web.Application) -> list[dict[str, Any]]:
-    from proxy.server import ADMISSION, CACHE, PLANNER, SETTINGS
+from proxy.appkeys import ADMISSION, CACHE, PLANNER, SETTINGS
 
+
+def optimisations(app: web.Application) -> list[dict[str, Any]]:
     settings = app[SETTINGS]
     admission = app.get(ADMISSION)
     cache = app.get(CACHE)
