@@ -244,6 +244,7 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     if cpu:
-        # The worker runs inside the engine process: faster start and ~25% faster prefill.
+        # The worker runs inside the engine process: on 2 cores prefill takes half the time,
+        # decoding is 1.3-1.5x faster and start-up 7 s shorter (bench/engine_env.py).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env

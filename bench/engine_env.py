@@ -1,0 +1,138 @@
+"""How the engine's process setup changes its speed, on the real engine with the 512 x 8
+offline model: the basis for running vLLM's worker inside its engine process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, engine/process.py) and for not preloading an allocator.
+
+    .venv/bin/python bench/engine_env.py [--repeat 2] [--out bench/results/engine-env.md]
+
+Each variant starts its own engine with preheat's flags and only its environment changed,
+the variants taking turns `--repeat` times. It then measures start-up (to /health), the
+prefill of six distinct 2,048-token prompts one after another, the decoding of 128 tokens
+by eight calls at once and by one (prompts cached first), and sixteen 512-token prompts
+sent together, 64 tokens each. Prompts are random token ids. Figures are medians over the
+repeats. The tcmalloc variant runs only where Debian's libtcmalloc-minimal4 is installed
+(vLLM's CPU build asks for it in LD_PRELOAD, and bundles none in its wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.model import ensure_default_model  # noqa: E402
+from engine.supervisor import Engine  # noqa: E402
+
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+VOCAB = (100, 16000)
+METRICS = (("start s", False), ("prefill 6 x 2,048 s", False), ("decode 8 at once tok/s", True),
+           ("decode 1 tok/s", True), ("16 x (512 + 64) s", False))
+"""Each figure, and whether higher is better."""
+
+
+def variants() -> dict[str, dict[str, str]]:
+    out = {"preheat's default: worker in the engine process": {},
+           "vLLM's default: worker in its own process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
+    if TCMALLOC.exists():
+        out["preheat's default + tcmalloc preloaded"] = {"LD_PRELOAD": str(TCMALLOC)}
+    return out
+
+
+async def _call(client: httpx.AsyncClient, engine: Engine, prompt: list[int], max_tokens: int) -> None:
+    body = {"model": engine.served_model_name, "prompt": prompt, "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0}
+    r = await client.post(engine.base_url + "/v1/completions", json=body)
+    r.raise_for_status()
+
+
+async def _timed(*calls) -> float:
+    start = time.perf_counter()
+    await asyncio.gather(*calls)
+    return time.perf_counter() - start
+
+
+async def measure(model: str, env: dict[str, str], seed: int) -> dict[str, float]:
+    engine = Engine(model, kv_cache_bytes=256 << 20, env={"VLLM_SERVER_DEV_MODE": "1", **env})
+    start = time.perf_counter()
+    await engine.start()
+    out = {"start s": time.perf_counter() - start}
+    rng = random.Random(seed)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randint(*VOCAB) for _ in range(n)]
+
+    try:
+        async with httpx.AsyncClient(timeout=600) as client:
+            await _call(client, engine, prompt(64), 8)
+            start = time.perf_counter()
+            for _ in range(6):
+                await _call(client, engine, prompt(2048), 1)
+            out["prefill 6 x 2,048 s"] = time.perf_counter() - start
+            cached = [prompt(1024) for _ in range(8)]
+            await _timed(*(_call(client, engine, p, 1) for p in cached))
+            seconds = await _timed(*(_call(client, engine, p, 128) for p in cached))
+            out["decode 8 at once tok/s"] = 8 * 128 / seconds
+            out["decode 1 tok/s"] = 128 / await _timed(_call(client, engine, cached[0], 128))
+            out["16 x (512 + 64) s"] = await _timed(
+                *(_call(client, engine, prompt(512), 64) for _ in range(16)))
+    finally:
+        await engine.stop()
+    return out
+
+
+def report(runs: dict[str, list[dict[str, float]]], repeat: int) -> str:
+    medians = {name: {m: statistics.median(r[m] for r in rs) for m, _ in METRICS}
+               for name, rs in runs.items()}
+    base = next(iter(medians.values()))
+    lines = [
+        "# The engine's process setup and its speed",
+        "",
+        f"`.venv/bin/python bench/engine_env.py --repeat {repeat}` on 2 CPU cores, "
+        f"{time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU build, "
+        "KV cache 256 MiB, preheat's engine flags. Medians of the runs (variants taking "
+        "turns); in brackets, the ratio to the first row (> 1: better).",
+        "",
+        "| variant | " + " | ".join(m for m, _ in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for name, row in medians.items():
+        cells = []
+        for m, higher in METRICS:
+            ratio = row[m] / base[m] if higher else base[m] / row[m]
+            cells.append(f"{row[m]:.2f} ({ratio:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args) -> dict[str, list[dict[str, float]]]:
+    model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants()}
+    for i in range(args.repeat):
+        for name, env in variants().items():
+            result = await measure(model, env, seed=i)
+            runs[name].append(result)
+            print(name, {k: round(v, 2) for k, v in result.items()}, flush=True)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine-env.md")
+    args = parser.parse_args()
+    text = report(asyncio.run(main_async(args)), args.repeat)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
