@@ -40,12 +40,12 @@ SERVING_BEAT = 10.0
 SERVING_STALE = 45.0
 
 
-def _import_beat(value: str) -> float | None:
-    """When the import of a mark (`begin_import`) last wrote; None for a mark not understood."""
+def _import_mark(value: str) -> tuple[float, float] | None:
+    """When the import of a mark (`begin_import`) began and last wrote; None for a mark not
+    understood."""
     try:
         mark = json.loads(value)
-        float(mark["began"])
-        return float(mark["beat"])
+        return float(mark["began"]), float(mark["beat"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -149,8 +149,8 @@ class Store:
         with OrmSession(self.engine) as db:
             for row in db.scalars(select(Meta).where(
                     Meta.key.startswith(IMPORTING_KEY, autoescape=True))):
-                beat = _import_beat(row.value)
-                if beat is None or now - beat >= IMPORT_STALE:
+                mark = _import_mark(row.value)
+                if mark is None or now - mark[1] >= IMPORT_STALE:
                     db.delete(row)  # the mark of an import that was killed
             db.add(Meta(key=key, value=json.dumps({"began": now, "beat": now})))
             db.commit()
@@ -189,9 +189,9 @@ class Store:
             done = 0.0
         now = time.time()
         for value in writing:
-            beat = _import_beat(value)
-            if beat is not None and now - beat < IMPORT_STALE:
-                done = min(done, float(json.loads(value)["began"]))
+            mark = _import_mark(value)
+            if mark is not None and now - mark[1] < IMPORT_STALE:
+                done = min(done, mark[0])
         return done
 
     def import_writes(self, after: float, until: float, limit: int) -> list[float]:
