@@ -28,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
@@ -46,19 +47,6 @@ def variants() -> dict[str, dict[str, str]]:
     return out
 
 
-async def _call(client: httpx.AsyncClient, engine: Engine, prompt: list[int], max_tokens: int) -> None:
-    body = {"model": engine.served_model_name, "prompt": prompt, "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0}
-    r = await client.post(engine.base_url + "/v1/completions", json=body)
-    r.raise_for_status()
-
-
-async def _timed(*calls) -> float:
-    start = time.perf_counter()
-    await asyncio.gather(*calls)
-    return time.perf_counter() - start
-
-
 async def measure(model: str, env: dict[str, str], seed: int) -> dict[str, float]:
     engine = Engine(model, kv_cache_bytes=256 << 20, env={"VLLM_SERVER_DEV_MODE": "1", **env})
     start = time.perf_counter()
@@ -71,18 +59,15 @@ async def measure(model: str, env: dict[str, str], seed: int) -> dict[str, float
 
     try:
         async with httpx.AsyncClient(timeout=600) as client:
-            await _call(client, engine, prompt(64), 8)
-            start = time.perf_counter()
-            for _ in range(6):
-                await _call(client, engine, prompt(2048), 1)
-            out["prefill 6 x 2,048 s"] = time.perf_counter() - start
+            await together(client, engine, [prompt(64)], 8)
+            out["prefill 6 x 2,048 s"] = sum(
+                [await together(client, engine, [prompt(2048)], 1) for _ in range(6)])
             cached = [prompt(1024) for _ in range(8)]
-            await _timed(*(_call(client, engine, p, 1) for p in cached))
-            seconds = await _timed(*(_call(client, engine, p, 128) for p in cached))
-            out["decode 8 at once tok/s"] = 8 * 128 / seconds
-            out["decode 1 tok/s"] = 128 / await _timed(_call(client, engine, cached[0], 128))
-            out["16 x (512 + 64) s"] = await _timed(
-                *(_call(client, engine, prompt(512), 64) for _ in range(16)))
+            await together(client, engine, cached, 1)
+            out["decode 8 at once tok/s"] = 8 * 128 / await together(client, engine, cached, 128)
+            out["decode 1 tok/s"] = 128 / await together(client, engine, cached[:1], 128)
+            out["16 x (512 + 64) s"] = await together(
+                client, engine, [prompt(512) for _ in range(16)], 64)
     finally:
         await engine.stop()
     return out

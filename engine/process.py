@@ -245,6 +245,6 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
     )
     if cpu:
         # The worker runs inside the engine process: on 2 cores prefill takes half the time,
-        # decoding is 1.2-1.5x faster and start-up 7 s shorter (bench/engine_env.py).
+        # decoding is 1.2-1.5x faster and start-up 7-9 s shorter (bench/engine_env.py).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
