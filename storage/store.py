@@ -17,9 +17,10 @@ import socket
 import time
 from typing import Iterator, Sequence
 
-from sqlalchemy import create_engine, event, func, inspect, select
+import xxhash
+from sqlalchemy import String, Table, create_engine, event, func, inspect, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session as OrmSession
 
 from learn.canonical import canonical_json, content_hash, dumps, loads
@@ -75,11 +76,57 @@ def captured_clause():
 
 
 def store_url(url: str) -> str:
-    """A database URL, or a plain file path taken as a SQLite file (`--db data/preheat.db`)."""
-    return url if "://" in url else f"sqlite:///{url}"
+    """A database URL, or a plain file path taken as a SQLite file (`--db data/preheat.db`).
+    A PostgreSQL URL without a driver (`postgresql://`, `postgres://`) takes psycopg 3, the
+    driver preheat installs (`pip install 'preheat[postgres]'`); SQLAlchemy's own default is
+    psycopg2."""
+    if "://" not in url:
+        return f"sqlite:///{url}"
+    scheme, rest = url.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else url
+
+
+def _shown(url: str) -> str:
+    """A store's URL as printed: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://..."
+
+
+def _text_limits(table: Table) -> dict[str, int | None]:
+    """A table's text columns, each with its length limit (None: unbounded)."""
+    return {c.name: c.type.length for c in table.columns if isinstance(c.type, String)}
+
+
+def fit_text(value: str, limit: int | None) -> str:
+    """`value` as a text column takes it: NUL, which PostgreSQL refuses in text, becomes
+    U+FFFD, and a value longer than `limit` (which SQLite ignores and PostgreSQL refuses)
+    keeps its head and ends with a hash of the whole, so two long ids stay apart. The same
+    value always fits the same way: an exchange and its session agree on a long session id."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if limit is not None and len(value) > limit:
+        digest = xxhash.xxh3_64_hexdigest(value.encode("utf-8", "surrogatepass"))
+        value = f"{value[:limit - len(digest) - 1]}~{digest}"
+    return value
+
+
+def _fit_row(row: dict, limits: dict[str, int | None]) -> dict:
+    for name, limit in limits.items():
+        value = row.get(name)
+        if isinstance(value, str):
+            row[name] = fit_text(value, limit)
+    return row
 
 
 def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql+psycopg:"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreError("a PostgreSQL store needs psycopg 3: pip install "
+                             "'preheat[postgres]' (or psycopg[binary])") from None
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30},
@@ -114,7 +161,7 @@ class Store:
             self._tenant_key = self._meta_value("tenant_key", lambda: secrets.token_hex(32))
             self._meta_value("schema_version", lambda: str(EXCHANGE_VERSION))
         except Exception as exc:
-            raise StoreError(f"cannot open the store at {url}: {exc}") from exc
+            raise StoreError(f"cannot open the store at {_shown(url)}: {exc}") from exc
 
     @property
     def tenant_key(self) -> bytes:
@@ -238,7 +285,7 @@ class Store:
         sessions: dict[str, dict] = {}
         now = time.time()
         for ex in items:
-            rows.append(_row_of(ex, messages) | {"stored_at": now})
+            rows.append(_fit_row(_row_of(ex, messages) | {"stored_at": now}, _EXCHANGE_TEXT))
             if ex.session_id:
                 s = sessions.setdefault(
                     ex.session_id,
@@ -252,7 +299,8 @@ class Store:
             if messages:
                 conn.execute(self._insert_messages, list(messages.values()))
             if sessions:
-                conn.execute(self._upsert_sessions, list(sessions.values()))
+                conn.execute(self._upsert_sessions,
+                             [_fit_row(s, _SESSION_TEXT) for s in sessions.values()])
             conn.execute(ExchangeRow.__table__.insert(), rows)
 
     # -- reading -------------------------------------------------------------------------
@@ -346,6 +394,10 @@ class Store:
             q = select(Message.hash, Message.data).where(Message.hash.in_(wanted_list[i : i + 500]))
             found.update({h: loads(d) for h, d in db.execute(q)})
         return [load(_row_dict(r), found) for r in rows]
+
+
+_EXCHANGE_TEXT = _text_limits(ExchangeRow.__table__)
+_SESSION_TEXT = _text_limits(Session.__table__)
 
 
 def _insert_ignore(model, engine: Engine):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -62,3 +64,33 @@ async def proxy(proxy_settings):
     running = await start_proxy(proxy_settings)
     yield running
     await running.runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of this test run's own: pgserver's binaries, from PyPI."""
+    with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR here
+        warnings.simplefilter("ignore")
+        try:
+            import pgserver
+        except ImportError:
+            pytest.skip("pgserver is not installed (pip install -e '.[test]')")
+        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """A new, empty PostgreSQL database, as `PREHEAT_DB` names one."""
+    name = f"t{secrets.token_hex(6)}"
+    postgres.psql(f"CREATE DATABASE {name};")
+    return postgres.get_uri(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A new, empty store of each kind preheat supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/preheat.db"
+    return request.getfixturevalue("postgres_url")

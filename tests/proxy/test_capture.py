@@ -44,7 +44,16 @@ async def _agent_loop(client: httpx.AsyncClient, url: str, steps: int, task: str
     return messages
 
 
-async def test_agent_loops_are_linked_into_sessions_and_messages_stored_once(proxy):
+@pytest.fixture
+async def proxy_on_each_store(upstream, db_url):
+    """A proxy capturing to a SQLite file, then to a PostgreSQL database."""
+    running = await start_proxy(Settings(upstream=upstream.url, db=db_url))
+    yield running
+    await running.runner.cleanup()
+
+
+async def test_agent_loops_are_linked_into_sessions_and_messages_stored_once(proxy_on_each_store):
+    proxy = proxy_on_each_store
     async with httpx.AsyncClient() as client:
         await _agent_loop(client, proxy.url, 6, "book a flight")
         await _agent_loop(client, proxy.url, 4, "cancel a booking", stream=True)
@@ -173,9 +182,11 @@ async def test_store_failure_keeps_traffic_flowing_and_counts(upstream, tmp_path
         await proxy.runner.cleanup()
 
 
-async def test_a_capture_the_store_cannot_take_loses_only_itself(proxy):
+async def test_a_capture_the_store_cannot_take_loses_only_itself(proxy_on_each_store):
     """Text no SQLite column can hold (a lone surrogate escape in the body, a Latin-1 byte in
-    a header) must not cost the other calls of its batch their captures."""
+    a header), and none PostgreSQL can (a NUL, a session id past its column's length), must
+    not cost the other calls of its batch their captures."""
+    proxy = proxy_on_each_store
     good = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     odd = b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}'
     async with httpx.AsyncClient() as client:
@@ -183,10 +194,13 @@ async def test_a_capture_the_store_cannot_take_loses_only_itself(proxy):
         sent = [client.post(url, json=good) for _ in range(10)]
         sent.append(client.post(url, content=odd, headers={"Content-Type": "application/json"}))
         sent.append(client.post(url, json=good, headers={"X-Session-ID": b"caf\xe9"}))
-        assert {r.status_code for r in await asyncio.gather(*sent)} <= {200, 400}
+        sent.append(client.post(url, json=good, headers={"X-Session-ID": "s" * 300}))
+        sent.append(client.post(url, headers={"x-fake-status": "500"}, json={
+            "model": "m\u0000", "messages": [{"role": "user", "content": "\u0000"}]}))
+        assert {r.status_code for r in await asyncio.gather(*sent)} <= {200, 400, 500}
     store = await proxy.store()
     stored = list(store.exchanges())
-    assert len(stored) == 12 and not proxy.observer.dropped
+    assert len(stored) == 14 and not proxy.observer.dropped
     raw = [e for e in stored if e.request_error]
     assert len(raw) == 1 and "surrogate" in raw[0].request_error
     assert raw[0].request_body == odd  # kept as it was sent
@@ -219,10 +233,10 @@ async def test_metrics_count_requests_by_route_and_status(proxy):
     assert "preheat_capture_queue_depth" in text
 
 
-async def test_live_learner_learns_and_survives_a_restart(upstream, tmp_path):
+async def test_live_learner_learns_and_survives_a_restart(upstream, db_url):
     from learn.learner import Learner
 
-    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/learn.db")
+    settings = Settings(upstream=upstream.url, db=db_url)
     proxy = await start_proxy(settings)
     async with httpx.AsyncClient() as client:
         for task in ("book a flight", "cancel a booking", "change a seat"):

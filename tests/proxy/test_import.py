@@ -19,8 +19,8 @@ SWE = WORKLOADS / "swe-agent-demo" / "marshmallow-1867.traj"
 
 
 @pytest.mark.skipif(not TAU.exists(), reason="../shared/workloads is not there")
-def test_tau_bench_trajectories(tmp_path, capsys):
-    db = f"sqlite:///{tmp_path}/tau.db"
+def test_tau_bench_trajectories(db_url, capsys):
+    db = db_url
     assert main(["import", str(TAU), "--db", db]) == 0
     assert "imported 2,454 calls in 200 sessions" in capsys.readouterr().out
     runs = json.loads(TAU.read_text())

@@ -1,4 +1,5 @@
-"""Retention: old captures leave the store, and nothing a kept capture needs goes with them."""
+"""Retention: old captures leave the store, and nothing a kept capture needs goes with them
+(on SQLite and PostgreSQL; giving pages back is SQLite's own)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import json
 import os
 import time
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from proxy.exchange import Exchange
 from storage import retention
 from storage.learned import load_learned, save_learned
-from storage.models import Message
+from storage.models import ExchangeRow, Message, Session
 from storage.store import Store
 
 DAY = 86400.0
@@ -35,8 +36,8 @@ def _write(store: Store, *calls: Exchange, stored: float | None = None) -> None:
     store.write(list(calls))
     with store.engine.begin() as conn:
         for ex in calls:
-            conn.exec_driver_sql("UPDATE exchanges SET stored_at = ? WHERE id = ?",
-                                 (stored or ex.started_at, ex.id))
+            conn.execute(update(ExchangeRow).where(ExchangeRow.id == ex.id)
+                         .values(stored_at=stored or ex.started_at))
 
 
 def _run(r: retention.Retention) -> None:
@@ -51,12 +52,12 @@ def _run(r: retention.Retention) -> None:
 
 def _referenced(store: Store) -> set[str]:
     with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT message_hashes, answer_hash FROM exchanges").all()
-    return {h for hashes, answer in rows for h in (json.loads(hashes) or []) + [answer] if h}
+        rows = conn.execute(select(ExchangeRow.message_hashes, ExchangeRow.answer_hash)).all()
+    return {h for hashes, answer in rows for h in (hashes or []) + [answer] if h}
 
 
-def test_old_exchanges_go_with_their_sessions_and_messages_and_nothing_else(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/r.db")
+def test_old_exchanges_go_with_their_sessions_and_messages_and_nothing_else(db_url):
+    store = Store(db_url)
     now = time.time()
     old, recent = now - 10 * DAY, now - 3600
     gone = [_call("old", old, "book a flight", answer="which day?"),
@@ -74,7 +75,7 @@ def test_old_exchanges_go_with_their_sessions_and_messages_and_nothing_else(tmp_
     learned = {"version": 1, "observed": 6, "anything": ["the learner's own"]}
     save_learned(store, learned)
     with store.engine.connect() as conn:
-        before = set(conn.exec_driver_sql("SELECT hash FROM messages").scalars())
+        before = set(conn.execute(select(Message.hash)).scalars())
 
     r = retention.Retention(store, days=1)
     _run(r)
@@ -84,9 +85,9 @@ def test_old_exchanges_go_with_their_sessions_and_messages_and_nothing_else(tmp_
     sessions = {s["id"]: s for s in store.sessions()}
     assert set(sessions) == {"span", "new", "import:1"}
     with store.engine.connect() as conn:
-        span = conn.exec_driver_sql(
-            "SELECT exchanges, first_at FROM sessions WHERE id = 'span'").one()
-        left = set(conn.exec_driver_sql("SELECT hash FROM messages").scalars())
+        span = conn.execute(select(Session.exchanges, Session.first_at)
+                            .where(Session.id == "span")).one()
+        left = set(conn.execute(select(Message.hash)).scalars())
     assert tuple(span) == (1, recent)
     assert left == _referenced(store) and left < before  # the rest went
     contents = {json.loads(d)["content"] for d in _data(store)}
@@ -107,8 +108,8 @@ def _data(store: Store) -> list[str]:
         return list(conn.execute(select(Message.data)).scalars())
 
 
-def test_a_message_a_new_call_refers_to_during_the_search_is_kept(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/m.db")
+def test_a_message_a_new_call_refers_to_during_the_search_is_kept(db_url):
+    store = Store(db_url)
     now = time.time()
     _write(store, _call("a", now - 10 * DAY, "first", answer="one"))
     retention.expire(store, now - DAY)

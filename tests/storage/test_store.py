@@ -1,11 +1,15 @@
-"""The store's own promises: a store made by an older preheat opens and keeps working."""
+"""The store's own promises, on SQLite and PostgreSQL: a store made by an older preheat opens
+and keeps working; what one client sends never keeps another's calls out."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from proxy.exchange import Exchange
-from storage.store import Store
+from storage.models import ExchangeRow, Session
+from storage.store import Store, StoreError, store_url
 
 
 def _call(i: int) -> Exchange:
@@ -15,15 +19,14 @@ def _call(i: int) -> Exchange:
                     request_body=json.dumps(body).encode())
 
 
-def test_a_store_from_before_stored_at_gains_the_column_and_keeps_its_rows(tmp_path):
-    url = f"sqlite:///{tmp_path}/old.db"
-    store = Store(url)
+def test_a_store_from_before_stored_at_gains_the_column_and_keeps_its_rows(db_url):
+    store = Store(db_url)
     store.write([_call(0)])
     with store.engine.begin() as conn:  # as an older preheat made it
         conn.exec_driver_sql("DROP INDEX ix_exchanges_stored")
         conn.exec_driver_sql("ALTER TABLE exchanges DROP COLUMN stored_at")
     store.close()
-    reopened = Store(url)
+    reopened = Store(db_url)
     reopened.write([_call(1)])
     assert [ex.started_at for ex in reopened.exchanges()] == [100.0, 101.0]
     with reopened.engine.connect() as conn:
@@ -31,8 +34,8 @@ def test_a_store_from_before_stored_at_gains_the_column_and_keeps_its_rows(tmp_p
     assert stored[0][0] is None and stored[1][0] is not None
 
 
-def test_imported_calls_are_found_by_when_they_were_stored(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/s.db")
+def test_imported_calls_are_found_by_when_they_were_stored(db_url):
+    store = Store(db_url)
     captured, imported = _call(0), _call(1)
     imported.session_id, imported.session_source = "s-1", "import:new"
     store.write([captured])
@@ -49,13 +52,13 @@ def _imported(i: int) -> Exchange:
     return ex
 
 
-def test_an_import_still_writing_holds_back_what_a_server_may_learn(tmp_path, monkeypatch):
+def test_an_import_still_writing_holds_back_what_a_server_may_learn(db_url, monkeypatch):
     """Two imports at once: the first to end must not let a server learn past where the
     other began (its next batch, stamped before it commits, may land behind that end)."""
     from proxy.learning import LearnSink
     from storage import store as store_module
 
-    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store = Store(db_url)
     sink = LearnSink(store)
     first = store.begin_import()
     store.write([_imported(0)])
@@ -75,10 +78,10 @@ def test_an_import_still_writing_holds_back_what_a_server_may_learn(tmp_path, mo
     assert sink.catch_up_imports() == 0 and sink.learner.observed == 2
 
 
-def test_an_import_that_was_killed_holds_nothing_back(tmp_path, monkeypatch):
+def test_an_import_that_was_killed_holds_nothing_back(db_url, monkeypatch):
     from storage import store as store_module
 
-    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store = Store(db_url)
     store.begin_import()  # and never ended
     store.write([_imported(0)])
     ended = store.end_import(store.begin_import())
@@ -88,11 +91,11 @@ def test_an_import_that_was_killed_holds_nothing_back(tmp_path, monkeypatch):
     assert store.imported() == ended
 
 
-def test_the_next_import_clears_the_marks_of_killed_imports(tmp_path, monkeypatch):
+def test_the_next_import_clears_the_marks_of_killed_imports(db_url, monkeypatch):
     from storage import store as store_module
     from storage.models import Meta
 
-    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store = Store(db_url)
     killed = store.begin_import()  # and never ended
     running = store.begin_import()
     now = store_module.time.time()
@@ -106,3 +109,46 @@ def test_the_next_import_clears_the_marks_of_killed_imports(tmp_path, monkeypatc
     assert keys == {running, new} and killed not in keys
     ended = store.end_import(new)
     assert store.imported() <= now < ended  # the import still writing holds back, as before
+
+
+def test_what_one_client_sends_fits_the_store_and_keeps_no_other_call_out(db_url):
+    """Text PostgreSQL refuses (a NUL, a value past its column's length; SQLite takes both) is
+    stored as near as it fits, in the same batch as another client's call."""
+    long_a, long_b = "a" * 250 + "-one", "a" * 250 + "-two"  # alike past the column's length
+    odd = [_call(0), _call(1), _call(2)]
+    odd[0].session_id, odd[0].session_source = long_a, "header"
+    odd[1].session_id, odd[1].session_source = long_b, "header"
+    odd[2].request_body = json.dumps({"model": "m" * 300 + "\u0000", "messages": [
+        {"role": "user", "content": "a NUL \u0000 in a message"}]}).encode()
+    odd[2].error = "upstream said \x00 and more"
+    other = _call(3)
+    store = Store(db_url)
+    store.write([*odd, other])
+
+    stored = {ex.id: ex for ex in store.exchanges()}
+    assert set(stored) == {ex.id for ex in [*odd, other]}
+    assert stored[other.id].request_json == other.request_json  # untouched
+    nul = stored[odd[2].id]
+    assert nul.request_json["messages"][0]["content"] == "a NUL \x00 in a message"  # JSON keeps it
+    assert "\x00" not in nul.error and nul.error.startswith("upstream said")
+    with store.engine.connect() as conn:
+        model = conn.execute(ExchangeRow.__table__.select()
+                             .with_only_columns(ExchangeRow.model)
+                             .where(ExchangeRow.id == odd[2].id)).scalar()
+        sessions = dict(conn.execute(Session.__table__.select()
+                                     .with_only_columns(Session.id, Session.exchanges)).all())
+    assert len(model) <= 256 and model.startswith("m" * 200)
+    a, b = stored[odd[0].id].session_id, stored[odd[1].id].session_id
+    assert a != b and len(a) <= 200 and a.startswith("a" * 150)  # two sessions, still apart
+    assert sessions[a] == sessions[b] == 1  # each exchange's session is its row
+    assert store.session(a)["exchanges"] == [odd[0].id]
+
+
+def test_a_store_url_without_a_driver_and_one_that_cannot_open():
+    assert store_url("data/preheat.db") == "sqlite:///data/preheat.db"
+    assert store_url("postgres://u@db/p") == "postgresql+psycopg://u@db/p"
+    assert store_url("postgresql://u@db/p") == "postgresql+psycopg://u@db/p"
+    assert store_url("postgresql+psycopg2://u@db/p") == "postgresql+psycopg2://u@db/p"
+    with pytest.raises(StoreError) as failed:  # nothing listens on port 1
+        Store("postgresql://preheat:s3cret@127.0.0.1:1/preheat?connect_timeout=5")
+    assert "127.0.0.1:1" in str(failed.value) and "s3cret" not in str(failed.value)
