@@ -150,3 +150,15 @@ def test_a_new_store_gives_the_pages_it_frees_back_and_an_old_one_reuses_them(tm
     assert now_size < full / 10 and free == 0
     (full, now_size, free) = sizes["old"]
     assert now_size == full and free * 4096 > full / 2  # reused by the next captures
+
+
+def test_the_search_on_postgresql_is_an_anti_join(postgres_url):
+    """NOT IN over the references is a nested loop on PostgreSQL once they outgrow its
+    work_mem (400k messages, 2.2M references: over ten minutes, against 2.7 s this way)."""
+    from sqlalchemy import text
+
+    store = Store(postgres_url)
+    sql = f"EXPLAIN SELECT hash FROM messages WHERE {retention._unreferenced('postgresql', False)}"
+    with store.engine.connect() as conn:
+        plan = "\n".join(conn.execute(text(sql)).scalars())
+    assert "Anti Join" in plan and "SubPlan" not in plan, plan
