@@ -1,6 +1,7 @@
 """How the engine's process setup changes its speed, on the real engine with the 512 x 8
 offline model: the basis for running vLLM's worker inside its engine process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, engine/process.py) and for not preloading an allocator.
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, engine/process.py); bench/engine_memory.py measures the
+allocator's memory.
 
     .venv/bin/python bench/engine_env.py [--repeat 2] [--out bench/results/engine-env.md]
 
@@ -9,8 +10,9 @@ the variants taking turns `--repeat` times. It then measures start-up (to /healt
 prefill of six distinct 2,048-token prompts one after another, the decoding of 128 tokens
 by eight calls at once and by one (prompts cached first), and sixteen 512-token prompts
 sent together, 64 tokens each. Prompts are random token ids. Figures are medians over the
-repeats. The tcmalloc variant runs only where Debian's libtcmalloc-minimal4 is installed
-(vLLM's CPU build asks for it in LD_PRELOAD, and bundles none in its wheel).
+repeats. The first two variants run on glibc's malloc; the tcmalloc variant, preheat's
+default where it is installed (`make engine` installs Debian's libtcmalloc-minimal4; vLLM's
+CPU build asks for it in LD_PRELOAD and bundles none in its wheel), only there.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
+from engine.process import tcmalloc  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+GLIBC = {"LD_PRELOAD": ""}
+"""An engine on glibc's malloc: preheat preloads tcmalloc where installed, unless told."""
 VOCAB = (100, 16000)
 METRICS = (("start s", False), ("prefill 6 x 2,048 s", False), ("decode 8 at once tok/s", True),
            ("decode 1 tok/s", True), ("16 x (512 + 64) s", False))
@@ -40,10 +44,11 @@ METRICS = (("start s", False), ("prefill 6 x 2,048 s", False), ("decode 8 at onc
 
 
 def variants() -> dict[str, dict[str, str]]:
-    out = {"preheat's default: worker in the engine process": {},
-           "vLLM's default: worker in its own process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
-    if TCMALLOC.exists():
-        out["preheat's default + tcmalloc preloaded"] = {"LD_PRELOAD": str(TCMALLOC)}
+    out = {"worker in the engine process": GLIBC,
+           "vLLM's default: worker in its own process": {
+               **GLIBC, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
+    if lib := tcmalloc():
+        out["worker in the engine process, tcmalloc preloaded"] = {"LD_PRELOAD": lib}
     return out
 
 
