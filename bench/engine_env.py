@@ -10,15 +10,16 @@ the variants taking turns `--repeat` times. It then measures start-up (to /healt
 prefill of six distinct 2,048-token prompts one after another, the decoding of 128 tokens
 by eight calls at once and by one (prompts cached first), and sixteen 512-token prompts
 sent together, 64 tokens each. Prompts are random token ids. Figures are medians over the
-repeats. The first two variants run on glibc's malloc; the tcmalloc variant, preheat's
-default where it is installed (`make engine` installs Debian's libtcmalloc-minimal4; vLLM's
-CPU build asks for it in LD_PRELOAD and bundles none in its wheel), only there.
+repeats. The first two variants run on glibc's malloc, as preheat's engine does; the
+tcmalloc variant only where it is installed (Debian's libtcmalloc-minimal4: vLLM's CPU build
+asks for it in LD_PRELOAD and bundles none in its wheel).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import random
 import statistics
 import sys
@@ -32,15 +33,21 @@ sys.path.insert(0, str(ROOT))
 
 from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.process import tcmalloc  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
 GLIBC = {"LD_PRELOAD": ""}
-"""An engine on glibc's malloc: preheat preloads tcmalloc where installed, unless told."""
+"""An engine on glibc's malloc, whatever the shell preloads."""
+TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",  # Debian: libtcmalloc-minimal4
+            "/usr/lib64/libtcmalloc_minimal.so.4")  # Fedora: gperftools-libs
 VOCAB = (100, 16000)
 METRICS = (("start s", False), ("prefill 6 x 2,048 s", False), ("decode 8 at once tok/s", True),
            ("decode 1 tok/s", True), ("16 x (512 + 64) s", False))
 """Each figure, and whether higher is better."""
+
+
+def tcmalloc() -> str | None:
+    """The path of an installed tcmalloc, or None."""
+    return next((p for pattern in TCMALLOC for p in sorted(glob.glob(pattern))), None)
 
 
 def variants() -> dict[str, dict[str, str]]:

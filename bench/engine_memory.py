@@ -11,8 +11,7 @@ shared 1,024-token head and its own growing history (+200 tokens a call, a new s
 3,000), 32-96 tokens out. Prompts are random token ids from a seeded generator, so every
 variant gets the same calls in the same order from each agent. Memory is the proportional set
 size (PSS) of the engine's process and its children, sampled every 5 s. The tcmalloc variant
-(preheat's default where it is installed: `make engine` installs Debian's
-libtcmalloc-minimal4) runs only there.
+runs only where Debian's libtcmalloc-minimal4 is installed.
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine_env import GLIBC, VOCAB  # noqa: E402
+from bench.engine_env import GLIBC, VOCAB, tcmalloc  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.process import tcmalloc  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
 AGENTS = 8

