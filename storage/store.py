@@ -99,7 +99,7 @@ def _text_limits(table: Table) -> dict[str, int | None]:
     return {c.name: c.type.length for c in table.columns if isinstance(c.type, String)}
 
 
-def fit_text(value: str, limit: int | None) -> str:
+def _fit_text(value: str, limit: int | None) -> str:
     """`value` as a text column takes it: NUL, which PostgreSQL refuses in text, becomes
     U+FFFD, and a value longer than `limit` (which SQLite ignores and PostgreSQL refuses)
     keeps its head and ends with a hash of the whole, so two long ids stay apart. The same
@@ -116,7 +116,7 @@ def _fit_row(row: dict, limits: dict[str, int | None]) -> dict:
     for name, limit in limits.items():
         value = row.get(name)
         if isinstance(value, str):
-            row[name] = fit_text(value, limit)
+            row[name] = _fit_text(value, limit)
     return row
 
 
