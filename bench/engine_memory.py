@@ -2,7 +2,8 @@
 is, with its arenas capped, and with tcmalloc preloaded: the basis for how preheat's engine
 process allocates (engine/process.py).
 
-    .venv/bin/python bench/engine_memory.py [--minutes 10] [--out bench/results/engine-memory.md]
+    .venv/bin/python bench/engine_memory.py [--minutes 10] [--only glibc ...]
+        [--out bench/results/engine-memory.md]
 
 Each variant starts its own engine (the 512 x 8 offline model, preheat's flags, a 64 MiB KV
 cache, so calls evict and recompute one another as under cache pressure) with only its
@@ -153,6 +154,8 @@ async def main_async(args) -> dict[str, dict]:
     model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
     rows = {}
     for name, env in variants().items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         rows[name] = await measure(model, env, args.minutes)
         print(name, {k: round(v, 1) for k, v in rows[name].items()}, flush=True)
     return rows
@@ -161,6 +164,7 @@ async def main_async(args) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--only", nargs="*", help="run the variants whose names contain these")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine-memory.md")
     args = parser.parse_args()
     text = report(asyncio.run(main_async(args)), args.minutes)
