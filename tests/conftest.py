@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 import warnings
@@ -94,3 +95,11 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/preheat.db"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def proxy_on_each_store(proxy_settings, db_url):
+    """`proxy`, capturing to a SQLite file, then to a PostgreSQL database."""
+    running = await start_proxy(dataclasses.replace(proxy_settings, db=db_url))
+    yield running
+    await running.runner.cleanup()

@@ -66,14 +66,6 @@ async def test_a_generated_token_is_logged(upstream, tmp_path, caplog):
         await running.runner.cleanup()
 
 
-@pytest.fixture
-async def proxy_on_each_store(upstream, db_url):
-    """The admin page over a SQLite file, then over a PostgreSQL database."""
-    running = await start_proxy(Settings(upstream=upstream.url, db=db_url, admin_token=TOKEN))
-    yield running
-    await running.runner.cleanup()
-
-
 async def test_every_page_and_its_json_twin(proxy_on_each_store, upstream):
     proxy = proxy_on_each_store
     await workload(proxy.url)

@@ -44,14 +44,6 @@ async def _agent_loop(client: httpx.AsyncClient, url: str, steps: int, task: str
     return messages
 
 
-@pytest.fixture
-async def proxy_on_each_store(upstream, db_url):
-    """A proxy capturing to a SQLite file, then to a PostgreSQL database."""
-    running = await start_proxy(Settings(upstream=upstream.url, db=db_url))
-    yield running
-    await running.runner.cleanup()
-
-
 async def test_agent_loops_are_linked_into_sessions_and_messages_stored_once(proxy_on_each_store):
     proxy = proxy_on_each_store
     async with httpx.AsyncClient() as client:
