@@ -37,8 +37,10 @@ IMPORT_WRITES = 4
 
 
 class LearnSink:
-    def __init__(self, store: Store | None, save_every: float = 60.0) -> None:
+    def __init__(self, store: Store | None, save_every: float = 60.0, server: str = "") -> None:
         self.store = store
+        self.server = server
+        """Whose snapshots these are (`storage.learned.server_name`)."""
         self.save_every = save_every
         self.until = 0.0
         """Arrival time of the newest captured exchange learned from."""
@@ -55,7 +57,7 @@ class LearnSink:
     def _restore(self) -> Learner:
         if self.store is not None:
             try:
-                data = load_learned(self.store)
+                data = load_learned(self.store, server=self.server)
                 if data is not None:
                     self.until = float(data.get(UNTIL_KEY) or 0.0)
                     self.imported = float(data.get(IMPORTED_KEY) or 0.0)
@@ -140,7 +142,7 @@ class LearnSink:
             snapshot[HEADS_KEY] = self.heads.snapshot()
             if self.admission is not None:
                 snapshot[ADMISSION_KEY] = self.admission
-            save_learned(self.store, snapshot)
+            save_learned(self.store, snapshot, server=self.server)
             self._unsaved = 0
         except Exception:
             log.exception("could not save the learned snapshot; will retry")

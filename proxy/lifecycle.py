@@ -26,7 +26,7 @@ from proxy.metrics import Metrics
 from proxy.observer_process import ObserverProcess
 from proxy.stages import Pipeline, default_stages
 from proxy.upstream import Upstream
-from storage.learned import load_learned
+from storage.learned import load_learned, server_name
 from storage.store import Store
 
 log = logging.getLogger("preheat.proxy")
@@ -115,7 +115,7 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
                 if settings.learn:  # what an earlier run learned, kept with the learner's
-                    stored = await asyncio.to_thread(_stored_admission, settings.db)
+                    stored = await asyncio.to_thread(_stored_admission, settings.db, settings.port)
                     if stored is not None and (n := admission.restore(stored)):
                         log.info("admission: restored the sizes of %d finished sessions", n)
                     keeper = asyncio.create_task(_keep_admission(app[OBSERVER], admission))
@@ -133,12 +133,12 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def _stored_admission(db: str) -> dict | None:
-    """Admission's snapshot in the store's newest learned snapshot (None if there is none)."""
+def _stored_admission(db: str, port: int) -> dict | None:
+    """Admission's snapshot in this server's newest learned snapshot (None if there is none)."""
     try:
         store = Store(db)
         try:
-            data = load_learned(store)
+            data = load_learned(store, server=server_name(port))
         finally:
             store.close()
     except Exception:  # a store we cannot read: admission learns afresh

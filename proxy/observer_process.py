@@ -53,6 +53,7 @@ from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.learning import LearnSink
 from proxy.observe import Drops, Observer
+from storage.learned import server_name
 from storage.retention import Retention
 from storage.store import SERVING_BEAT, Store, StoreError
 
@@ -424,7 +425,7 @@ class _Child:
             return False
         self.observer = Observer(store, SessionLinker(window=self.settings.session_window))
         if self.settings.learn:
-            self.learning = LearnSink(store)
+            self.learning = LearnSink(store, server=server_name(self.settings.port))
             self.learning.catch_up()
             self.learning.listeners.append(self._offer)
             self.observer.sinks.append(self.learning)

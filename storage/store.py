@@ -18,7 +18,7 @@ import time
 from typing import Iterator, Sequence
 
 import xxhash
-from sqlalchemy import String, Table, create_engine, event, func, inspect, select
+from sqlalchemy import String, Table, create_engine, delete, event, func, inspect, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session as OrmSession
@@ -37,8 +37,20 @@ IMPORTING_KEY = "importing:"
 IMPORT_STALE = 120.0
 """An import that has not written for this long was killed: it holds nothing back."""
 SERVING_KEY = "serving"
+"""Meta keys of servers writing here begin with this, one key per server (`mark_serving`);
+a preheat before 2026-12-06 wrote this key itself."""
 SERVING_BEAT = 10.0
 SERVING_STALE = 45.0
+
+
+def _serving_mark(value: str, now: float) -> dict | None:
+    """A server's mark (`Store.mark_serving`) if it is understood and fresh, else None."""
+    try:
+        mark = json.loads(value)
+        fresh = now - float(mark["beat"]) < SERVING_STALE
+    except (ValueError, KeyError, TypeError):
+        return None
+    return mark if fresh else None
 
 
 def _import_mark(value: str) -> tuple[float, float] | None:
@@ -55,14 +67,26 @@ class StoreError(Exception):
     """The store could not be opened or written; the message says why."""
 
 
-def _add_columns(engine: Engine) -> None:
-    """Columns added since a store was made (create_all makes missing tables only)."""
-    have = {c["name"] for c in inspect(engine).get_columns(ExchangeRow.__tablename__)}
-    if "stored_at" not in have:
-        with engine.begin() as conn:
+SCHEMA_LOCK = 0x70726568656174
+"""PostgreSQL advisory lock held while a store's tables are made or altered ("preheat")."""
+
+
+def _make_schema(engine: Engine) -> None:
+    """Make the tables a store lacks, and the columns added since it was made (create_all
+    makes missing tables only). On PostgreSQL, servers that start together on one new
+    database take turns, or the second would fail to create what the first just did."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        Base.metadata.create_all(conn)
+        have = {c["name"] for c in inspect(conn).get_columns(ExchangeRow.__tablename__)}
+        if "stored_at" not in have:
             conn.exec_driver_sql("ALTER TABLE exchanges ADD COLUMN stored_at FLOAT")
             conn.exec_driver_sql(
                 "CREATE INDEX IF NOT EXISTS ix_exchanges_stored ON exchanges (stored_at)")
+        if "server" not in {c["name"] for c in inspect(conn).get_columns("learned")}:
+            conn.exec_driver_sql(
+                "ALTER TABLE learned ADD COLUMN server VARCHAR(128) NOT NULL DEFAULT ''")
 
 
 def imported_clause():
@@ -151,10 +175,10 @@ def make_engine(url: str) -> Engine:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url = store_url(url)
+        self._serving_key: str | None = None
         try:
             self.engine = make_engine(url)
-            Base.metadata.create_all(self.engine)
-            _add_columns(self.engine)
+            _make_schema(self.engine)
             # Built once: SQLAlchemy rebuilds a statement's columns each time it is made.
             self._insert_messages = _insert_ignore(Message, self.engine)
             self._upsert_sessions = _upsert_sessions(self.engine)
@@ -175,16 +199,35 @@ class Store:
 
     def mark_serving(self, learning: bool) -> None:
         """Say (again) that a `preheat serve` writes here: called at start and every
-        `SERVING_BEAT` s after, by the store's writer."""
+        `SERVING_BEAT` s after, by the store's writer. Each server has a mark of its own, so
+        several may write one database (PostgreSQL); the marks of servers that were killed
+        are cleared here."""
+        now = time.time()
         mark = {"pid": os.getpid(), "host": socket.gethostname(), "learning": learning,
-                "beat": time.time()}
-        self._put_meta(SERVING_KEY, json.dumps(mark))
+                "beat": now}
+        if self._serving_key is None:
+            self._serving_key = f"{SERVING_KEY}:{secrets.token_hex(8)}"
+        with OrmSession(self.engine) as db:
+            killed = [row.key for row in self._serving_rows(db)
+                      if row.key != self._serving_key and _serving_mark(row.value, now) is None]
+            if killed:  # (by key: another server may clear the same marks)
+                db.execute(delete(Meta).where(Meta.key.in_(killed)))
+            db.merge(Meta(key=self._serving_key, value=json.dumps(mark)))
+            db.commit()
 
     def unmark_serving(self) -> None:
+        if self._serving_key is None:
+            return
         with OrmSession(self.engine) as db:
-            if (row := db.get(Meta, SERVING_KEY)) is not None:
+            if (row := db.get(Meta, self._serving_key)) is not None:
                 db.delete(row)
                 db.commit()
+
+    @staticmethod
+    def _serving_rows(db: OrmSession) -> list[Meta]:
+        return list(db.scalars(select(Meta).where(
+            (Meta.key == SERVING_KEY)
+            | Meta.key.startswith(f"{SERVING_KEY}:", autoescape=True))))
 
     def begin_import(self) -> str:
         """Say that an import is about to write; returns the key `renew_import` and
@@ -250,31 +293,30 @@ class Store:
         with OrmSession(self.engine) as db:
             return list(db.scalars(q))
 
-    def serving(self) -> dict | None:
-        """The mark of a `preheat serve` writing here now (pid, host, learning), or None; a
-        mark not renewed for `SERVING_STALE` s is of a server that was killed."""
+    def servers(self) -> list[dict]:
+        """The marks of the `preheat serve`s writing here now (pid, host, learning, beat),
+        oldest beat first; a mark not renewed for `SERVING_STALE` s is of a server that was
+        killed, and is left out."""
+        now = time.time()
         with OrmSession(self.engine) as db:
-            row = db.get(Meta, SERVING_KEY)
-        try:
-            mark = json.loads(row.value) if row is not None else None
-            fresh = mark is not None and time.time() - float(mark["beat"]) < SERVING_STALE
-        except (ValueError, KeyError, TypeError):
-            return None
-        return mark if fresh else None
+            marks = [_serving_mark(row.value, now) for row in self._serving_rows(db)]
+        return sorted((m for m in marks if m is not None), key=lambda m: float(m["beat"]))
 
-    def _put_meta(self, key: str, value: str) -> None:
-        with OrmSession(self.engine) as db:
-            db.merge(Meta(key=key, value=value))
-            db.commit()
+    def serving(self) -> dict | None:
+        """The mark of a `preheat serve` writing here now, one that learns if any does; None
+        if no server writes here."""
+        marks = self.servers()
+        return next((m for m in marks if m.get("learning")), marks[0] if marks else None)
 
     def _meta_value(self, key: str, make) -> str:
+        """The value kept under `key`, made and kept first if there is none (the first
+        to keep one wins: another server may be doing the same)."""
         with OrmSession(self.engine) as db:
-            row = db.get(Meta, key)
-            if row is None:
-                row = Meta(key=key, value=make())
-                db.add(row)
-                db.commit()
-            return row.value
+            if (row := db.get(Meta, key)) is not None:
+                return row.value
+        with self.engine.begin() as conn:
+            conn.execute(_insert_ignore(Meta, self.engine).values(key=key, value=make()))
+            return conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one()
 
     # -- writing (single writer thread) --------------------------------------------------
 
@@ -295,12 +337,14 @@ class Store:
                 s["first_at"] = min(s["first_at"], ex.started_at)
                 s["last_at"] = max(s["last_at"], ex.started_at)
                 s["exchanges"] += 1
+        # Rows are locked in key order: two servers writing one PostgreSQL database, whose
+        # batches meet the same new message or session, would otherwise deadlock.
         with self.engine.begin() as conn:
             if messages:
-                conn.execute(self._insert_messages, list(messages.values()))
+                conn.execute(self._insert_messages, [messages[h] for h in sorted(messages)])
             if sessions:
                 conn.execute(self._upsert_sessions,
-                             [_fit_row(s, _SESSION_TEXT) for s in sessions.values()])
+                             [_fit_row(sessions[i], _SESSION_TEXT) for i in sorted(sessions)])
             conn.execute(ExchangeRow.__table__.insert(), rows)
 
     # -- reading -------------------------------------------------------------------------

@@ -213,14 +213,7 @@ async def test_the_store_says_a_server_writes_to_it_while_one_does(tmp_path):
         await observer.close()
     assert mark is not None and mark["learning"] is True
     assert Store(db).serving() is None  # stopped cleanly: the mark is gone
-    store = Store(db)
-    store.mark_serving(learning=True)
-    assert store.serving() is not None
-    row = json.loads(store._meta_value("serving", lambda: ""))
-    with Store(db).engine.begin() as conn:  # a server killed 10 minutes ago left its mark
-        conn.exec_driver_sql("UPDATE meta SET value = ? WHERE key = 'serving'",
-                             (json.dumps({**row, "beat": time.time() - 600}),))
-    assert store.serving() is None
+    # (a killed server's mark, and several servers': tests/storage/test_store.py)
 
 
 @pytest.mark.skipif(not TAU_BENCH.exists(), reason="../shared/workloads is not there")
@@ -276,3 +269,39 @@ async def test_the_observer_deletes_what_is_older_than_retain_days(tmp_path):
         await observer.close()
     assert store.count() == {"exchanges": 1, "imported": 0, "sessions": 1, "messages": 1}
     assert [ex.request_json["messages"][0]["content"] for ex in store.exchanges()] == ["3"]
+
+
+async def test_two_servers_on_one_store_each_take_up_what_they_learned(db_url):
+    """Two hosts' servers capture to one database (a balancer sends each agent to one of
+    them): both are marked as serving while they run, and each saves, and after a restart
+    takes up, what it learned itself, not whichever server saved last."""
+    from storage.learned import load_learned, server_name
+
+    store = Store(db_url)
+    a = ObserverProcess(Settings(db=db_url, port=18081))
+    b = ObserverProcess(Settings(db=db_url, port=18082))
+    await a.start()
+    await b.start()
+    try:
+        now = time.time()
+        for turn in range(3):  # server b's agent, then server a's two, later
+            assert b.submit(_agent_call(2, turn, now - 100 + turn))
+        for i, (session, turn) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            assert a.submit(_agent_call(session, turn, now - 60 + 10 * i))
+        await a.flush()
+        await b.flush()
+        assert len(store.servers()) == 2
+    finally:
+        await b.close()  # b saves last
+        assert len(store.servers()) == 1  # a's mark outlives b's
+        await a.close()
+    assert store.servers() == []
+    assert load_learned(store, server=server_name(18081))["observed"] == 4
+    assert load_learned(store, server=server_name(18082))["observed"] == 3
+    restarted = ObserverProcess(Settings(db=db_url, port=18081))
+    await restarted.start()
+    try:
+        assert (await restarted.learned())["observed"] == 4
+    finally:
+        await restarted.close()
+    store.close()

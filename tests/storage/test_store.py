@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import func, select, update
 
 from proxy.exchange import Exchange
-from storage.models import ExchangeRow, Session
+from storage.models import ExchangeRow, Meta, Session
 from storage.store import Store, StoreError, store_url
 
 
@@ -152,3 +153,162 @@ def test_a_store_url_without_a_driver_and_one_that_cannot_open():
     with pytest.raises(StoreError) as failed:  # nothing listens on port 1
         Store("postgresql://preheat:s3cret@127.0.0.1:1/preheat?connect_timeout=5")
     assert "127.0.0.1:1" in str(failed.value) and "s3cret" not in str(failed.value)
+
+
+def test_two_servers_writing_one_store_at_once_lose_nothing(db_url):
+    """Two preheat servers capturing to one database, behind a balancer that spreads each
+    agent's calls over both: their batches meet the same new messages and sessions at the
+    same moment, in different orders, and every call must still be stored on the first try
+    (on PostgreSQL, rows locked in opposite orders would deadlock, and one batch fail)."""
+    import threading
+
+    rounds, width = 60, 6
+    stores = [Store(db_url), Store(db_url)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def batch(server: int, r: int) -> list[Exchange]:
+        out = []
+        for k in range(width):
+            shared = [{"role": "system", "content": f"round {r} part {j}"} for j in range(width)]
+            body = {"model": "m", "messages": shared[::-1] if server else shared}
+            body["messages"] = body["messages"] + [
+                {"role": "user", "content": f"server {server} call {k}"}]
+            ex = Exchange(method="POST", path="/v1/chat/completions", status=200,
+                          started_at=1000.0 + r, request_headers=[],
+                          request_body=json.dumps(body).encode())
+            ex.session_id = f"r{r}-s{width - 1 - k if server else k}"
+            out.append(ex)
+        return out
+
+    def serve(server: int) -> None:
+        todo = [batch(server, r) for r in range(rounds)]
+        for items in todo:
+            start.wait()  # both batches at the same moment
+            try:
+                stores[server].write(items)
+            except BaseException as exc:  # noqa: BLE001 (each failure is the finding)
+                failures.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:1]
+    assert stores[0].count_exchanges() == 2 * rounds * width
+    sessions = {s["id"]: s for s in stores[1].sessions(limit=10_000)}
+    assert len(sessions) == rounds * width
+    assert all(len(s["exchanges"]) == 2 for s in sessions.values())
+    with stores[0].engine.connect() as conn:  # each server's upsert counted
+        assert set(conn.execute(select(Session.exchanges)).scalars()) == {2}
+    for s in stores:
+        s.close()
+
+
+def test_servers_started_together_on_a_new_database_all_open_it(postgres):
+    """Replicas started at once on a fresh PostgreSQL database each create its tables and
+    its tenant key: each must open the store, and all must hash tenants with the same key."""
+    import secrets
+    import threading
+
+    for _ in range(4):
+        name = f"t{secrets.token_hex(6)}"
+        postgres.psql(f"CREATE DATABASE {name};")
+        url = postgres.get_uri(name)
+        opened: list[Store] = []
+        failures: list[BaseException] = []
+        start = threading.Barrier(3)
+
+        def open_store() -> None:
+            start.wait()
+            try:
+                opened.append(Store(url))
+            except BaseException as exc:  # noqa: BLE001 (each failure is the finding)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures[:1]
+        assert len({s.tenant_key for s in opened}) == 1
+        for s in opened:
+            s.close()
+
+
+def test_each_server_on_a_store_keeps_a_mark_of_its_own(db_url):
+    """Two servers on one database: stopping one must not hide the other from `preheat
+    learn`, and the one that learns is the one reported."""
+    import time
+
+    first, second = Store(db_url), Store(db_url)
+    first.mark_serving(learning=False)
+    second.mark_serving(learning=True)
+    assert len(first.servers()) == 2 and first.serving()["learning"] is True
+    second.unmark_serving()
+    assert [m["learning"] for m in first.servers()] == [False]
+    second.mark_serving(learning=True)
+    first.unmark_serving()
+    assert second.serving()["learning"] is True
+    marks = Meta.key.startswith("serving")
+    with second.engine.begin() as conn:  # the second server was killed 10 minutes ago
+        conn.execute(update(Meta).where(marks).values(
+            value=json.dumps({"learning": True, "beat": time.time() - 600})))
+    assert second.servers() == [] and second.serving() is None
+    first.mark_serving(learning=False)  # a mark's beat clears the marks of killed servers
+    with first.engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(marks)).scalar() == 1
+    for s in (first, second):
+        s.close()
+
+
+def test_each_server_restores_what_it_learned_itself(db_url):
+    """Servers on one database serve different agents: a restart takes its own snapshot
+    (or a newer one of `preheat learn`), not whichever server saved last."""
+    from storage.learned import KEEP, learned_history, load_learned, save_learned
+
+    store = Store(db_url)
+    for i in range(KEEP + 2):  # both save every minute, in turn
+        save_learned(store, {"who": "a", "i": i}, server="a:8080")
+        save_learned(store, {"who": "b", "i": i}, server="b:8080")
+    assert load_learned(store, server="a:8080") == {"who": "a", "i": KEEP + 1}
+    assert load_learned(store, server="b:8080")["who"] == "b"
+    assert load_learned(store, server="new:8080")["who"] == "b"  # none of its own: the newest
+    assert load_learned(store)["who"] == "b"
+    kept = [h["server"] for h in learned_history(store)]
+    assert kept.count("a:8080") == KEEP and kept.count("b:8080") == KEEP
+    save_learned(store, {"who": "learn"})  # `preheat learn`, while the servers were stopped
+    assert load_learned(store, server="a:8080") == {"who": "learn"}
+    save_learned(store, {"who": "a", "i": 99}, server="a:8080")
+    assert load_learned(store, server="a:8080") == {"who": "a", "i": 99}
+    store.close()
+
+
+def test_the_snapshots_of_a_server_long_gone_go_when_another_saves(db_url):
+    from storage.learned import FORGET_AFTER, LearnedSnapshot, learned_history, save_learned
+
+    store = Store(db_url)
+    save_learned(store, {"who": "gone"}, server="gone:8080")
+    with store.engine.begin() as conn:
+        conn.execute(update(LearnedSnapshot).values(saved_at=LearnedSnapshot.saved_at
+                                                     - FORGET_AFTER - 60))
+    save_learned(store, {"who": "a"}, server="a:8080")
+    assert [h["server"] for h in learned_history(store)] == ["a:8080"]
+    store.close()
+
+
+def test_a_store_from_before_servers_were_named_keeps_its_snapshot(db_url):
+    from storage.learned import learned_history, load_learned, save_learned
+
+    store = Store(db_url)
+    save_learned(store, {"who": "old"})
+    with store.engine.begin() as conn:  # as an older preheat made it
+        conn.exec_driver_sql("ALTER TABLE learned DROP COLUMN server")
+    store.close()
+    reopened = Store(db_url)
+    assert load_learned(reopened, server="a:8080") == {"who": "old"}
+    save_learned(reopened, {"who": "a"}, server="a:8080")
+    assert [h["server"] for h in learned_history(reopened)] == ["a:8080", ""]
+    reopened.close()
