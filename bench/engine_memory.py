@@ -1,6 +1,6 @@
 """How the engine's memory grows under sustained agent-like load, with glibc's allocator as it
-is, with its arenas capped, and with tcmalloc preloaded: the basis for how preheat's engine
-process allocates (engine/process.py).
+is, with its arenas capped, with oneDNN's primitive cache off, and with tcmalloc preloaded:
+the basis for how preheat's engine process allocates (engine/process.py).
 
     .venv/bin/python bench/engine_memory.py [--minutes 10] [--only glibc ...]
         [--out bench/results/engine-memory.md]
@@ -11,8 +11,9 @@ environment changed, and runs the same load for `--minutes`: eight agents, each 
 shared 1,024-token head and its own growing history (+200 tokens a call, a new session past
 3,000), 32-96 tokens out. Prompts are random token ids from a seeded generator, so every
 variant gets the same calls in the same order from each agent. Memory is the proportional set
-size (PSS) of the engine's process and its children, sampled every 5 s. The tcmalloc variant
-runs only where Debian's libtcmalloc-minimal4 is installed.
+size (PSS) of the engine's process and its children, sampled every 5 s, and the share of
+vLLM's engine-core process in its growth. The tcmalloc variant runs only where Debian's
+libtcmalloc-minimal4 is installed.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ WARM_S = 60.0
 
 
 def variants() -> dict[str, dict[str, str]]:
-    out = {"glibc malloc": GLIBC, "glibc, MALLOC_ARENA_MAX=2": {**GLIBC, "MALLOC_ARENA_MAX": "2"}}
+    out = {"glibc malloc": GLIBC, "glibc, MALLOC_ARENA_MAX=2": {**GLIBC, "MALLOC_ARENA_MAX": "2"},
+           # oneDNN keeps a compiled primitive per shape it met (1,024 by default)
+           "glibc, ONEDNN_PRIMITIVE_CACHE_CAPACITY=0": {
+               **GLIBC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}}
     if lib := tcmalloc():
         out["tcmalloc preloaded"] = {"LD_PRELOAD": lib}
     return out
@@ -68,16 +72,29 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def pss_mib(pid: int) -> float:
-    """Proportional set size of `pid`'s process tree, MiB (shared pages counted once)."""
-    total = 0
+def pss_by_process(pid: int) -> dict[int, tuple[str, float]]:
+    """Proportional set size (MiB) and command line of each process in `pid`'s tree."""
+    out = {}
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+                kib = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, StopIteration):
             continue
-    return total / 1024
+        out[p] = (cmd, kib / 1024)
+    return out
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size of `pid`'s process tree, MiB (shared pages counted once)."""
+    return sum(mib for _, mib in pss_by_process(pid).values())
+
+
+def core_mib(processes: dict[int, tuple[str, float]]) -> float:
+    """The share of vLLM's engine-core process (it names itself VLLM::EngineCore)."""
+    return sum(mib for cmd, mib in processes.values() if cmd.startswith("VLLM::EngineCore"))
 
 
 async def agent(client: httpx.AsyncClient, engine: Engine, seed: int, until: float,
@@ -103,6 +120,7 @@ async def measure(model: str, env: dict[str, str], minutes: float) -> dict:
                     env={"VLLM_SERVER_DEV_MODE": "1", **env})
     await engine.start()
     samples: list[tuple[float, float]] = []
+    cores: list[float] = []
     done = [0, 0]
     try:
         start = time.monotonic()
@@ -110,31 +128,39 @@ async def measure(model: str, env: dict[str, str], minutes: float) -> dict:
         async with httpx.AsyncClient(timeout=600) as client:
             load = asyncio.gather(*(agent(client, engine, seed, until, done)
                                     for seed in range(1, AGENTS + 1)))
-            samples.append((0.0, pss_mib(engine.pid)))
+            def sample(t: float) -> None:
+                processes = pss_by_process(engine.pid)
+                samples.append((t, sum(mib for _, mib in processes.values())))
+                cores.append(core_mib(processes))
+
+            sample(0.0)
             while not load.done():
                 await asyncio.wait([load], timeout=SAMPLE_S)
-                samples.append((time.monotonic() - start, pss_mib(engine.pid)))
+                sample(time.monotonic() - start)
             await load
         elapsed = time.monotonic() - start
     finally:
         await engine.stop()
-    warm = next(m for t, m in samples if t >= WARM_S)
+    first = next(i for i, (t, _) in enumerate(samples) if t >= WARM_S)
+    warm = samples[first][1]
     half = [(t, m) for t, m in samples if t >= elapsed / 2]
     slope = statistics.linear_regression([t for t, _ in half], [m for _, m in half]).slope
     return {"idle MiB": samples[0][1], "after 1 min MiB": warm, "end MiB": samples[-1][1],
             "peak MiB": max(m for _, m in samples), "growth MiB": samples[-1][1] - warm,
+            "of it, engine core": cores[-1] - cores[first],
             "MiB/min, 2nd half": slope * 60, "calls": done[0], "tokens out/s": done[1] / elapsed}
 
 
 COLUMNS = ("idle MiB", "after 1 min MiB", "end MiB", "peak MiB", "growth MiB",
-           "MiB/min, 2nd half", "calls", "tokens out/s")
+           "of it, engine core", "MiB/min, 2nd half", "calls", "tokens out/s")
 
 
-def report(rows: dict[str, dict], minutes: float) -> str:
+def report(rows: dict[str, dict], minutes: float, only: list[str] | None = None) -> str:
+    picked = " --only " + " ".join(f'"{w}"' if " " in w else w for w in only) if only else ""
     lines = [
-        "# The engine's memory under sustained load, by allocator",
+        "# The engine's memory under sustained load, by allocator and setting",
         "",
-        f"`.venv/bin/python bench/engine_memory.py --minutes {minutes:g}` on 2 CPU cores, "
+        f"`.venv/bin/python bench/engine_memory.py --minutes {minutes:g}{picked}` on 2 CPU cores, "
         f"{time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU "
         f"build, KV cache 64 MiB, preheat's engine flags. {AGENTS} agents resend a "
         f"{HEAD:,}-token head and a history growing {STEP} tokens a call (new session past "
@@ -167,7 +193,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run the variants whose names contain these")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine-memory.md")
     args = parser.parse_args()
-    text = report(asyncio.run(main_async(args)), args.minutes)
+    text = report(asyncio.run(main_async(args)), args.minutes, args.only)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

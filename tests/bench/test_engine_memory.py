@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from bench.engine_memory import pss_mib, tree
+from bench.engine_memory import core_mib, pss_by_process, pss_mib, tree
 
 
 def test_a_child_is_in_the_tree_and_its_memory_counts():
@@ -18,6 +18,9 @@ def test_a_child_is_in_the_tree_and_its_memory_counts():
             __import__("time").sleep(0.05)
         assert child.pid in tree(os.getpid()) and os.getpid() not in tree(child.pid)
         assert pss_mib(os.getpid()) - alone > 60  # the child's 64 MiB, counted in the tree
+        cmd, mib = pss_by_process(os.getpid())[child.pid]
+        assert "bytearray(64 << 20)" in cmd and mib > 60
+        assert core_mib({1: ("VLLM::EngineCore", 5.0), 2: (cmd, mib)}) == 5.0
     finally:
         child.kill()
         child.wait()
