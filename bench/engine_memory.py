@@ -1,6 +1,7 @@
-"""How the engine's memory grows under sustained agent-like load, with glibc's allocator as it
-is, with its arenas capped, with oneDNN's primitive cache off, and with tcmalloc preloaded:
-the basis for how preheat's engine process allocates (engine/process.py).
+"""How the engine's memory grows under sustained agent-like load: as preheat runs it (glibc's
+allocator), with glibc's arenas capped, with oneDNN's primitive cache at its own default, off
+and at preheat's 64, and with tcmalloc preloaded: the basis for how preheat's engine process
+allocates (engine/process.py).
 
     .venv/bin/python bench/engine_memory.py [--minutes 10] [--only glibc ...]
         [--out bench/results/engine-memory.md]
@@ -45,9 +46,9 @@ WARM_S = 60.0
 
 def variants() -> dict[str, dict[str, str]]:
     out = {"glibc malloc": GLIBC, "glibc, MALLOC_ARENA_MAX=2": {**GLIBC, "MALLOC_ARENA_MAX": "2"},
-           # oneDNN keeps a compiled primitive per shape it met (1,024 by default)
-           "glibc, ONEDNN_PRIMITIVE_CACHE_CAPACITY=0": {
-               **GLIBC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}}
+           # oneDNN keeps a compiled primitive per shape it met, up to 1,024 of its own accord
+           **{f"glibc, ONEDNN_PRIMITIVE_CACHE_CAPACITY={n}": {
+               **GLIBC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(n)} for n in (1024, 0, 64)}}
     if lib := tcmalloc():
         out["tcmalloc preloaded"] = {"LD_PRELOAD": lib}
     return out

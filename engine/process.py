@@ -230,6 +230,10 @@ def _flavour_here() -> str | None:
     return None
 
 
+ONEDNN_PRIMITIVES = 64
+"""oneDNN's primitive cache in the CPU engine (its own default: 1,024 shapes, never given back)."""
+
+
 def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
     """The engine's environment: ours, with its temporary files and caches in `work_dir`."""
     env = dict(os.environ)
@@ -247,6 +251,13 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
         # The worker runs inside the engine process: on 2 cores prefill takes half the time,
         # decoding is 1.2-1.5x faster and start-up 7-9 s shorter (bench/engine_env.py).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # oneDNN, which runs the CPU build's matrix products, keeps a compiled primitive for
+        # each shape it meets, up to 1,024, and agents' calls make a new shape of nearly every
+        # batch: on glibc the engine grew by 41.6 MiB a minute after ten minutes of eight
+        # agents, and by 0.6 MiB with the cache off, which cost 7% more engine CPU end to end.
+        # 64 cost nothing measurable (bench/engine_memory.py, bench/results/engine-onednn-e2e.md);
+        # a value of one's own wins.
+        env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
         # No allocator is preloaded (an LD_PRELOAD of one's own reaches the engine): tcmalloc,
         # which vLLM's CPU build asks for, made the engine grow by 306 MiB in ten minutes of
         # load against 541 MiB on glibc's malloc, but the generated workflows took more engine

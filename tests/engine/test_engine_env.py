@@ -17,3 +17,14 @@ def test_the_cpu_engine_runs_its_worker_in_process_and_takes_the_users_preload(
     lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # an allocator of one's choice
     monkeypatch.setenv("LD_PRELOAD", lib)
     assert process.engine_env(tmp_path / "work", cpu=True)["LD_PRELOAD"] == lib
+
+
+def test_the_cpu_engine_keeps_few_onednn_primitives_unless_told_otherwise(tmp_path, monkeypatch):
+    """oneDNN's own cache of 1,024 compiled shapes grew the CPU engine for as long as it ran."""
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    cpu = process.engine_env(tmp_path / "work", cpu=True)
+    assert cpu["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(process.ONEDNN_PRIMITIVES) == "64"
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in process.engine_env(tmp_path / "w", cpu=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # one's own
+    cpu = process.engine_env(tmp_path / "work", cpu=True)
+    assert cpu["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
