@@ -165,7 +165,7 @@ def test_two_servers_writing_one_store_at_once_lose_nothing(db_url):
     rounds, width = 60, 6
     stores = [Store(db_url), Store(db_url)]
     failures: list[BaseException] = []
-    start = threading.Barrier(2)
+    start = threading.Barrier(2, timeout=60)  # a thread that dies frees the other
 
     def batch(server: int, r: int) -> list[Exchange]:
         out = []
@@ -218,7 +218,7 @@ def test_servers_started_together_on_a_new_database_all_open_it(postgres):
         url = postgres.get_uri(name)
         opened: list[Store] = []
         failures: list[BaseException] = []
-        start = threading.Barrier(3)
+        start = threading.Barrier(3, timeout=60)
 
         def open_store() -> None:
             start.wait()
