@@ -4,9 +4,9 @@
 per save, marked with the server that saved it (the newest few of each are kept), and hands
 back the newest that the asking server or `preheat learn` saved (any server's if neither
 did): several servers on one database (PostgreSQL, each with its own engine and agents)
-each learn their own traffic.
-Converting an older version is the learner's job (`learn.learner.upgrade`, called by
-`Learner.restore`), so a snapshot saved by any earlier preheat still loads.
+each learn their own traffic. Converting an older version is the learner's job
+(`learn.learner.upgrade`, called by `Learner.restore`), so a snapshot saved by any earlier
+preheat still loads.
 
     save_learned(store, learner.snapshot())
     learner = Learner.restore(load_learned(store))

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session as OrmSession
 from learn.canonical import canonical_json, content_hash, dumps, loads
 from proxy.exchange import EXCHANGE_VERSION, Exchange
 from storage.models import KEPT_HEADERS, Base, ExchangeRow, Message, Meta, Session
-import storage.learned  # noqa: F401  (registers its tables)
+import storage.learned  # registers its tables
 
 
 IMPORTED_KEY = "imported"
@@ -84,9 +84,10 @@ def _make_schema(engine: Engine) -> None:
             conn.exec_driver_sql("ALTER TABLE exchanges ADD COLUMN stored_at FLOAT")
             conn.exec_driver_sql(
                 "CREATE INDEX IF NOT EXISTS ix_exchanges_stored ON exchanges (stored_at)")
-        if "server" not in {c["name"] for c in inspect(conn).get_columns("learned")}:
+        learned = storage.learned.LearnedSnapshot.__tablename__
+        if "server" not in {c["name"] for c in inspect(conn).get_columns(learned)}:
             conn.exec_driver_sql(
-                "ALTER TABLE learned ADD COLUMN server VARCHAR(128) NOT NULL DEFAULT ''")
+                f"ALTER TABLE {learned} ADD COLUMN server VARCHAR(128) NOT NULL DEFAULT ''")
 
 
 def imported_clause():
