@@ -19,3 +19,24 @@ def cpu_seconds(pid: int | None) -> tuple[float, float]:
         frontier = {p for p, parent in parents.items() if parent in frontier} - tree
     used = {p: stat_cpu_seconds(stats.get(p)) or 0.0 for p in tree}
     return used[pid], sum(used[p] for p in tree - {pid})
+
+
+def machine() -> str:
+    """The cores and the processor the figures were taken on, for a report's header
+    ("2 CPU cores (AMD EPYC, AVX-512 BF16)"): the same benchmark ran twice as fast on one
+    machine of this project's kind as on another, so a figure names its processor."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
+    about = ", ".join(x for x in (name, isa) if x)
+    return f"{os.cpu_count()} CPU cores" + (f" ({about})" if about else "")

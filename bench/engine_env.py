@@ -31,6 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import machine  # noqa: E402
 from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
@@ -92,7 +93,7 @@ def report(runs: dict[str, list[dict[str, float]]], repeat: int) -> str:
     lines = [
         "# The engine's process setup and its speed",
         "",
-        f"`.venv/bin/python bench/engine_env.py --repeat {repeat}` on 2 CPU cores, "
+        f"`.venv/bin/python bench/engine_env.py --repeat {repeat}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU build, "
         "KV cache 256 MiB, preheat's engine flags. Medians of the runs (variants taking "
         "turns); in brackets, the ratio to the first row (> 1: better).",

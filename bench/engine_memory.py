@@ -33,6 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import machine  # noqa: E402
 from bench.engine_env import GLIBC, VOCAB, tcmalloc  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
@@ -161,7 +162,7 @@ def report(rows: dict[str, dict], minutes: float, only: list[str] | None = None)
     lines = [
         "# The engine's memory under sustained load, by allocator and setting",
         "",
-        f"`.venv/bin/python bench/engine_memory.py --minutes {minutes:g}{picked}` on 2 CPU cores, "
+        f"`.venv/bin/python bench/engine_memory.py --minutes {minutes:g}{picked}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU "
         f"build, KV cache 64 MiB, preheat's engine flags. {AGENTS} agents resend a "
         f"{HEAD:,}-token head and a history growing {STEP} tokens a call (new session past "

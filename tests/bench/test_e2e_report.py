@@ -119,3 +119,17 @@ def test_a_pressure_workload_reports_the_share_of_what_the_pressure_cost():
     # an unpressured engine no faster than direct: the pressure cost nothing to win back
     text = report({"loops": dict(rows, unpressured=row(49.0, 60.0))}, Namespace(idle=3.0), "x")
     assert "| 50% |" in text
+
+
+def test_the_report_names_the_processor_its_figures_came_from(monkeypatch, tmp_path):
+    # The same run took half the time on one machine of this kind as on another: a figure
+    # without its processor cannot be compared with the next.
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f "
+                    "avx512_bf16\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **kw: real_open(
+        info if path == "/proc/cpuinfo" else path, *a, **kw))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    text = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
+    assert " on 2 CPU cores (AMD EPYC, AVX-512 BF16), " in text.splitlines()[2]
