@@ -43,6 +43,12 @@ class Settings:
         "sqlite:///preheat.db",
         "Capture store: a database URL (SQLite or PostgreSQL), or a SQLite file's path.",
     )
+    server_name: str | None = _opt(
+        None, "The name this server's learned snapshots are saved and taken up under, where "
+        "several servers share one database. Unset: its host name and port. Set it where host "
+        "names change at each restart (a Kubernetes Deployment's pods: one name for each "
+        "Deployment)."
+    )
     capture: bool = _opt(True, "Capture exchanges on the chat, completions and responses routes.")
     max_body_bytes: int = _opt(
         64 * 1024 * 1024, "Largest request body accepted; larger ones get 413."

@@ -115,7 +115,9 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
             if OBSERVER in app:
                 app[OBSERVER].on_usage = UsageFeedback(admission)
                 if settings.learn:  # what an earlier run learned, kept with the learner's
-                    stored = await asyncio.to_thread(_stored_admission, settings.db, settings.port)
+                    stored = await asyncio.to_thread(
+                        _stored_admission, settings.db,
+                        server_name(settings.port, settings.server_name))
                     if stored is not None and (n := admission.restore(stored)):
                         log.info("admission: restored the sizes of %d finished sessions", n)
                     keeper = asyncio.create_task(_keep_admission(app[OBSERVER], admission))
@@ -133,12 +135,12 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def _stored_admission(db: str, port: int) -> dict | None:
+def _stored_admission(db: str, server: str) -> dict | None:
     """Admission's snapshot in this server's newest learned snapshot (None if there is none)."""
     try:
         store = Store(db)
         try:
-            data = load_learned(store, server=server_name(port))
+            data = load_learned(store, server=server)
         finally:
             store.close()
     except Exception:  # a store we cannot read: admission learns afresh

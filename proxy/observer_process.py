@@ -425,7 +425,8 @@ class _Child:
             return False
         self.observer = Observer(store, SessionLinker(window=self.settings.session_window))
         if self.settings.learn:
-            self.learning = LearnSink(store, server=server_name(self.settings.port))
+            self.learning = LearnSink(store, server=server_name(
+                self.settings.port, self.settings.server_name))
             self.learning.catch_up()
             self.learning.listeners.append(self._offer)
             self.observer.sinks.append(self.learning)

@@ -54,9 +54,10 @@ def _engine(store: Any) -> Engine:
     return store if isinstance(store, Engine) else store.engine
 
 
-def server_name(port: int) -> str:
-    """How a server's snapshots are told from others': its host and port."""
-    return f"{socket.gethostname()}:{port}"[:128]
+def server_name(port: int, name: str | None = None) -> str:
+    """How a server's snapshots are told from others': the name it was given
+    (`PREHEAT_SERVER_NAME`), else its host and port."""
+    return (name or f"{socket.gethostname()}:{port}")[:128]
 
 
 def save_learned(store: Any, snapshot: dict, keep: int = KEEP, server: str = "") -> int:

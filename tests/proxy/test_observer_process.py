@@ -305,3 +305,32 @@ async def test_two_servers_on_one_store_each_take_up_what_they_learned(db_url):
     finally:
         await restarted.close()
     store.close()
+
+
+async def test_a_named_server_takes_up_its_own_snapshot_on_a_new_host(db_url):
+    """A Kubernetes Deployment's pod comes back with a new host name: named with
+    PREHEAT_SERVER_NAME, it takes up what its name saved, not whatever server saved last."""
+    from storage.learned import load_learned
+
+    store = Store(db_url)
+    now = time.time()
+    for settings, calls in ((Settings(db=db_url, port=18081, server_name="desk"), 4),
+                            (Settings(db=db_url, port=18082), 2)):  # another, saving last
+        # (the other's calls are dated before desk's last: desk's catch-up does not take them,
+        # so 4 is desk's snapshot and 6 the other's, which began from desk's)
+        server = ObserverProcess(settings)
+        await server.start()
+        try:
+            for i in range(calls):
+                assert server.submit(_agent_call(i // 2, i % 2, now - 100 + 10 * i))
+            await server.flush()
+        finally:
+            await server.close()
+    assert load_learned(store, server="desk")["observed"] == 4
+    elsewhere = ObserverProcess(Settings(db=db_url, port=18083, server_name="desk"))
+    await elsewhere.start()  # another host and port, the same name
+    try:
+        assert (await elsewhere.learned())["observed"] == 4
+    finally:
+        await elsewhere.close()
+    store.close()
