@@ -58,7 +58,10 @@ a write is stamped before it waits (up to 30 s) for the lock."""
 
 
 class Expired(NamedTuple):
+    found: int
+    """Old exchanges found: fewer than the limit, and the pass has found them all."""
     exchanges: int
+    """Of those, deleted by this pass (another server's pass may have been first)."""
     sessions: int
 
 
@@ -75,20 +78,21 @@ def expire(store: Store, cutoff: float, limit: int = EXCHANGES_AT_ONCE) -> Expir
                                   .where(ex.stored_at.is_(None), old)
                                   .limit(limit - len(found))).all()
         if not found:
-            return Expired(0, 0)
-        conn.execute(delete(ex).where(ex.id.in_([r.id for r in found])))
+            return Expired(0, 0, 0)
+        deleted = conn.execute(delete(ex).where(ex.id.in_([r.id for r in found]))).rowcount
         touched = list({r.session_id for r in found if r.session_id is not None})
         left = conn.execute(select(ex.session_id, func.count(), func.min(ex.started_at))
                             .where(ex.session_id.in_(touched)).group_by(ex.session_id)).all()
         empty = set(touched) - {sid for sid, _, _ in left}
+        gone = 0
         if empty:
-            conn.execute(delete(Session).where(Session.id.in_(empty)))
+            gone = conn.execute(delete(Session).where(Session.id.in_(empty))).rowcount
         if left:
             s = Session.__table__
             conn.execute(update(s).where(s.c.id == bindparam("sid"))
                          .values(exchanges=bindparam("n"), first_at=bindparam("first")),
                          [{"sid": sid, "n": n, "first": first} for sid, n, first in left])
-    return Expired(len(found), len(empty))
+    return Expired(len(found), deleted, gone)
 
 
 def _references(dialect: str, since: bool) -> str:
@@ -196,7 +200,7 @@ class Retention:
                 done = expire(self.store, self._cutoff)
                 self._count(exchanges=done.exchanges, sessions=done.sessions)
                 self._expired |= done.exchanges > 0
-                if done.exchanges < EXCHANGES_AT_ONCE:
+                if done.found < EXCHANGES_AT_ONCE:
                     self._cutoff = None
                     self._releasing = self._incremental and self._expired
                     if self._expired and now >= self._next_search:

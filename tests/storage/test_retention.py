@@ -162,3 +162,48 @@ def test_the_search_on_postgresql_is_an_anti_join(postgres_url):
     with store.engine.connect() as conn:
         plan = "\n".join(conn.execute(text(sql)).scalars())
     assert "Anti Join" in plan and "SubPlan" not in plan, plan
+
+
+def test_two_servers_passing_over_one_store_at_once_delete_each_old_call_once(
+        db_url, monkeypatch):
+    """Several hosts on one database each run their own retention: two passes deleting the
+    same old calls at the same moment both end, without an error, and leave what a single
+    pass leaves."""
+    import threading
+
+    monkeypatch.setattr(retention, "EXCHANGES_AT_ONCE", 20)  # many small transactions
+    store = Store(db_url)
+    now = time.time()
+    old, recent = now - 10 * DAY, now - 3600
+    gone = [_call(f"s{i % 40}", old + i, f"task {i % 40}", f"step {i}") for i in range(300)]
+    kept = [_call(f"s{i}", recent + i, f"task {i}", "again") for i in range(0, 40, 3)]
+    _write(store, *gone, *kept)
+
+    stores = [Store(db_url), Store(db_url)]
+    passes = [retention.Retention(s, days=1) for s in stores]
+    start = threading.Barrier(2, timeout=60)  # a thread that dies frees the other
+    failed: list[BaseException] = []
+
+    def sweep(r: retention.Retention) -> None:
+        try:
+            start.wait()
+            _run(r)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            failed.append(exc)
+
+    threads = [threading.Thread(target=sweep, args=(r,)) for r in passes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failed, failed
+    assert {ex.id for ex in store.exchanges()} == {ex.id for ex in kept}
+    assert sum(r.deleted["exchanges"] for r in passes) == len(gone)  # each one deleted once
+    with store.engine.connect() as conn:
+        sessions = dict(conn.execute(select(Session.id, Session.exchanges)).all())
+        left = set(conn.execute(select(Message.hash)).scalars())
+    assert sessions == {f"s{i}": 1 for i in range(0, 40, 3)}  # a true count, whoever was last
+    assert left == _referenced(store)
+    for s in stores:
+        s.close()
+    store.close()
