@@ -89,9 +89,14 @@ def pss_by_process(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def total_mib(processes: dict[int, tuple[str, float]]) -> float:
+    """The processes' proportional set size together, MiB (shared pages counted once)."""
+    return sum(mib for _, mib in processes.values())
+
+
 def pss_mib(pid: int) -> float:
-    """Proportional set size of `pid`'s process tree, MiB (shared pages counted once)."""
-    return sum(mib for _, mib in pss_by_process(pid).values())
+    """Proportional set size of `pid`'s process tree, MiB."""
+    return total_mib(pss_by_process(pid))
 
 
 def core_mib(processes: dict[int, tuple[str, float]]) -> float:
@@ -132,7 +137,7 @@ async def measure(model: str, env: dict[str, str], minutes: float) -> dict:
                                     for seed in range(1, AGENTS + 1)))
             def sample(t: float) -> None:
                 processes = pss_by_process(engine.pid)
-                samples.append((t, sum(mib for _, mib in processes.values())))
+                samples.append((t, total_mib(processes)))
                 cores.append(core_mib(processes))
 
             sample(0.0)

@@ -314,10 +314,10 @@ async def test_a_named_server_takes_up_its_own_snapshot_on_a_new_host(db_url):
 
     store = Store(db_url)
     now = time.time()
+    # Another server saves last. Its calls are dated before desk's last, so desk's catch-up
+    # does not take them: 4 observed is desk's snapshot, 6 the other's (begun from desk's).
     for settings, calls in ((Settings(db=db_url, port=18081, server_name="desk"), 4),
-                            (Settings(db=db_url, port=18082), 2)):  # another, saving last
-        # (the other's calls are dated before desk's last: desk's catch-up does not take them,
-        # so 4 is desk's snapshot and 6 the other's, which began from desk's)
+                            (Settings(db=db_url, port=18082), 2)):
         server = ObserverProcess(settings)
         await server.start()
         try:
