@@ -42,13 +42,24 @@ def removed(hashes):
 class FakePublisher:
     def __init__(self, endpoint: str, replay_endpoint: str) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB is PUB on the wire, and it also hands up the subscriber's subscription, so a
+        # test can wait for the handshake instead of sleeping and hoping (a loaded CI machine
+        # once lost all of a test's first messages after a fixed 0.2 s).
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.connect(endpoint)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(replay_endpoint)
         self.buffer: list[tuple[int, bytes]] = []
         self.seq = 0
         self.server = asyncio.get_running_loop().create_task(self._serve_replay())
+
+    async def subscribed(self, topic: bytes, timeout: float = 10.0) -> None:
+        """Returns once a subscriber has subscribed to `topic`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.pub.recv()
+                if message[:1] == b"\x01" and topic.startswith(message[1:]):
+                    return
 
     async def publish(self, *events, drop: bool = False, replayable: bool = True) -> None:
         """`drop`: lost on the wire; `replayable`: still in the replay buffer."""
@@ -80,14 +91,14 @@ async def wire():
     pub = FakePublisher(endpoint, replay)
     mirror = KVMirror(endpoint, replay, topic="kv-events", block_size=BS)
     await mirror.start()
-    await asyncio.sleep(0.2)  # PUB/SUB subscription handshake
+    await pub.subscribed(TOPIC)
     yield mirror, pub
     await mirror.stop()
     await pub.close()
 
 
 async def settle(mirror: KVMirror, batches: int) -> None:
-    for _ in range(200):
+    for _ in range(1000):  # 10 s: a loaded machine is slow, not wrong
         if mirror.stats().batches >= batches:
             return
         await asyncio.sleep(0.01)
