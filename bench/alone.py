@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cpu import machine  # noqa: E402
+from bench.cpu import invocation, machine  # noqa: E402
 from bench.e2e import _shapes_mix, _warm_up, reset_cache, run_workload  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
@@ -56,7 +56,7 @@ def report(together: dict, alone: dict[str, float], instances: list) -> str:
     lines = [
         "# Generated workflows together and alone",
         "",
-        f"`.venv/bin/python bench/alone.py` on {machine()}; model tiny-llama-512x8 (random "
+        f"`{invocation('bench/alone.py')}` on {machine()}; model tiny-llama-512x8 (random "
         "weights), vLLM CPU build, KV cache 512 MiB, direct to vLLM.",
         "",
         "| instance | starts at s | calls | together s | alone s | together / alone |",

@@ -1,8 +1,11 @@
-"""CPU seconds of a process tree, read from /proc (Linux)."""
+"""What a report says of where its figures came from: the machine (`machine`), the command
+and the settings it ran under (`invocation`), and CPU seconds of a process tree (Linux /proc)."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 
 from engine.process import proc_fields, stat_cpu_seconds
 
@@ -40,3 +43,29 @@ def machine() -> str:
            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
     about = ", ".join(x for x in (name, isa) if x)
     return f"{os.cpu_count()} CPU cores" + (f" ({about})" if about else "")
+
+
+SETTINGS = ("PREHEAT_", "VLLM_", "ONEDNN_", "DNNL_", "OMP_", "KMP_", "LD_PRELOAD")
+"""Environment variables that change what a benchmark measures: preheat's switches and knobs
+(the benchmarks pass the environment on to the preheat and vLLM they start), the engine's
+and its maths libraries'."""
+NOT_SETTINGS = ("PREHEAT_DB", "PREHEAT_UPSTREAM", "PREHEAT_HOST", "PREHEAT_PORT",
+                "PREHEAT_LOG_LEVEL")
+"""Where to store, listen and log: the benchmarks choose their own, or it changes no figure."""
+SECRET = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def invocation(script: str, argv: list[str] | None = None) -> str:
+    """The command a report's figures came from, as one would type it again, with the
+    settings it ran under in front (`PREHEAT_ADMISSION_MAX_WAIT=5 .venv/bin/python
+    bench/e2e.py --only loops`): a variant measured by setting a variable is not taken for
+    the defaults. A variable whose name says it holds a secret is named, its value not."""
+    settings = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith(SETTINGS) or name in NOT_SETTINGS:
+            continue
+        if any(word in name for word in SECRET):
+            value = "..."
+        settings.append(f"{name}={shlex.quote(value)}")
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join(settings + [shlex.join([".venv/bin/python", script, *argv])])

@@ -25,7 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cpu import machine  # noqa: E402
+from bench.cpu import invocation, machine  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
 
@@ -76,7 +76,7 @@ def report(rows: list[tuple[int, int, float]], capacity_mib: int) -> str:
     lines = [
         "# Decode throughput against the context held at once",
         "",
-        f"`.venv/bin/python bench/decode_load.py` on {machine()}; model tiny-llama-512x8 "
+        f"`{invocation('bench/decode_load.py')}` on {machine()}; model tiny-llama-512x8 "
         f"(random weights), vLLM CPU build, KV cache {capacity_mib} MiB. Prompts cached "
         f"first; {OUTPUT} tokens decoded by each call.",
         "",

@@ -7,12 +7,10 @@ pre-warm planner's counters; where workloads were repeated, each run beside the 
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from bench.cpu import machine
+from bench.cpu import invocation, machine
 from bench.e2e_modes import MODES
 
 
@@ -20,7 +18,7 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
     lines = [
         "# End to end on vLLM: direct vs through preheat",
         "",
-        f"`{shlex.join(['.venv/bin/python', 'bench/e2e.py'] + sys.argv[1:])}` on "
+        f"`{invocation('bench/e2e.py')}` on "
         f"{machine()}, {time.strftime('%Y-%m-%d')}; {engines}.",
         f"Each mode starts on an engine left idle for {args.idle:g} s with its prefix cache "
         "emptied (preheat-on " + ("cold: it learned nothing before the run). "

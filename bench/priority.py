@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import invocation, machine  # noqa: E402
 from bench.e2e import Priority, _mixed, _shapes_mix, _warm_up, reset_cache, run_workload  # noqa: E402
 from bench.workloads import CHARS_PER_TOKEN, Instance  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
@@ -125,8 +125,7 @@ def report(results: dict[str, dict[str, dict]], args) -> str:
     lines = [
         "# Engine priorities at best: critical path and smallest first, from the true call graph",
         "",
-        f"`{shlex.join(['.venv/bin/python', 'bench/priority.py', *sys.argv[1:]])}` on 2 CPU "
-        f"cores, {time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU "
+        f"`{invocation('bench/priority.py')}` on {machine()}, {time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU "
         "build, `--scheduling-policy priority`; every call direct to the engine with the "
         f"priority its variant gives (see the script's docstring; STEP {STEP} s a token). "
         f"Figures are medians of {args.repeat} runs, the variants taking turns; ratio: "

@@ -133,3 +133,21 @@ def test_the_report_names_the_processor_its_figures_came_from(monkeypatch, tmp_p
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     text = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
     assert " on 2 CPU cores (AMD EPYC, AVX-512 BF16), " in text.splitlines()[2]
+
+
+def test_the_report_names_the_settings_it_ran_under_and_no_secret(monkeypatch):
+    # A variant measured by setting PREHEAT_ADMISSION_MAX_WAIT=5 must not read as the
+    # defaults; the environment the benchmark passes on may also hold secrets.
+    for name in [n for n in os.environ if n.startswith(("PREHEAT_", "VLLM_", "ONEDNN_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PREHEAT_ADMISSION_MAX_WAIT", "5")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    monkeypatch.setenv("PREHEAT_ADMIN_TOKEN", "hunter2")
+    monkeypatch.setenv("PREHEAT_DB", "postgresql://u:pw@db/preheat")
+    monkeypatch.setattr(sys, "argv", ["bench/e2e.py", "--only", "agent loops"])
+    header = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
+    command = header.splitlines()[2].split("`")[1]
+    assert command == ("ONEDNN_PRIMITIVE_CACHE_CAPACITY=64 PREHEAT_ADMIN_TOKEN=... "
+                       "PREHEAT_ADMISSION_MAX_WAIT=5 .venv/bin/python bench/e2e.py --only "
+                       "'agent loops'")
+    assert "hunter2" not in header and "pw@" not in header
