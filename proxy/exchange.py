@@ -218,7 +218,8 @@ class Exchange:
         usage = self.usage or {}
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         value = details.get("cached_tokens") if isinstance(details, dict) else None
-        return value if isinstance(value, int) else None
+        # (A count no 64-bit column holds is no count: the store would refuse the capture.)
+        return value if isinstance(value, int) and 0 <= value < 2**63 else None
 
     # -- analysis (off the hot path) ---------------------------------------------------
 

@@ -97,6 +97,12 @@ def _json_events(events: list[dict]) -> Iterable[tuple[float, Any]]:
             continue
 
 
+def _text(value: object) -> str | None:
+    """A field the store keeps as text (the model, the response's id), if the upstream sent
+    it as text: anything else would cost the whole capture at the store."""
+    return value if isinstance(value, str) else None
+
+
 def _reassemble_choices(path: str, events: list[dict]) -> StreamResult:
     content: list[str] = []
     reasoning: list[str] = []
@@ -109,8 +115,8 @@ def _reassemble_choices(path: str, events: list[dict]) -> StreamResult:
             continue
         if isinstance(obj.get("error"), (dict, str)):
             error = json.dumps(obj["error"])[:500]
-        response_id = response_id or obj.get("id")
-        model = model or obj.get("model")
+        response_id = response_id or _text(obj.get("id"))
+        model = model or _text(obj.get("model"))
         if isinstance(obj.get("usage"), dict):
             usage = obj["usage"]
         for choice in obj.get("choices") or []:
@@ -174,9 +180,9 @@ def _reassemble_responses(events: list[dict]) -> StreamResult:
         elif kind == "response.function_call_arguments.delta":
             first_token_at = t if first_token_at is None else first_token_at
         elif kind in ("response.completed", "response.created", "response.failed"):
-            resp = obj.get("response") or {}
-            response_id = resp.get("id") or response_id
-            model = resp.get("model") or model
+            resp = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+            response_id = _text(resp.get("id")) or response_id
+            model = _text(resp.get("model")) or model
             if isinstance(resp.get("usage"), dict):
                 usage = resp["usage"]
             if kind == "response.completed":

@@ -140,6 +140,12 @@ class FakeUpstream:
             err = {"error": {"message": "body must be an object", "type": "invalid_request_error",
                              "code": None}}
             return body, None, web.json_response(err, status=400)
+        wrong = [k for k, kind in (("messages", list), ("tools", list), ("stream_options", dict))
+                 if parsed.get(k) is not None and not isinstance(parsed[k], kind)]
+        if wrong:  # as vLLM's request validation answers
+            err = {"error": {"message": f"{wrong[0]} has the wrong type",
+                             "type": "invalid_request_error", "code": None}}
+            return body, None, web.json_response(err, status=400)
         self.priorities.append(parsed.get("priority"))
         return body, parsed, None
 

@@ -262,3 +262,21 @@ async def test_bad_input_is_forwarded_and_captured_as_unparsed(
     assert reason in bad.request_error
     assert bad.request_body == body
     assert ok.request_error is None and ok.messages == CHAT["messages"]
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", dict(CHAT, stream=True)),
+    ("/v1/responses", {"model": "m", "input": "hi", "stream": True}),
+], ids=["chat", "responses"])
+async def test_a_stream_whose_model_is_not_text_is_captured_whole(upstream, proxy, route, body):
+    # The fake upstream, like a careless one, echoes the request's model into its stream; a
+    # model or id that is not text once made the store refuse the capture (lost, counted).
+    async with httpx.AsyncClient() as client:
+        r = await client.post(proxy.url + route, json=dict(body, model={"name": "m"}))
+        assert r.status_code == 200 and '"name": "m"' in r.text  # relayed as sent
+        metrics = (await client.get(proxy.url + "/metrics")).text
+    [ex] = list((await proxy.store()).exchanges())
+    assert ex.model is None and ex.stream and ex.answer is not None
+    assert ex.request_json["model"] == {"name": "m"}
+    assert 'preheat_captures_dropped_total{reason="store_error"} 0' in metrics
+

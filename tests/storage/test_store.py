@@ -145,6 +145,21 @@ def test_what_one_client_sends_fits_the_store_and_keeps_no_other_call_out(db_url
     assert store.session(a)["exchanges"] == [odd[0].id]
 
 
+def test_a_count_past_64_bits_in_an_answer_does_not_cost_its_capture(db_url):
+    """An upstream's usage is the upstream's: a cached-token count no 64-bit column holds
+    is kept in the usage as sent and not taken for a count (the row was refused whole)."""
+    odd = _call(0)
+    odd.response_headers = [("content-type", "application/json")]
+    usage = {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2**64 - 1}}
+    odd.response_chunks = [(0.1, json.dumps({"id": "c", "model": "m", "usage": usage,
+                                             "choices": []}).encode())]
+    store = Store(db_url)
+    store.write([odd, _call(1)])
+    stored = {ex.id: ex for ex in store.exchanges()}
+    assert len(stored) == 2 and stored[odd.id].cached_tokens is None
+    assert stored[odd.id].usage == usage
+
+
 def test_a_store_url_without_a_driver_and_one_that_cannot_open():
     assert store_url("data/preheat.db") == "sqlite:///data/preheat.db"
     assert store_url("postgres://u@db/p") == "postgresql+psycopg://u@db/p"
