@@ -21,6 +21,10 @@ from engine.runs import put_first
 from engine.tickets import Group
 
 CHARS_PER_TOKEN = 3.6
+CHARS_PER_TOKEN_RANGE = (0.5, 20.0)
+"""What a call's characters per token may say: prompts of any text there is, JSON-escaped. A
+call past it (a prompt of one character repeated, by a client or a test) counts as at the
+bound, so no one client's odd prompts move every client's estimates without bound."""
 PROFILE_WINDOW = 200
 PROFILE_MIN_SESSIONS = 3
 SNAPSHOT_VERSION = 1
@@ -173,7 +177,8 @@ class Footprints:
     def calibrate(self, prompt_chars: int, prompt_tokens: int) -> None:
         """Learn characters per token from a finished call's usage (off the hot path)."""
         if prompt_chars > 0 and prompt_tokens > 0:
-            ratio = prompt_chars / prompt_tokens
+            low, high = CHARS_PER_TOKEN_RANGE
+            ratio = min(high, max(low, prompt_chars / prompt_tokens))
             self.chars_per_token += 0.05 * (ratio - self.chars_per_token)
 
     # -- across restarts -----------------------------------------------------------------------
@@ -209,7 +214,7 @@ class Footprints:
                     for own, calls, kind in data.get("finished", [])[-PROFILE_WINDOW:]]
         gaps = sorted(float(g) for g in data.get("gaps", []) if 0 <= float(g) < max_hold)
         cpt = float(data.get("chars_per_token", self.chars_per_token))
-        if not 0.5 <= cpt <= 20:
+        if not CHARS_PER_TOKEN_RANGE[0] <= cpt <= CHARS_PER_TOKEN_RANGE[1]:
             raise ValueError(f"chars_per_token {cpt}")
         return finished, gaps, cpt
 

@@ -640,6 +640,24 @@ async def test_cancelled_waiter_leaves_no_trace():
     assert adm.stats().waiting == 0
 
 
+def test_one_clients_odd_prompts_move_the_token_estimate_only_so_far():
+    # 100,000 spaces may be a handful of tokens; every client's prompts are sized by the
+    # same estimate, so what one call may say of it is bounded.
+    adm = Admission(capacity_tokens=10_000)
+    for _ in range(500):
+        adm.calibrate(prompt_chars=100_000, prompt_tokens=3)
+    assert adm.chars_per_token == pytest.approx(20.0, rel=1e-3)
+    for _ in range(500):
+        adm.calibrate(prompt_chars=10, prompt_tokens=10_000)
+    assert adm.chars_per_token == pytest.approx(0.5, rel=1e-3)
+    before = adm.chars_per_token
+    adm.calibrate(prompt_chars=3_600, prompt_tokens=1_000)  # an ordinary call still counts
+    assert adm.chars_per_token > before
+    restored = Admission(capacity_tokens=10_000)
+    assert restored.restore(adm.snapshot()) >= 0 and restored.chars_per_token == pytest.approx(
+        adm.chars_per_token)  # a bounded estimate is one a snapshot can carry
+
+
 @pytest.mark.parametrize("b,n", [
     (body("a", "b"), 2),
     (body("a", tools=True), 2),
