@@ -164,6 +164,8 @@ class Proxy:
                    PREHEAT_PREWARM="1" if optimised else "0")
         if optimised and kv_events:
             env["PREHEAT_KV_EVENTS"] = kv_events
+        if optimised:  # the engine is preheat's own, eviction hints and all, started apart
+            env.setdefault("PREHEAT_ADMISSION_GUESTS", "1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream,
              "--port", str(self.port), "--db", f"sqlite:///{self.dir}/e2e.db"],

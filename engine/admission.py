@@ -119,8 +119,17 @@ class Admission:
         order_wait: float = 30.0,
         suspend: bool = True,
         spare_below: float = SPARE_BELOW,
+        guests: bool = False,
     ) -> None:
         self.capacity_tokens = capacity_tokens
+        self.guests = guests
+        """A session that would wait for a place runs now as a guest instead, while its
+        prompt fits the cache beside the resident sessions' histories and the guests' calls
+        in flight: the engine evicts a guest's blocks before any resident session's
+        (`Ticket.evict_first`), so the guests thrash among themselves, and the engine is not
+        left half idle while they wait for a wave."""
+        self._guest_calls: dict[int, int] = {}
+        """The guests' calls in flight (by ticket id) and their estimated prompt tokens."""
         self.spare_below = spare_below
         """Calls on the engine at once, on average, below which waiting sessions go in up
         to SPARE_RAISE x `fill` (`SPARE_BELOW`; 0: never)."""
@@ -210,6 +219,8 @@ class Admission:
             self._admit(t, "idle")
         elif not self._waiting and self._spare() and self._fits(t, fill=self._spare_fill()):
             self._admit(t, "spare")
+        elif not self._waiting and self._fits_guest(t, g):
+            self._admit_guest(t)
         else:
             await self._wait(t)
 
@@ -245,6 +256,10 @@ class Admission:
         session whose first call was `refused` (the engine answered an error, or never
         answered) holds nothing: the engine kept nothing of it to come back to."""
         self._run_left(t)
+        if self._guest_calls.pop(id(t), None) is not None:
+            self._running(-1)
+            self._release_ready()
+            return
         g = self._groups.get(t.group)
         if g is None or t.admitted is None:
             return
@@ -305,10 +320,11 @@ class Admission:
 
     @property
     def pressured(self) -> bool:
-        """Requests are waiting, or the resident working set has filled its share."""
+        """Requests are waiting, guests run, or the resident working set has filled its share."""
         if self.capacity_tokens is None:
             return False
-        return bool(self._waiting) or self._resident.tokens() > self.fill * self.capacity_tokens
+        return (bool(self._waiting) or bool(self._guest_calls)
+                or self._resident.tokens() > self.fill * self.capacity_tokens)
 
     def stats(self) -> AdmissionStats:
         self._expire()
@@ -405,6 +421,38 @@ class Admission:
 
     def _spare_fill(self) -> float:
         return self.fill * SPARE_RAISE
+
+    def _fits_guest(self, t: Ticket, g: Group | None = None) -> bool:
+        """Guests on, the session is not resident, and its prompt fits the cache now beside
+        the resident histories and the guests' calls in flight (no growth is reserved: a
+        guest's blocks go first)."""
+        if not self.guests or not self.capacity_tokens or g is not None:
+            return False
+        if t.group in self._aside.suspended:
+            return False  # set aside to keep the older sessions' histories: it waits
+        used = self._resident.tokens() + sum(self._guest_calls.values())
+        return used + self._resident.increment(t) <= self.capacity_tokens
+
+    def _admit_guest(self, t: Ticket) -> None:
+        """Let a call go as a guest: counted as load, not as a resident session."""
+        now = time.monotonic()
+        t.admitted, t.how = now, "guest"
+        keep = 0
+        for h, size in zip(t.chain, t.sizes):
+            if h not in self._resident.refs:
+                break
+            keep += size
+        t.evict_first = keep
+        self._guest_calls[id(t)] = int(self._resident.increment(t))
+        self.admitted["guest"] = self.admitted.get("guest", 0) + 1
+        self.max_wait_seen = max(self.max_wait_seen, t.waited)
+        self._running(+1)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("admitted %s as a guest after %.2f s (keeping %d tokens); %d guest "
+                      "calls, %d of %d tokens resident", t.group, t.waited, keep,
+                      len(self._guest_calls), self._resident.tokens(), self.capacity_tokens)
+        if t._future is not None and not t._future.done():
+            t._future.set_result(None)
 
     def _load_mean(self) -> float | None:
         """Admitted calls in flight, on average (`LoadMeter.mean`; None before SPARE_SPAN)."""
@@ -568,6 +616,9 @@ class Admission:
                 self._take(fit, "spare")
             elif self._engine_idle():
                 self._take(ranked[0], "idle")
+            elif guest := next((t for t in ranked if self._fits_guest(t)), None):
+                self._waiting.remove(guest)
+                self._admit_guest(guest)
             else:
                 break
         self._schedule()

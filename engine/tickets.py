@@ -71,10 +71,15 @@ class Ticket:
     'returned' (a session under way, back after leaving the cache), 'waited' (first in the
     waiting order), 'backfill' (past one that did not fit), 'spare' (over `fill`, on an
     engine with few calls at once), 'idle', 'timeout', 'oversize' (a prompt larger than the
-    cache: `OVERSIZE`) or 'shutdown' (`drain`)."""
+    cache: `OVERSIZE`), 'guest' (a session that did not fit, run beside the resident ones
+    with its blocks evicted first: `Admission.guests`) or 'shutdown' (`drain`)."""
     priority: int = 0
     """The engine priority to run at (`engine.admission.PRIORITY`): set when admitted under
     pressure, else 0."""
+    evict_first: int | None = None
+    """A guest's call (how 'guest'): the engine evicts its blocks before any other session's
+    once it finishes, all but its first `evict_first` tokens (a head it shares with the
+    resident sessions), sent as vLLM's `vllm_xargs` (engine/vllm_plugin.py)."""
     run: str = ""
     """The workflow run the call belongs to (`engine.runs`), with ordering on."""
     prompt_hashes: list[int] | None = None

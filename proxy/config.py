@@ -111,6 +111,14 @@ class Settings:
         "outgrow the KV cache, the youngest between calls waits until there is room, so the "
         "older ones keep their histories cached (needs admission)."
     )
+    admission_guests: bool | None = _opt(
+        None, "A session that would wait for a place in the KV cache runs at once as a guest "
+        "while its prompt fits beside the resident sessions' histories, its blocks evicted "
+        "first (engine/vllm_plugin.py). Unset: on with preheat's own engine, off with "
+        "--upstream (a vLLM without preheat's plugin would evict the resident histories "
+        "instead); true where the upstream is a vLLM started from preheat's environment with "
+        "PREHEAT_EVICTION_HINTS=1. Needs admission."
+    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

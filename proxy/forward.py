@@ -119,6 +119,8 @@ async def _forward(
             await admission.enter(ex.ticket)
             if settings.admission_priority and ex.ticket.priority:
                 body = with_priority(body, ex.ticket.priority)
+            if ex.ticket.evict_first is not None:
+                body = with_eviction_hint(body, ex.ticket.evict_first)
     inflight = app[INFLIGHT]
     inflight[0] += 1
     try:
@@ -169,6 +171,19 @@ def with_priority(body: bytes, priority: int) -> bytes:
         return body
     rest = start[1:].lstrip()
     return b'{"priority":%d%s' % (priority, b"" if rest.startswith(b"}") else b",") + rest
+
+
+def with_eviction_hint(body: bytes, keep_tokens: int) -> bytes:
+    """The body with preheat's eviction hint for its own engine (engine/vllm_plugin.py) put
+    first in its object, as vLLM's `vllm_xargs`: a client's own `vllm_xargs`, later in the
+    object, replaces it (JSON's last duplicate key wins), and then the hint is lost, not the
+    client's arguments."""
+    start = body.lstrip()
+    if not start.startswith(b"{"):
+        return body
+    rest = start[1:].lstrip()
+    return (b'{"vllm_xargs":{"preheat_evict_first":%d}%s' % (max(0, int(keep_tokens)),
+            b"" if rest.startswith(b"}") else b",") + rest)
 
 
 async def _relay(

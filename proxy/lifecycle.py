@@ -110,6 +110,8 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
                 suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
+                guests=(ENGINE in app if settings.admission_guests is None
+                        else settings.admission_guests),
             )
             keeper = None
             if OBSERVER in app:

@@ -87,6 +87,8 @@ class FakeUpstream:
         self.requests = 0
         self.cancelled = 0
         self.priorities: list = []
+        self.xargs: list = []
+        """Each request's `vllm_xargs` (None where it had none)."""
         """The vLLM `priority` field of each JSON request received (None where absent)."""
         self.last_headers: dict[str, str] = {}
 
@@ -147,6 +149,7 @@ class FakeUpstream:
                              "type": "invalid_request_error", "code": None}}
             return body, None, web.json_response(err, status=400)
         self.priorities.append(parsed.get("priority"))
+        self.xargs.append(parsed.get("vllm_xargs"))
         return body, parsed, None
 
     async def _sse(self, request: web.Request, events: list[str]) -> web.StreamResponse:

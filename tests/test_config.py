@@ -40,10 +40,11 @@ def test_every_optimisation_has_a_flag_that_switches_it_off():
     from proxy import cli
 
     args = cli.build_parser().parse_args(
-        ["serve", "--no-admission", "--no-admission-suspend", "--no-admission-priority", "--no-ordering", "--no-prompt-cache",
-         "--no-prewarm", "--no-prewarm-static"])
+        ["serve", "--no-admission", "--no-admission-suspend", "--no-admission-guests",
+         "--no-admission-priority", "--no-ordering", "--no-prompt-cache", "--no-prewarm",
+         "--no-prewarm-static"])
     settings = cli._settings(args, **{n: getattr(args, n) for n in cli.OPTIMISATIONS})
-    assert not any(getattr(settings, n) for n in cli.OPTIMISATIONS)
+    assert all(getattr(settings, n) is False for n in cli.OPTIMISATIONS)
     untouched = cli.build_parser().parse_args(["serve"])
     env = {"PREHEAT_PREWARM_STATIC": "0"}
     flags = {n: getattr(untouched, n) for n in cli.OPTIMISATIONS}

@@ -593,6 +593,40 @@ async def test_waiting_sessions_that_share_a_prompt_head_go_in_together():
     tasks[3].cancel()
 
 
+async def test_a_session_that_does_not_fit_runs_as_a_guest_while_its_prompt_fits():
+    adm = make(1000, hold=60, max_wait=30, guests=True)
+    head = "S" * 100
+    kind = ticket(adm, body(head)).kind
+    adm.restore({"version": 1, "finished": [[700, 4, kind]] * 5, "gaps": [],
+                 "chars_per_token": CPT, "runs": []})  # sessions grow to 700 tokens
+    a = ticket(adm, body(head, "a" * 150))
+    await adm.enter(a)  # resident, its growth reserved: no room for another session's
+    guests = [ticket(adm, body(head, f"{i}" * 150)) for i in range(4)]
+    for g in guests[:3]:
+        await asyncio.wait_for(adm.enter(g), 0.5)
+        assert g.how == "guest" and g.waited < 0.05
+        assert 100 <= g.evict_first < 150  # the head it shares with the resident session
+    # Three guests' prompts and A's fill the cache: the fourth waits for room.
+    fourth = asyncio.create_task(adm.enter(guests[3]))
+    await asyncio.sleep(0.05)
+    assert not fourth.done() and adm.stats().resident_groups == 1
+    adm.leave(guests[0], 10)
+    await asyncio.wait_for(fourth, 0.5)
+    assert guests[3].how == "guest"
+    for g in guests[1:]:
+        adm.leave(g, 10)
+    assert adm._in_flight == 1  # the books balance: A's call alone is in flight
+
+
+async def test_guests_are_off_unless_asked():
+    adm = make(1000, hold=60, max_wait=0.2)
+    a = ticket(adm, body("A" * 600))
+    await adm.enter(a)
+    b = ticket(adm, body("B" * 300, "more" * 100))
+    await asyncio.wait_for(adm.enter(b), 2)
+    assert b.how == "timeout" and b.evict_first is None
+
+
 async def test_every_wait_is_bounded():
     adm = make(100, hold=60, max_wait=0.2)
     a = ticket(adm, body("A" * 90))

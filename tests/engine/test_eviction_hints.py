@@ -41,6 +41,11 @@ async def test_a_hinted_call_is_evicted_before_an_older_one(running):
     assert (a, b) == (4 * BLOCK, whole)  # least recently used first: A's last 20 blocks go
     a, b = await _after_a_large_call(running, {HINT: 0}, seed=22)
     assert (a, b) == (whole, 0)  # B asked to go first, and all of it went
+    async with httpx.AsyncClient(base_url=running.engine.base_url, timeout=120) as client:
+        chat = await client.post("/v1/chat/completions", json={  # as the proxy sends a guest's
+            "vllm_xargs": {HINT: 7}, "model": running.model, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200, chat.text
 
 
 async def test_a_hint_keeps_the_head_it_names(running):

@@ -11,7 +11,7 @@ import pytest
 
 from aiohttp import web
 
-from engine.admission import Admission
+from engine.admission import Admission, prompt_chain
 from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.server import ADMISSION, ENGINE, _ticket, queued_seconds
@@ -305,3 +305,52 @@ async def test_what_admission_learned_survives_a_restart(upstream, tmp_path):
         assert admission.chars_per_token == pytest.approx(3.2, abs=0.2)
     finally:
         await second.runner.cleanup()
+
+
+async def test_guests_run_at_once_with_their_blocks_marked_to_go_first(upstream, tmp_path):
+    """With guests on, sessions that do not fit run at once, each call asking the engine to
+    evict its blocks first (past the head it shares with the resident sessions); a client's
+    own vllm_xargs wins, and the capture keeps every request as the client sent it."""
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/g.db",
+                        admission_capacity_tokens=1500, admission_max_wait=30.0,
+                        admission_guests=True, prewarm=False)
+    proxy = await start_proxy(settings)
+    try:
+        # As if learned: these sessions grow to 500 tokens of their own, so three fit.
+        agent = prompt_chain({"messages": [SYSTEM]})[0][0]
+        proxy.app[ADMISSION].restore({"version": 1, "finished": [[500, 4, agent]] * 5,
+                                      "gaps": [], "chars_per_token": 3.6, "runs": []})
+        async with httpx.AsyncClient(timeout=30) as client:
+            upstream.xargs.clear()
+            own = client.post(proxy.url + "/v1/chat/completions", json={
+                "model": "m", "messages": [SYSTEM, {"role": "user", "content": "mine"}],
+                "vllm_xargs": {"mine": 1}, "temperature": 0.5})
+            *results, mine = await asyncio.gather(
+                *(_session(client, proxy.url, i, 4) for i in range(12)), own)
+        assert mine.status_code == 200 and len(upstream.xargs) == 49
+        stats = proxy.app[ADMISSION].stats()
+        guests = stats.admitted.get("guest", 0)
+        assert guests > 0 and stats.max_wait_seen < 5
+        hints = [x for x in upstream.xargs if x and "preheat_evict_first" in x]
+        assert len(hints) in (guests, guests - 1)  # (the client's own call may be a guest)
+        assert all(isinstance(x["preheat_evict_first"], int) for x in hints)
+        assert upstream.xargs.count({"mine": 1}) == 1  # the client's own, untouched
+        store = await proxy.store()
+        captured = [c.request_object() for c in store.exchanges()]
+        assert len(captured) == 49 and sum("vllm_xargs" in r for r in captured) == 1
+    finally:
+        await proxy.runner.cleanup()
+
+
+async def test_guests_are_on_by_themselves_only_with_preheats_own_engine(upstream, tmp_path):
+    # Another vLLM would not evict a guest's blocks first (no plugin): there guests would
+    # evict the resident histories, so with --upstream they are off unless asked for.
+    for asked, on in ((None, False), (True, True), (False, False)):
+        settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/{asked}.db",
+                            admission_capacity_tokens=1500, admission_guests=asked,
+                            prewarm=False)
+        proxy = await start_proxy(settings)
+        try:
+            assert proxy.app[ADMISSION].guests is on
+        finally:
+            await proxy.runner.cleanup()
