@@ -130,6 +130,10 @@ class Admission:
         left half idle while they wait for a wave."""
         self._guest_calls: dict[int, int] = {}
         """The guests' calls in flight (by ticket id) and their estimated prompt tokens."""
+        self._guest_sessions: dict[str, None] = {}
+        """Sessions under way that have run only as guests: one goes in as a new session
+        does, with room for all it will grow to (its history was evicted first, so it
+        holds nothing yet), though it waits, when it waits, as a session under way."""
         self.spare_below = spare_below
         """Calls on the engine at once, on average, below which waiting sessions go in up
         to SPARE_RAISE x `fill` (`SPARE_BELOW`; 0: never)."""
@@ -381,8 +385,8 @@ class Admission:
             return True  # an empty engine takes anything, however large
         budget = (fill or self.fill) * (self.capacity_tokens or 0)
         need = self._resident.increment(t)
-        if t.group not in self._sessions:  # a new session: room for all it will grow to
-            need = max(need, self.expected_footprint(t.kind))
+        if t.group not in self._sessions or t.group in self._guest_sessions:
+            need = max(need, self.expected_footprint(t.kind))  # room for all it will grow to
         if reserved is None:
             reserved = self._reserved_tokens()
         if t.group in self._aside.suspended and (self._resident.tokens() + need
@@ -443,7 +447,15 @@ class Admission:
                 break
             keep += size
         t.evict_first = keep
-        self._guest_calls[id(t)] = int(self._resident.increment(t))
+        added = int(self._resident.increment(t))
+        self._guest_calls[id(t)] = added
+        # Remembered, not resident: its next call is the same session, under way (it goes
+        # before new sessions, and in when its own prompt fits), with its calls counted.
+        for gid in self._resident.remember(Group(t.group, t.kind, chain=t.chain)):
+            self._aside.forget(gid)
+            self._guest_sessions.pop(gid, None)
+        self._guest_sessions[t.group] = None
+        self._footprints.measured(t.group, added, self._footprints.calls_made(t.group) + 1)
         self.admitted["guest"] = self.admitted.get("guest", 0) + 1
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         self._running(+1)
@@ -493,6 +505,7 @@ class Admission:
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)
         if g is None:
+            self._guest_sessions.pop(t.group, None)
             if not self._groups:
                 self._load.occupied_since = now
             g = self._resident.add(t.group, t.kind)
@@ -514,6 +527,7 @@ class Admission:
         self._resident.set_chain(g, t.chain, t.sizes)
         for gid in self._resident.remember(g):
             self._aside.forget(gid)
+            self._guest_sessions.pop(gid, None)
         self._measure(g)
         if log.isEnabledFor(logging.DEBUG):
             load = self._load_mean()

@@ -618,6 +618,31 @@ async def test_a_session_that_does_not_fit_runs_as_a_guest_while_its_prompt_fits
     assert adm._in_flight == 1  # the books balance: A's call alone is in flight
 
 
+async def test_a_guest_comes_back_as_the_same_session_and_goes_in_when_it_fits_whole():
+    adm = make(1000, hold=60, max_wait=30, guests=True)
+    head = "S" * 100
+    kind = ticket(adm, body(head)).kind
+    adm.restore({"version": 1, "finished": [[700, 4, kind]] * 5, "gaps": [],
+                 "chars_per_token": CPT, "runs": []})
+    a = ticket(adm, body(head, "a" * 150))
+    await adm.enter(a)
+    guest = ticket(adm, body(head, "g" * 150))
+    await adm.enter(guest)  # room for all it will grow to, which A holds: a guest
+    assert guest.how == "guest"
+    adm.leave(guest, 10)
+    again = ticket(adm, body(head, "g" * 150, "tool result"))
+    assert again.group == guest.group  # not a new session at each call
+    await adm.enter(again)
+    assert again.how == "guest"  # its history went first: it still needs room for it all
+    adm.leave(again, 10)
+    adm.leave(a, 10)
+    adm._release(adm._groups[a.group])  # A has finished
+    last = ticket(adm, body(head, "g" * 150, "tool result", "more"))
+    await adm.enter(last)
+    assert last.group == guest.group and last.how == "returned"  # a session under way
+    assert adm.stats().resident_groups == 1 and adm._groups[last.group].calls == 3
+
+
 async def test_guests_are_off_unless_asked():
     adm = make(1000, hold=60, max_wait=0.2)
     a = ticket(adm, body("A" * 600))
