@@ -449,8 +449,8 @@ class Admission:
         t.evict_first = keep
         added = int(self._resident.increment(t))
         self._guest_calls[id(t)] = added
-        # Remembered, not resident: its next call is the same session, under way (it goes
-        # before new sessions, and in when its own prompt fits), with its calls counted.
+        # Remembered, not resident: its next call is the same session, under way (first in
+        # line when it waits), with its calls counted (`_guest_sessions`).
         for gid in self._resident.remember(Group(t.group, t.kind, chain=t.chain)):
             self._aside.forget(gid)
             self._guest_sessions.pop(gid, None)

@@ -59,7 +59,8 @@ def register() -> None:
             return free_blocks(self, ordered_blocks)
         self._preheat_keep = None  # once: a request's blocks come in one call per group
         blocks = list(ordered_blocks)  # the request's last block first
-        head, rest = blocks[len(blocks) - keep:] if keep else [], blocks[:len(blocks) - keep]
+        cut = max(0, len(blocks) - keep)  # (a head as long as the request: all kept)
+        head, rest = blocks[cut:], blocks[:cut]
         first = []
         for block in rest:
             if block.pool is not None and block.pool is not self:

@@ -166,11 +166,7 @@ def queued_seconds(header: str) -> float:
 def with_priority(body: bytes, priority: int) -> bytes:
     """The body with vLLM's `priority` put first in its object, where a `priority` the client
     set itself, later in the object, overrides it (JSON's last duplicate key wins)."""
-    start = body.lstrip()
-    if not start.startswith(b"{"):
-        return body
-    rest = start[1:].lstrip()
-    return b'{"priority":%d%s' % (priority, b"" if rest.startswith(b"}") else b",") + rest
+    return _first_member(body, b'"priority":%d' % priority)
 
 
 def with_eviction_hint(body: bytes, keep_tokens: int) -> bytes:
@@ -178,12 +174,16 @@ def with_eviction_hint(body: bytes, keep_tokens: int) -> bytes:
     first in its object, as vLLM's `vllm_xargs`: a client's own `vllm_xargs`, later in the
     object, replaces it (JSON's last duplicate key wins), and then the hint is lost, not the
     client's arguments."""
+    return _first_member(body, b'"vllm_xargs":{"preheat_evict_first":%d}' % max(0, keep_tokens))
+
+
+def _first_member(body: bytes, member: bytes) -> bytes:
+    """A JSON object's bytes with `member` put first, without parsing it again."""
     start = body.lstrip()
     if not start.startswith(b"{"):
         return body
     rest = start[1:].lstrip()
-    return (b'{"vllm_xargs":{"preheat_evict_first":%d}%s' % (max(0, int(keep_tokens)),
-            b"" if rest.startswith(b"}") else b",") + rest)
+    return b"{" + member + (b"" if rest.startswith(b"}") else b",") + rest
 
 
 async def _relay(

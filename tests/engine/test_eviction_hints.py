@@ -53,6 +53,9 @@ async def test_a_hint_keeps_the_head_it_names(running):
     # and with the 39 free blocks that is the 59 the large call needs.
     a, b = await _after_a_large_call(running, {HINT: 4 * BLOCK}, seed=23)
     assert (a, b) == (24 * BLOCK, 4 * BLOCK)
+    # A head longer than the call: all of it is freed as any call's is.
+    a, b = await _after_a_large_call(running, {HINT: 100 * BLOCK}, seed=24)
+    assert (a, b) == (4 * BLOCK, 24 * BLOCK)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # vLLM's imports, not ours
