@@ -328,6 +328,7 @@ async def test_guests_run_at_once_with_their_blocks_marked_to_go_first(upstream,
             *results, mine = await asyncio.gather(
                 *(_session(client, proxy.url, i, 4) for i in range(12)), own)
         assert mine.status_code == 200 and len(upstream.xargs) == 49
+        assert all(len(set(r)) == 4 for r in results)  # every call answered, once
         stats = proxy.app[ADMISSION].stats()
         guests = stats.admitted.get("guest", 0)
         assert guests > 0 and stats.max_wait_seen < 5
