@@ -323,6 +323,11 @@ class Admission:
         self._footprints.chars_per_token = value
 
     @property
+    def guest_calls(self) -> int:
+        """Guests' calls on the engine now."""
+        return len(self._guest_calls)
+
+    @property
     def pressured(self) -> bool:
         """Requests are waiting, guests run, or the resident working set has filled its share."""
         if self.capacity_tokens is None:
@@ -439,8 +444,7 @@ class Admission:
 
     def _admit_guest(self, t: Ticket) -> None:
         """Let a call go as a guest: counted as load, not as a resident session."""
-        now = time.monotonic()
-        t.admitted, t.how = now, "guest"
+        self._count_in(t, "guest")
         keep = 0
         for h, size in zip(t.chain, t.sizes):
             if h not in self._resident.refs:
@@ -451,20 +455,15 @@ class Admission:
         self._guest_calls[id(t)] = added
         # Remembered, not resident: its next call is the same session, under way (first in
         # line when it waits), with its calls counted (`_guest_sessions`).
-        for gid in self._resident.remember(Group(t.group, t.kind, chain=t.chain)):
-            self._aside.forget(gid)
-            self._guest_sessions.pop(gid, None)
+        self._remember(Group(t.group, t.kind, chain=t.chain))
         self._guest_sessions[t.group] = None
         self._footprints.measured(t.group, added, self._footprints.calls_made(t.group) + 1)
-        self.admitted["guest"] = self.admitted.get("guest", 0) + 1
-        self.max_wait_seen = max(self.max_wait_seen, t.waited)
         self._running(+1)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("admitted %s as a guest after %.2f s (keeping %d tokens); %d guest "
                       "calls, %d of %d tokens resident", t.group, t.waited, keep,
                       len(self._guest_calls), self._resident.tokens(), self.capacity_tokens)
-        if t._future is not None and not t._future.done():
-            t._future.set_result(None)
+        self._wake(t)
 
     def _load_mean(self) -> float | None:
         """Admitted calls in flight, on average (`LoadMeter.mean`; None before SPARE_SPAN)."""
@@ -495,14 +494,32 @@ class Admission:
         """The tool time to hold an idle session for (`Footprints.gap_p90`)."""
         return self._footprints.gap_p90(self.hold)
 
-    def _admit(self, t: Ticket, how: str) -> None:
+    def _count_in(self, t: Ticket, how: str) -> float:
+        """Mark the call let go now, `how`, and count it; returns the time."""
         now = time.monotonic()
         t.admitted, t.how = now, how
+        self.admitted[how] = self.admitted.get(how, 0) + 1
+        self.max_wait_seen = max(self.max_wait_seen, t.waited)
+        return now
+
+    def _remember(self, g: Group) -> None:
+        """Keep the session findable by its latest prompt; forget what the resident set
+        forgot (the oldest sessions, past its bound)."""
+        for gid in self._resident.remember(g):
+            self._aside.forget(gid)
+            self._guest_sessions.pop(gid, None)
+
+    @staticmethod
+    def _wake(t: Ticket) -> None:
+        """Let a waiting call's `enter` return."""
+        if t._future is not None and not t._future.done():
+            t._future.set_result(None)
+
+    def _admit(self, t: Ticket, how: str) -> None:
+        now = self._count_in(t, how)
         if self.pressured and not (self.runs is not None and not self._cache_bound()
                                    and self._larger_run(t)):
             t.priority = PRIORITY.get(how, 0)  # (a run larger than one under way: no boost)
-        self.admitted[how] = self.admitted.get(how, 0) + 1
-        self.max_wait_seen = max(self.max_wait_seen, t.waited)
         g = self._groups.get(t.group)
         if g is None:
             self._guest_sessions.pop(t.group, None)
@@ -525,9 +542,7 @@ class Admission:
         self._running(+1)
         g.calls += 1
         self._resident.set_chain(g, t.chain, t.sizes)
-        for gid in self._resident.remember(g):
-            self._aside.forget(gid)
-            self._guest_sessions.pop(gid, None)
+        self._remember(g)
         self._measure(g)
         if log.isEnabledFor(logging.DEBUG):
             load = self._load_mean()
@@ -537,8 +552,7 @@ class Admission:
                       self._resident.tokens(), self.capacity_tokens or 0,
                       self._reserved_tokens(), self._in_flight,
                       "-" if load is None else f"{load:.2f}", len(self._waiting))
-        if t._future is not None and not t._future.done():
-            t._future.set_result(None)
+        self._wake(t)
 
     def _release(self, g: Group, between_calls: bool = True) -> None:
         """Take a group out of the resident set. One between calls may have finished: it

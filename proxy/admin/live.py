@@ -35,6 +35,13 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
               ("sessions let in on spare throughput", admission.admitted.get("spare", 0))]
              if admission is not None else [],
              switch="PREHEAT_ADMISSION_SPARE_BELOW=0"),
+        _row("guests: sessions that would wait run at once, evicted first",
+             "admission_guests", settings.admission_guests is not False,
+             admission is not None and admission.guests,
+             "needs admission, and preheat's own engine or PREHEAT_ADMISSION_GUESTS=1",
+             [("guest calls let in", admission.admitted.get("guest", 0)),
+              ("guest calls on the engine now", admission.guest_calls)]
+             if admission is not None and admission.guests else []),
         _row("engine priority for sessions under way", "admission_priority",
              settings.admission_priority, admission is not None, "needs admission", []),
         _row("smallest workflow runs first", "ordering", settings.ordering,

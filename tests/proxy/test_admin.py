@@ -193,6 +193,48 @@ async def test_the_overview_shows_each_optimisation_its_switch_and_what_it_did(
         await running.runner.cleanup()
 
 
+async def test_the_overview_counts_the_guests_and_says_when_they_cannot_run(upstream, tmp_path):
+    """Guests run only where the engine evicts their blocks first: with another vLLM
+    (`--upstream`) the row says what they need; with them on, their calls are counted."""
+    from engine.admission import Admission, prompt_chain
+    from proxy.admin.live import optimisations
+    from proxy.appkeys import ADMISSION, SETTINGS
+
+    name = "guests: sessions that would wait run at once, evicted first"
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admin_token=TOKEN, admission_capacity_tokens=1500, prewarm=False)
+    running = await start_proxy(settings)
+    try:
+        rows = {r["name"]: r for r in (await _get(running, "/admin.json", headers=BEARER))
+                .json()["optimisations"]}
+    finally:
+        await running.runner.cleanup()
+    assert rows[name]["state"] == ("inactive (needs admission, and preheat's own engine or "
+                                   "PREHEAT_ADMISSION_GUESTS=1)")
+    assert rows[name]["switch"] == "--no-admission-guests / PREHEAT_ADMISSION_GUESTS"
+
+    adm = Admission(1000, fill=1.0, hold=60, max_wait=30, guests=True)
+    adm.chars_per_token = 1.0
+
+    def ticket(*contents: str):
+        return adm.ticket(*prompt_chain({"messages": [{"role": "user", "content": c}
+                                                      for c in contents]}))
+
+    adm.restore({"version": 1, "finished": [[700, 4, ticket("S" * 100).kind]] * 5,
+                 "gaps": [], "chars_per_token": 1.0, "runs": []})
+    resident, guest = ticket("S" * 100, "a" * 150), ticket("S" * 100, "b" * 150)
+    await adm.enter(resident)
+    await adm.enter(guest)  # no room for all it grows to beside the resident: a guest
+    assert guest.how == "guest"
+    app = {SETTINGS: Settings(upstream=upstream.url, admission_guests=True), ADMISSION: adm}
+    row = {r["name"]: r for r in optimisations(app)}[name]
+    assert row["state"] == "on"
+    assert dict(row["figures"]) == {"guest calls let in": 1, "guest calls on the engine now": 1}
+    adm.leave(guest, 10)
+    row = {r["name"]: r for r in optimisations(app)}[name]
+    assert dict(row["figures"]) == {"guest calls let in": 1, "guest calls on the engine now": 0}
+
+
 async def test_optimisations_the_upstream_cannot_support_say_why(proxy):
     """The fake upstream reports no KV cache: admission, and what needs it, say so."""
     rows = {r["name"]: r for r in (await _get(proxy, "/admin.json", headers=BEARER))
