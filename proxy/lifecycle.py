@@ -17,9 +17,11 @@ from aiohttp import web
 
 from engine.admission import Admission, Ticket
 from engine.supervisor import cache_info
+from engine.vllm_plugin import tested_vllm
 from proxy.appkeys import (ADMISSION, CACHE, ENGINE, INFLIGHT, METRICS, MIRROR, OBSERVER,
                            PIPELINE, PLANNER, SETTINGS, UPSTREAM)
 from proxy.cache import PromptCache
+from proxy.config import Settings
 from proxy.errors import PreheatError
 from proxy.learning import ADMISSION_KEY
 from proxy.metrics import Metrics
@@ -101,6 +103,20 @@ async def drain_admission(app: web.Application) -> None:
         log.info("shutting down: %d calls waiting for admission answered 503", n)
 
 
+def _guests(app: web.Application, settings: Settings) -> bool:
+    """Guests by default only with preheat's own engine, where its vLLM evicts their blocks
+    first (`engine.vllm_plugin`: on the vLLM versions the patch was tested on)."""
+    if settings.admission_guests is not None:
+        return settings.admission_guests
+    if ENGINE not in app:
+        return False
+    if (why := tested_vllm()) is not None:
+        log.warning("admission: guests off, as the engine cannot evict their blocks first "
+                    "(%s; PREHEAT_ADMISSION_GUESTS=1 turns them on, evicted as any call)", why)
+        return False
+    return True
+
+
 async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.admission:
@@ -110,8 +126,7 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
                 suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
-                guests=(ENGINE in app if settings.admission_guests is None
-                        else settings.admission_guests),
+                guests=_guests(app, settings),
             )
             keeper = None
             if OBSERVER in app:

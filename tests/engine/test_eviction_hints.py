@@ -70,3 +70,21 @@ async def test_vllm_elsewhere_in_this_environment_is_left_as_it_is(monkeypatch):
     before = KVCacheManager.free
     vllm_plugin.register()
     assert KVCacheManager.free is before and not getattr(before, "_preheat", False)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_a_vllm_version_it_was_not_tested_on_is_left_as_it_is(monkeypatch, caplog):
+    # The patch replaces how vLLM's block pool frees blocks: another version may free them
+    # otherwise, so it runs unpatched (and preheat's proxy leaves its guests off).
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from engine import vllm_plugin
+
+    monkeypatch.setenv(vllm_plugin.ENV, "1")
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.40.1")
+    before = KVCacheManager.free
+    with caplog.at_level("WARNING", logger="preheat.vllm_plugin"):
+        vllm_plugin.register()
+    assert KVCacheManager.free is before
+    assert "eviction hints are off: they were tested on vLLM 0.32.x" in caplog.text
+    assert vllm_plugin._missing_parts() == []  # the version tested has every part it uses

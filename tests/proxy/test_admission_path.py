@@ -355,3 +355,24 @@ async def test_guests_are_on_by_themselves_only_with_preheats_own_engine(upstrea
             assert proxy.app[ADMISSION].guests is on
         finally:
             await proxy.runner.cleanup()
+
+
+def test_guests_stay_off_where_preheats_own_vllm_cannot_evict_them_first(monkeypatch, caplog):
+    # The plugin replaces a private part of vLLM: on a version it was not tested on it
+    # leaves vLLM as it is, and guests would evict the resident histories.
+    from engine import vllm_plugin
+    from proxy.lifecycle import _guests
+
+    own = {ENGINE: object()}
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.32.0")
+    assert _guests(own, Settings()) is True
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.40.1")
+    with caplog.at_level("WARNING", logger="preheat.proxy"):
+        assert _guests(own, Settings()) is False
+    assert "tested on vLLM 0.32.x, and this is 0.40.1" in caplog.text
+    assert _guests(own, Settings(admission_guests=True)) is True  # asked for: as asked
+    monkeypatch.setenv(vllm_plugin.ENV, "force")  # the user takes the risk
+    assert _guests(own, Settings()) is True
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: None)
+    assert _guests(own, Settings()) is False
