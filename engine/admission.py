@@ -47,6 +47,9 @@ all of them with none:
 - Under pressure, the engine is told what admission knows (`Ticket.priority`, sent as vLLM's
   `priority`): continuations of sessions under way run before new sessions' first calls, and
   when the running calls outgrow the cache, vLLM preempts a new session, not one mid-loop.
+  Where the engine honours eviction hints (preheat's plugin, `engine.vllm_plugin`), a
+  session's call expected to be its last asks for its blocks to be evicted first
+  (`evict_done`), and so does a guest's.
 
 - What it learned of agents' sessions (`engine.footprints`) and of workflow run sizes is
   saved by the proxy (`snapshot()`) and `restore()`d at start.
@@ -64,7 +67,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Container, Sequence
 
 from engine.footprints import Footprints
 from engine.load import LoadMeter
@@ -120,8 +123,16 @@ class Admission:
         suspend: bool = True,
         spare_below: float = SPARE_BELOW,
         guests: bool = False,
+        evict_done: bool = False,
     ) -> None:
         self.capacity_tokens = capacity_tokens
+        self.evict_done = evict_done
+        """Under pressure, a session's call expected to be its last asks the engine to evict
+        its blocks first once answered (`Ticket.evict_first`; all but the head other sessions
+        have sent): left as any call's, a finished session's history is the newest in the
+        cache, and the engine evicts the histories of sessions still under way before it."""
+        self.last_calls = 0
+        """Calls sent to be evicted first as their session's last (`evict_done`)."""
         self.guests = guests
         """A session that would wait for a place runs now as a guest instead, while its
         prompt fits the cache beside the resident sessions' histories and the guests' calls
@@ -445,12 +456,7 @@ class Admission:
     def _admit_guest(self, t: Ticket) -> None:
         """Let a call go as a guest: counted as load, not as a resident session."""
         self._count_in(t, "guest")
-        keep = 0
-        for h, size in zip(t.chain, t.sizes):
-            if h not in self._resident.refs:
-                break
-            keep += size
-        t.evict_first = keep
+        t.evict_first = keep = self._head(t, self._resident.refs)  # what residents hold
         added = int(self._resident.increment(t))
         self._guest_calls[id(t)] = added
         # Remembered, not resident: its next call is the same session, under way (first in
@@ -464,6 +470,16 @@ class Admission:
                       "calls, %d of %d tokens resident", t.group, t.waited, keep,
                       len(self._guest_calls), self._resident.tokens(), self.capacity_tokens)
         self._wake(t)
+
+    @staticmethod
+    def _head(t: Ticket, kept: Container[str]) -> int:
+        """Tokens of the call's leading messages whose prefixes are in `kept`."""
+        head = 0
+        for h, size in zip(t.chain, t.sizes):
+            if h not in kept:
+                break
+            head += size
+        return head
 
     def _load_mean(self) -> float | None:
         """Admitted calls in flight, on average (`LoadMeter.mean`; None before SPARE_SPAN)."""
@@ -544,6 +560,9 @@ class Admission:
         self._resident.set_chain(g, t.chain, t.sizes)
         self._remember(g)
         self._measure(g)
+        if self.evict_done and self.pressured and self._footprints.done(g.kind, g.calls):
+            t.evict_first = self._head(t, self._resident.shared)  # a head others send too
+            self.last_calls += 1
         if log.isEnabledFor(logging.DEBUG):
             load = self._load_mean()
             log.debug("admitted %s call %d (%s) after %.2f s; %d groups, %d of %d tokens "

@@ -77,9 +77,10 @@ class Ticket:
     """The engine priority to run at (`engine.admission.PRIORITY`): set when admitted under
     pressure, else 0."""
     evict_first: int | None = None
-    """A guest's call (how 'guest'): the engine evicts its blocks before any other session's
-    once it finishes, all but its first `evict_first` tokens (a head it shares with the
-    resident sessions), sent as vLLM's `vllm_xargs` (engine/vllm_plugin.py)."""
+    """A guest's call (how 'guest'), or a session's expected last (`Admission.evict_done`):
+    the engine evicts its blocks before any other session's once it finishes, all but its
+    first `evict_first` tokens (a head other sessions hold or send), sent as vLLM's
+    `vllm_xargs` (engine/vllm_plugin.py)."""
     run: str = ""
     """The workflow run the call belongs to (`engine.runs`), with ordering on."""
     prompt_hashes: list[int] | None = None

@@ -119,6 +119,13 @@ class Settings:
         "instead); true where the upstream is a vLLM started from preheat's environment with "
         "PREHEAT_EVICTION_HINTS=1. Needs admission."
     )
+    admission_evict_done: bool = _opt(
+        True, "A session's call that admission expects to be its last (it has made as many "
+        "calls as nearly all finished sessions of its agent) asks the engine to evict its "
+        "blocks first once answered, all but the head other sessions share, so that they go "
+        "before the histories of sessions still under way. Under cache pressure only, where "
+        "the engine evicts hinted blocks first (as for guests). Needs admission."
+    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

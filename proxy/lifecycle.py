@@ -103,16 +103,17 @@ async def drain_admission(app: web.Application) -> None:
         log.info("shutting down: %d calls waiting for admission answered 503", n)
 
 
-def _guests(app: web.Application, settings: Settings) -> bool:
-    """Guests by default only with preheat's own engine, where its vLLM evicts their blocks
-    first (`engine.vllm_plugin`: on the vLLM versions the patch was tested on)."""
-    if settings.admission_guests is not None:
-        return settings.admission_guests
+def _eviction_hints(app: web.Application, settings: Settings) -> bool:
+    """The engine evicts the blocks of a call that asks for it first (`engine.vllm_plugin`):
+    preheat's own, on the vLLM versions the patch was tested on; another vLLM where the user
+    said it has the plugin (PREHEAT_ADMISSION_GUESTS=1). Guests are on by default only
+    there, and only there do finished sessions' last calls ask."""
     if ENGINE not in app:
-        return False
+        return settings.admission_guests is True
     if (why := tested_vllm()) is not None:
-        log.warning("admission: guests off, as the engine cannot evict their blocks first "
-                    "(%s; PREHEAT_ADMISSION_GUESTS=1 turns them on, evicted as any call)", why)
+        log.warning("admission: the engine cannot evict blocks first (%s): guests off unless "
+                    "PREHEAT_ADMISSION_GUESTS=1 (evicted as any call), and finished sessions "
+                    "evicted as any", why)
         return False
     return True
 
@@ -122,11 +123,13 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.admission:
         capacity = settings.admission_capacity_tokens or await _engine_capacity(app)
         if capacity:
+            hints = _eviction_hints(app, settings)
+            guests = hints if settings.admission_guests is None else settings.admission_guests
             app[ADMISSION] = admission = Admission(
                 capacity, fill=settings.admission_fill, max_wait=settings.admission_max_wait,
                 ordering=settings.ordering, running=settings.ordering_running,
                 suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
-                guests=_guests(app, settings),
+                guests=guests, evict_done=settings.admission_evict_done and hints,
             )
             keeper = None
             if OBSERVER in app:
@@ -183,6 +186,9 @@ def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
                   lambda: admission.stats().resident_tokens)
     metrics.gauge("preheat_admission_wait_seconds_max", "Longest admission wait so far.",
                   lambda: admission.max_wait_seen)
+    metrics.counter("preheat_admission_last_calls_total",
+                    "Calls expected to be their session's last, sent to be evicted first.",
+                    lambda: admission.last_calls, label=None)
     metrics.counter("preheat_admission_suspended_total",
                     "Sessions set aside mid-way because the resident set outgrew the cache.",
                     lambda: admission.suspended, label=None)

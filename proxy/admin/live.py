@@ -42,6 +42,11 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
              [("guest calls let in", admission.admitted.get("guest", 0)),
               ("guest calls on the engine now", admission.guest_calls)]
              if admission is not None and admission.guests else []),
+        _row("finished sessions evicted first", "admission_evict_done",
+             settings.admission_evict_done, admission is not None and admission.evict_done,
+             "needs admission, and an engine that evicts hinted blocks first, as guests do",
+             [("last calls sent to be evicted first", admission.last_calls)]
+             if admission is not None and admission.evict_done else []),
         _row("engine priority for sessions under way", "admission_priority",
              settings.admission_priority, admission is not None, "needs admission", []),
         _row("smallest workflow runs first", "ordering", settings.ordering,

@@ -643,6 +643,43 @@ async def test_a_guest_comes_back_as_the_same_session_and_goes_in_when_it_fits_w
     assert adm.stats().resident_groups == 1 and adm._groups[last.group].calls == 3
 
 
+async def test_a_sessions_last_call_is_sent_to_be_evicted_first_under_pressure():
+    # Left as any call's, a finished session's history is the newest in the cache, and the
+    # engine would evict the histories of sessions still under way before it.
+    async def calls_of_a(evict_done: bool, capacity: int) -> list[int | None]:
+        adm = make(capacity, hold=60, max_wait=30, evict_done=evict_done)
+        head = "S" * 100
+        kind = ticket(adm, body(head)).kind
+        adm.restore({"version": 1, "finished": [[300, 3, kind]] * 5, "gaps": [],
+                     "chars_per_token": CPT, "runs": []})  # sessions make three calls
+        prompt = [head, "a" * 150]
+        a = ticket(adm, body(*prompt))
+        b = ticket(adm, body(head, "b" * 150))
+        await adm.enter(a)
+        await adm.enter(b)
+        c = ticket(adm, body("C" * 500))  # no room for it beside A and B
+        waiting = asyncio.create_task(adm.enter(c))
+        await asyncio.sleep(0.01)
+        hints = [a.evict_first]
+        for n in (2, 3):
+            adm.leave(a, 10)
+            prompt.append(f"tool result {n}")
+            a = ticket(adm, body(*prompt))
+            await asyncio.wait_for(adm.enter(a), 0.5)
+            hints.append(a.evict_first)
+        assert adm.last_calls == (hints[-1] is not None)
+        adm.leave(a, 10)
+        adm.leave(b, 10)
+        await asyncio.wait_for(waiting, 2)  # A is done and gone: C goes in
+        return hints
+
+    first, second, last = await calls_of_a(True, 1000)
+    assert first is None and second is None
+    assert 100 <= last < 150  # all but the head B sends too
+    assert await calls_of_a(False, 1000) == [None, None, None]  # switched off
+    assert await calls_of_a(True, 100_000) == [None, None, None]  # no pressure: as any call
+
+
 async def test_guests_are_off_unless_asked():
     adm = make(1000, hold=60, max_wait=0.2)
     a = ticket(adm, body("A" * 600))

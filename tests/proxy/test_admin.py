@@ -212,8 +212,9 @@ async def test_the_overview_counts_the_guests_and_says_when_they_cannot_run(upst
     assert rows[name]["state"] == ("inactive (needs admission, and preheat's own engine or "
                                    "PREHEAT_ADMISSION_GUESTS=1)")
     assert rows[name]["switch"] == "--no-admission-guests / PREHEAT_ADMISSION_GUESTS"
+    assert rows["finished sessions evicted first"]["state"].startswith("inactive (needs")
 
-    adm = Admission(1000, fill=1.0, hold=60, max_wait=30, guests=True)
+    adm = Admission(1000, fill=1.0, hold=60, max_wait=30, guests=True, evict_done=True)
     adm.chars_per_token = 1.0
 
     def ticket(*contents: str):
@@ -231,8 +232,12 @@ async def test_the_overview_counts_the_guests_and_says_when_they_cannot_run(upst
     assert row["state"] == "on"
     assert dict(row["figures"]) == {"guest calls let in": 1, "guest calls on the engine now": 1}
     adm.leave(guest, 10)
-    row = {r["name"]: r for r in optimisations(app)}[name]
-    assert dict(row["figures"]) == {"guest calls let in": 1, "guest calls on the engine now": 0}
+    rows = {r["name"]: r for r in optimisations(app)}
+    assert dict(rows[name]["figures"]) == {"guest calls let in": 1,
+                                           "guest calls on the engine now": 0}
+    done = rows["finished sessions evicted first"]
+    assert done["state"] == "on" and done["figures"] == [["last calls sent to be evicted "
+                                                         "first", 0]]
 
 
 async def test_optimisations_the_upstream_cannot_support_say_why(proxy):
