@@ -18,6 +18,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from engine.vllm_plugin import ENV as HINTS_ENV
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -248,8 +250,7 @@ def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         # Calls may ask for their blocks to be evicted first (engine/vllm_plugin.py; "force"
         # patches a vLLM version it was not tested on).
-        PREHEAT_EVICTION_HINTS="force" if os.environ.get("PREHEAT_EVICTION_HINTS") == "force"
-        else "1",
+        **{HINTS_ENV: "force" if os.environ.get(HINTS_ENV) == "force" else "1"},
     )
     if cpu:
         # The worker runs inside the engine process: on 2 cores prefill takes half the time,

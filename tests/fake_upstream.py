@@ -87,9 +87,9 @@ class FakeUpstream:
         self.requests = 0
         self.cancelled = 0
         self.priorities: list = []
+        """The vLLM `priority` field of each JSON request received (None where absent)."""
         self.xargs: list = []
         """Each request's `vllm_xargs` (None where it had none)."""
-        """The vLLM `priority` field of each JSON request received (None where absent)."""
         self.last_headers: dict[str, str] = {}
 
     @property
