@@ -61,8 +61,9 @@ class Crowd:
             output = self.rng.randint(1, 60)
             self.adm.leave(t, output)
             prompt = sum(t.sizes)
-            self.adm.answered(t, {"prompt_tokens": prompt, "completion_tokens": output},
-                              self.rng.randint(0, prompt), answer_hashes=[self.rng.getrandbits(63)])
+            usage = {"prompt_tokens": prompt, "completion_tokens": output}
+            self.adm.answered(t, usage, self.rng.randint(0, prompt),
+                              answer_hashes=[self.rng.getrandbits(63)])
 
     async def agent(self, a: int) -> None:
         rng = self.rng
