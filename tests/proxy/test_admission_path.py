@@ -89,6 +89,62 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         await proxy.runner.cleanup()
 
 
+async def test_clients_that_give_up_or_hang_up_cost_the_others_nothing(upstream, tmp_path):
+    """Amid twelve sessions outgrowing the cache, some clients time out while their calls
+    wait for admission, and some hang up mid-stream: every other call still goes through
+    once, within the bound, and once the crowd has gone admission holds nothing
+    for the calls that left."""
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admission_capacity_tokens=1500, admission_max_wait=1.0,
+                        admission_guests=True, prewarm=False)
+    proxy = await start_proxy(settings)
+    url = proxy.url + "/v1/chat/completions"
+
+    async def impatient(client: httpx.AsyncClient, i: int) -> str:
+        for _ in range(500):  # until calls queue: then this one will too
+            if admission.stats().waiting:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02 * i)
+        try:
+            r = await client.post(url, timeout=0.1, json={
+                "model": "m", "temperature": 0.5,
+                "messages": [{"role": "user", "content": f"impatient {i} " + "x " * 2400}]})
+            return f"answered {r.status_code}"
+        except httpx.TimeoutException:
+            return "gave up"
+
+    async def hangs_up(client: httpx.AsyncClient, i: int) -> str:
+        await asyncio.sleep(0.05 * i)
+        async with client.stream("POST", url, headers={"x-fake-delay": "0.05",
+                                                       "x-fake-events": "40"}, json={
+                "model": "m", "temperature": 0.5, "stream": True,
+                "messages": [{"role": "user", "content": f"hangs up {i} " + "y " * 300}]}) as r:
+            async for _ in r.aiter_lines():
+                break  # the first event, then gone
+        return f"hung up {r.status_code}"
+
+    admission = proxy.app[ADMISSION]
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            ends = await asyncio.gather(*(_session(client, proxy.url, i, 4) for i in range(12)),
+                                        *(impatient(client, i) for i in range(6)),
+                                        *(hangs_up(client, i) for i in range(4)))
+        assert all(len(set(r)) == 4 for r in ends[:12])  # the patient ones all answered
+        assert "gave up" in ends[12:18] and ends[18:] == ["hung up 200"] * 4
+        assert admission.stats().max_wait_seen < 1.0 + 0.25
+        await asyncio.sleep(0.3)  # the hung-up streams' handlers finish
+        assert admission.stats().waiting == 0
+        assert admission._in_flight == 0 and admission.guest_calls == 0
+        assert all(not g.in_flight for g in admission._groups.values())
+        async with httpx.AsyncClient() as client:  # and the proxy serves on
+            r = await client.post(url, json={"model": "m", "messages": [
+                {"role": "user", "content": "after the crowd"}]})
+        assert r.status_code == 200
+    finally:
+        await proxy.runner.cleanup()
+
+
 async def test_admission_stays_off_without_a_known_cache(proxy):
     assert ADMISSION not in proxy.app  # the fake upstream reports no KV cache
 
