@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 # CallResult, Priority, engine_load, _median_row, reset_cache and _headroom are imported
 # from here too (bench/alone.py, bench/priority.py, tests/bench/test_e2e_report.py).
 from bench.e2e_modes import (MODES, CallResult, Priority, compare, engine_load,  # noqa: E402,F401
-                             _median_row, reset_cache, run_workload)
+                             held_idle, _median_row, reset_cache, run_workload)
 from bench.e2e_report import _headroom, plot, report  # noqa: E402,F401
 from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
                              map_reduce, tau_bench)

@@ -133,6 +133,7 @@ async def run_workload(base: str, model: str, instances: list[Instance],
         "calls": len(calls), "prompt_tokens": prompt,
         "working_set": working_set_tokens(instances, spans),
         "engine_load": engine_load(calls, makespan),
+        "held_idle": held_idle(calls),
         "instances": {inst.name: round(o[0], 2) for inst, o in zip(instances, outs)},
         "queued": {inst.name: round(sum(c.queued for c in o[1]), 2)
                    for inst, o in zip(instances, outs)},
@@ -143,6 +144,29 @@ def engine_load(calls: list[CallResult], makespan: float) -> float:
     """Calls on the engine at once, on average over the makespan: each call's time from
     when preheat's admission let it go (its `Server-Timing`) to its last token."""
     return sum(max(0.0, c.latency - c.queued) for c in calls) / makespan if makespan else 0.0
+
+
+def held_idle(calls: list[CallResult]) -> float:
+    """Seconds in which preheat's admission held a call while no call was on the engine:
+    time an engine with work to do spent idle (0 direct, where nothing is held)."""
+    events = []
+    for c in calls:
+        let_go = c.start + min(c.queued, c.latency)
+        if c.queued > 0:
+            events += [(c.start, 0, 1), (let_go, 0, -1)]
+        events += [(let_go, 1, 1), (c.start + c.latency, 1, -1)]
+    held = running = 0
+    total = 0.0
+    last = None
+    for at, kind, step in sorted(events, key=lambda e: (e[0], -e[2])):
+        if last is not None and held and not running:
+            total += at - last
+        last = at
+        if kind:
+            running += step
+        else:
+            held += step
+    return total
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -297,7 +321,8 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f"{r['cpu_engine']:.1f} proxy {r['cpu_proxy']:.1f} observer {r['cpu_observer']:.1f}"
               f" client {r['cpu_client']:.1f}"
               f"  working set {rows[mode]['working_set']} tokens  {r['engine_load']:.1f} at once"
-              f"  queued {sum(r['queued'].values()):.1f} s  {_admission_note(rows[mode])}",
+              f"  queued {sum(r['queued'].values()):.1f} s (engine idle {r['held_idle']:.1f} s)"
+              f"  {_admission_note(rows[mode])}",
               flush=True)
     if "unpressured" in modes and oracle_engine is not None:
         await reset_cache(oracle_engine)

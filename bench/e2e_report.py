@@ -40,17 +40,18 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "CPU s: seconds of CPU the engine (all its processes) and preheat (the proxy + its "
         "observer, which captures and learns) used during the measured run. At once: calls "
         "on the engine at a time, on average over the makespan (each call's time past "
-        "preheat's admission queue).",
+        "preheat's admission queue). Held idle: seconds in which preheat held a call while none "
+        "was on the engine (an engine with work to do left idle).",
         "",
-        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once | held idle s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
                          f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} | "
-                         f"{_cpu(r)} | {_at_once(r)} |")
+                         f"{_cpu(r)} | {_at_once(r)} | {_held_idle(r)} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -120,6 +121,10 @@ def _headroom(direct: float, on: float, best: float) -> str:
 
 def _at_once(r: dict) -> str:
     return f"{r['engine_load']:.1f}" if "engine_load" in r else "-"  # (an older report's)
+
+
+def _held_idle(r: dict) -> str:
+    return f"{r['held_idle']:.1f}" if "held_idle" in r else "-"  # (an older report's)
 
 
 def _cpu(r: dict) -> str:

@@ -12,7 +12,7 @@ from argparse import Namespace
 import pytest
 
 from bench.cpu import cpu_seconds
-from bench.e2e import CallResult, _headroom, _median_row, engine_load, report
+from bench.e2e import CallResult, _headroom, _median_row, engine_load, held_idle, report
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -88,6 +88,19 @@ def test_calls_at_once_count_each_call_from_when_admission_let_it_go():
     calls = [call(0.0, 4.0), call(0.0, 4.0), call(0.0, 10.0, queued=6.0)]
     assert engine_load(calls, 10.0) == pytest.approx(1.2)
     assert engine_load([], 0.0) == 0.0
+
+
+def test_held_idle_counts_the_time_a_call_waited_with_nothing_on_the_engine():
+    def call(start: float, latency: float, queued: float = 0.0) -> CallResult:
+        return CallResult("i", "k", start, 0.1, latency, 10, 0, "", queued)
+
+    # One call runs 0-2 s; another arrives at 1 s and is held until 5 s: idle from 2 to 5.
+    assert held_idle([call(0.0, 2.0), call(1.0, 6.0, queued=4.0)]) == pytest.approx(3.0)
+    # Held while another runs all along: the engine never idled.
+    assert held_idle([call(0.0, 10.0), call(1.0, 6.0, queued=4.0)]) == 0.0
+    # Two calls held over the same idle second count it once; direct holds nothing.
+    assert held_idle([call(0.0, 2.0, queued=1.0), call(0.0, 2.0, queued=1.0)]) == pytest.approx(1.0)
+    assert held_idle([call(0.0, 2.0), call(3.0, 1.0)]) == 0.0
 
 
 def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
