@@ -1,4 +1,5 @@
 """Eviction hints in preheat's own vLLM: a call may ask for its blocks to be evicted first.
+(And seeded calls that do not kill its CPU build: `_patch_seeded_sampling`.)
 
 vLLM keeps a finished call's blocks cached in a free queue and evicts from its front, the
 blocks used least recently first. Under cache pressure that is the wrong order for agents:
@@ -77,14 +78,22 @@ def _missing_parts() -> list[str]:
 
 
 def register() -> None:
-    """vLLM's plugin entry point: patch the KV cache manager's free, if asked to."""
+    """vLLM's plugin entry point: patch the KV cache manager's free, and seeded sampling on
+    the CPU build, if asked to."""
     if os.environ.get(ENV) not in ("1", "force"):
         return
     why = tested_vllm()
-    missing = [] if why else _missing_parts()
-    if why or missing:  # run as it is: preheat's proxy leaves its guests off
-        log.warning("preheat's eviction hints are off: %s", why or "this vLLM has no "
-                    + ", no ".join(missing))
+    if why:  # run as it is: preheat's proxy leaves its guests off
+        log.warning("preheat's eviction hints are off: %s", why)
+        return
+    _patch_eviction_hints()
+    _patch_seeded_sampling()
+
+
+def _patch_eviction_hints() -> None:
+    missing = _missing_parts()
+    if missing:
+        log.warning("preheat's eviction hints are off: this vLLM has no %s", ", no ".join(missing))
         return
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -130,6 +139,70 @@ def register() -> None:
     KVCacheManager.free = hinted_free
     BlockPool.free_blocks = hinted_free_blocks
     log.info("preheat's eviction hints are on")
+
+
+def _patch_seeded_sampling() -> None:
+    """Seeded calls on the CPU build: without this, one kills the engine.
+
+    A prompt longer than a step's token budget (2,048 on the CPU build) is prefilled over
+    several steps, and vLLM samples a token at the end of each and throws away all but the
+    last. So that the thrown-away samples do not move a seeded call's random numbers, it
+    then winds the call's generator back (`gen.set_offset(gen.get_offset() - 4)`, in
+    `_bookkeeping_sync`). That is a CUDA generator's counter; a CPU generator has none, and
+    raises "CPU Generator does not use offset" inside the engine's step: the engine dies, and
+    every call on it fails. Any client that sends the OpenAI `seed` with a long prompt (an
+    agent with a few thousand tokens of tools) did that. Here the CPU model runner keeps the
+    state of each such generator before sampling and puts it back after, which is what the
+    wind-back means to do, and hides those generators from the wind-back."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return  # a GPU's generators wind back as vLLM means them to
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError as exc:
+        log.warning("preheat's seeded sampling fix is off: no CPU model runner (%s)", exc)
+        return
+    sample = getattr(CPUModelRunner, "_sample", None)
+    bookkeeping = getattr(CPUModelRunner, "_bookkeeping_sync", None)
+    if not callable(sample) or not callable(bookkeeping):
+        log.warning("preheat's seeded sampling fix is off: this vLLM's CPU model runner has no "
+                    "_sample or _bookkeeping_sync")
+        return
+    if getattr(sample, "_preheat", False):
+        return
+
+    def discarded(runner) -> dict:
+        """The CPU generators of the calls whose sample this step is thrown away."""
+        batch = runner.input_batch
+        mask = runner.discard_request_mask.np[:batch.num_reqs]
+        gens = batch.generators
+        return {i: gens[i] for i in map(int, mask.nonzero()[0])
+                if i in gens and gens[i].device.type == "cpu"}
+
+    def seeded_sample(self, *args, **kwargs):
+        kept = {i: (g, g.get_state()) for i, g in discarded(self).items()}
+        try:
+            return sample(self, *args, **kwargs)
+        finally:
+            for g, state in kept.values():
+                g.set_state(state)
+
+    def seeded_bookkeeping(self, *args, **kwargs):
+        batch = self.input_batch
+        undone = discarded(self)
+        if not undone:
+            return bookkeeping(self, *args, **kwargs)
+        gens = batch.generators  # the sampler's own dict: put back as it was
+        batch.generators = {i: g for i, g in gens.items() if i not in undone}
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            batch.generators = gens
+
+    seeded_sample._preheat = True
+    CPUModelRunner._sample = seeded_sample
+    CPUModelRunner._bookkeeping_sync = seeded_bookkeeping
 
 
 def _hint(request) -> int | None:

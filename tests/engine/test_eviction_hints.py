@@ -63,13 +63,15 @@ async def test_vllm_elsewhere_in_this_environment_is_left_as_it_is(monkeypatch):
     # vLLM loads the plugin in any engine started from this environment; only preheat's own
     # (which sets PREHEAT_EVICTION_HINTS) is changed.
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from engine import vllm_plugin
 
     monkeypatch.delenv(vllm_plugin.ENV, raising=False)
-    before = KVCacheManager.free
+    before, sample = KVCacheManager.free, CPUModelRunner._sample
     vllm_plugin.register()
     assert KVCacheManager.free is before and not getattr(before, "_preheat", False)
+    assert CPUModelRunner._sample is sample and not getattr(sample, "_preheat", False)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -77,14 +79,15 @@ async def test_a_vllm_version_it_was_not_tested_on_is_left_as_it_is(monkeypatch,
     # The patch replaces how vLLM's block pool frees blocks: another version may free them
     # otherwise, so it runs unpatched (and preheat's proxy leaves its guests off).
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from engine import vllm_plugin
 
     monkeypatch.setenv(vllm_plugin.ENV, "1")
     monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.40.1")
-    before = KVCacheManager.free
+    before, sample = KVCacheManager.free, CPUModelRunner._sample
     with caplog.at_level("WARNING", logger="preheat.vllm_plugin"):
         vllm_plugin.register()
-    assert KVCacheManager.free is before
+    assert KVCacheManager.free is before and CPUModelRunner._sample is sample
     assert "eviction hints are off: they were tested on vLLM 0.32.x" in caplog.text
     assert vllm_plugin._missing_parts() == []  # the version tested has every part it uses
