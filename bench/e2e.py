@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 # from here too (bench/alone.py, bench/priority.py, tests/bench/test_e2e_report.py).
 from bench.e2e_modes import (MODES, CallResult, Priority, compare, engine_load,  # noqa: E402,F401
                              held_idle, _median_row, reset_cache, run_workload)
+from bench import e2e_modes  # noqa: E402
 from bench.e2e_report import _headroom, plot, report  # noqa: E402,F401
 from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
                              map_reduce, tau_bench)
@@ -177,6 +178,9 @@ def main() -> None:
                         help="preheat-on learns nothing before the measured run")
     parser.add_argument("--restart", action="store_true",
                         help="preheat-on is restarted on its store between learning and the run")
+    parser.add_argument("--seeded", action="store_true",
+                        help="answers sampled at temperature 1, a seed per call (distinct, as a "
+                        "real model's), not greedy")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")
@@ -185,6 +189,7 @@ def main() -> None:
         results = json.loads(args.out.with_suffix(".json").read_text())
         plot(results, args.out.with_suffix(".png"))
         return
+    e2e_modes.SEEDED = args.seeded
     asyncio.run(main_async(args))
 
 

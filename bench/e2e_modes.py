@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,11 +54,25 @@ class CallResult:
 Priority = Callable[[Instance, Call], int | None]
 """vLLM `priority` to send a call at (bench/priority.py), or None for the engine's default."""
 
+SEEDED = False
+"""Sample every call at temperature 1 with a seed of its own (`bench/e2e.py --seeded`)
+instead of greedily. The random-weight model's greedy answers repeat one word (" pickler
+pickler ..."), so every answer is like every other, and preheat cannot tell which later
+prompt pasted which answer (the hand-offs of multi-agent runs). Sampled, they are as distinct
+as a real model's; seeded, each call's answer is the same in every mode, and so are the
+prompts that paste it."""
+
+
+def sampling(inst: Instance, call: Call) -> dict:
+    if not SEEDED:
+        return {"temperature": 0}
+    return {"temperature": 1.0, "seed": zlib.crc32(f"{inst.name}/{call.key}".encode())}
+
 
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
                    outputs: dict[str, str], priority: Priority | None = None) -> CallResult:
     body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
-            "ignore_eos": True, "temperature": 0, "stream": True,
+            "ignore_eos": True, **sampling(inst, call), "stream": True,
             "stream_options": {"include_usage": True}}
     level = priority(inst, call) if priority else None
     if level is not None:

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
 
+from bench import e2e_modes
 from bench.cpu import cpu_seconds
 from bench.e2e import CallResult, _headroom, _median_row, engine_load, held_idle, report
 
@@ -101,6 +103,16 @@ def test_held_idle_counts_the_time_a_call_waited_with_nothing_on_the_engine():
     # Two calls held over the same idle second count it once; direct holds nothing.
     assert held_idle([call(0.0, 2.0, queued=1.0), call(0.0, 2.0, queued=1.0)]) == pytest.approx(1.0)
     assert held_idle([call(0.0, 2.0), call(3.0, 1.0)]) == 0.0
+
+
+def test_seeded_calls_have_a_seed_of_their_own_the_same_in_every_mode(monkeypatch):
+    inst = SimpleNamespace(name="tau-150")
+    c1, c2 = SimpleNamespace(key="c1"), SimpleNamespace(key="c2")
+    assert e2e_modes.sampling(inst, c1) == {"temperature": 0}  # greedy unless asked
+    monkeypatch.setattr(e2e_modes, "SEEDED", True)
+    one = e2e_modes.sampling(inst, c1)
+    assert one["temperature"] == 1.0 and one == e2e_modes.sampling(inst, c1)
+    assert one["seed"] != e2e_modes.sampling(inst, c2)["seed"]
 
 
 def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
