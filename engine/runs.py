@@ -158,6 +158,8 @@ class Runs:
         """Runs under way (not ended)."""
         self._merged: dict[str, str] = {}
         self._of_group: OrderedDict[str, str] = OrderedDict()
+        self._readers: OrderedDict[str, None] = OrderedDict()
+        """Sessions that joined their run by reading its answers (`hand_off`)."""
         self._chunks: OrderedDict[int, str | None] = OrderedDict()
         """Answer chunk -> the run that wrote it (None: more than one did)."""
         self._roots: deque[tuple[float, str]] = deque(maxlen=64)
@@ -204,7 +206,21 @@ class Runs:
         self._of_group[group] = rid
         while len(self._of_group) > MAX_GROUPS:
             self._of_group.popitem(last=False)
+        if how == "reads":
+            self._readers[group] = None
+            while len(self._readers) > MAX_GROUPS:
+                self._readers.popitem(last=False)
         return rid, found
+
+    def hand_off(self, group: str) -> bool:
+        """The session joined its run by reading an answer of that run: a critic reading its
+        actor, a worker its supervisor's brief, a chain's next step the last one's answer."""
+        return group in self._readers
+
+    def run_of(self, group: str) -> str | None:
+        """The run a session's calls were placed in (None: no call of it was)."""
+        rid = self._of_group.get(group)
+        return None if rid is None else self.find(rid)
 
     def _source(self, hashes: list[int]) -> str | None:
         votes: Counter = Counter()

@@ -126,6 +126,12 @@ class Settings:
         "before the histories of sessions still under way. Under cache pressure only, where "
         "the engine evicts hinted blocks first (as for guests). Needs admission."
     )
+    admission_handoff: bool = _opt(
+        True, "Under pressure, a new session that reads an answer of a workflow run whose "
+        "resident sessions are all between calls (a critic its actor waits for, a chain's next "
+        "step) goes in at once, as a guest where guests are on: those sessions keep the room "
+        "it would wait for. Needs admission and ordering (which tells the runs)."
+    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

@@ -47,6 +47,11 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
              "needs admission, and an engine that evicts hinted blocks first, as guests do",
              [("last calls sent to be evicted first", admission.last_calls)]
              if admission is not None and admission.evict_done else []),
+        _row("hand-offs their idle run waits for go in at once", "admission_handoff",
+             settings.admission_handoff, admission is not None and admission.handoff
+             and admission.runs is not None, "needs admission and ordering",
+             [("hand-offs let in", admission.admitted.get("handoff", 0))]
+             if admission is not None and admission.handoff else []),
         _row("engine priority for sessions under way", "admission_priority",
              settings.admission_priority, admission is not None, "needs admission", []),
         _row("smallest workflow runs first", "ordering", settings.ordering,

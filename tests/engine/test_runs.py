@@ -359,3 +359,46 @@ def test_a_hand_off_with_no_text_joins_the_run_by_its_call_id(api):
     stranger = {"messages": [user, dict(transfer, tool_calls=[dict(
         transfer["tool_calls"][0], id="call_other")])]}
     assert runs.place("other", "kind-booking", lambda: prompt_hashes(stranger), now=9.0)[0] != desk
+
+
+@pytest.mark.parametrize("guests, handoff", [(True, True), (False, True), (True, False)])
+async def test_a_hand_off_its_idle_run_waits_for_goes_in_at_once(guests, handoff):
+    """An actor waits between calls for its critic, which reads its answer. The actor and
+    another session fill the cache, so the critic would wait for room that only the actor's
+    leaving makes: it goes in at once, while a session of another run waits (and so does
+    the critic, with the switch off)."""
+    adm = Admission(1000, fill=1.0, ordering=True, running=100, hold=30.0, max_wait=10.0,
+                    guests=guests, handoff=handoff)
+    adm.chars_per_token = 1.0
+    adm.runs.together = 0.0  # every root a run of its own
+
+    def call(text: str, session: str, system: str = "agent"):
+        body = {"messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": text}]}
+        chain, chars = prompt_chain(body)
+        return adm.ticket(chain, chars, session=session, hashes=lambda: prompt_hashes(body))
+
+    other = call("O" * 400, "other", "another app")
+    await adm.enter(other)  # on the engine all along: it is not idle
+    actor = call("A" * 400, "actor")
+    await adm.enter(actor)
+    usage = {"prompt_tokens": 400, "completion_tokens": 20}
+    adm.answered(actor, usage, 0, text_hashes([ANSWER]))
+    adm.leave(actor, 20)  # between calls, held: it waits for its critic
+    await asyncio.sleep(0.01)
+
+    stranger = call("S" * 300, "stranger", "a third app")  # another run: no room for it
+    waiting = asyncio.create_task(adm.enter(stranger))
+    critic = call("Critique this answer:\n" + ANSWER + "\n" + "C" * 200, "critic", "critic")
+    assert adm.runs.find(critic.run) == adm.runs.find(actor.run)
+    if not handoff:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(adm.enter(critic), 0.3)
+        waiting.cancel()
+        return
+    await asyncio.wait_for(adm.enter(critic), 0.5)
+    assert critic.how == "handoff" and critic.waited < 0.1
+    assert (adm.guest_calls == 1) == guests
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    waiting.cancel()
