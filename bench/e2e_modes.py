@@ -55,24 +55,29 @@ Priority = Callable[[Instance, Call], int | None]
 """vLLM `priority` to send a call at (bench/priority.py), or None for the engine's default."""
 
 SEEDED = False
-"""Sample every call at temperature 1 with a seed of its own (`bench/e2e.py --seeded`)
-instead of greedily. The random-weight model's greedy answers repeat one word (" pickler
-pickler ..."), so every answer is like every other, and preheat cannot tell which later
-prompt pasted which answer (the hand-offs of multi-agent runs). Sampled, they are as distinct
-as a real model's; seeded, each call's answer is the same in every mode, and so are the
-prompts that paste it."""
+"""Sample every call at temperature 1 with a seed taken from its prompt (`bench/e2e.py
+--seeded`) instead of greedily. The random-weight model's greedy answers repeat one word
+(" pickler pickler ..."), so every answer is like every other, and preheat cannot tell which
+later prompt pasted which answer (the hand-offs of multi-agent runs). Sampled, they are as
+distinct as a real model's. Seeded by the prompt, each call's answer is the same in every
+mode, and a request repeated word for word (an instance re-using another's document) is the
+same request, as it is greedy, which preheat's prompt cache may answer: a seed of each
+call's own would make every request unique (map-reduce, whose instances re-use documents,
+then lost what the prompt cache won there: 0.93x against 1.27-1.37x greedy)."""
 
 
-def sampling(inst: Instance, call: Call) -> dict:
+def sampling(messages: list[dict]) -> dict:
     if not SEEDED:
         return {"temperature": 0}
-    return {"temperature": 1.0, "seed": zlib.crc32(f"{inst.name}/{call.key}".encode())}
+    prompt = json.dumps(messages, sort_keys=True).encode()
+    return {"temperature": 1.0, "seed": zlib.crc32(prompt)}
 
 
 async def run_call(client: httpx.AsyncClient, base: str, model: str, inst: Instance, call,
                    outputs: dict[str, str], priority: Priority | None = None) -> CallResult:
-    body = {"model": model, "messages": call.prompt(outputs), "max_tokens": call.max_tokens,
-            "ignore_eos": True, **sampling(inst, call), "stream": True,
+    messages = call.prompt(outputs)
+    body = {"model": model, "messages": messages, "max_tokens": call.max_tokens,
+            "ignore_eos": True, **sampling(messages), "stream": True,
             "stream_options": {"include_usage": True}}
     level = priority(inst, call) if priority else None
     if level is not None:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from types import SimpleNamespace
 
 import pytest
 
@@ -105,14 +104,16 @@ def test_held_idle_counts_the_time_a_call_waited_with_nothing_on_the_engine():
     assert held_idle([call(0.0, 2.0), call(3.0, 1.0)]) == 0.0
 
 
-def test_seeded_calls_have_a_seed_of_their_own_the_same_in_every_mode(monkeypatch):
-    inst = SimpleNamespace(name="tau-150")
-    c1, c2 = SimpleNamespace(key="c1"), SimpleNamespace(key="c2")
-    assert e2e_modes.sampling(inst, c1) == {"temperature": 0}  # greedy unless asked
+def test_seeded_calls_take_their_seed_from_the_prompt(monkeypatch):
+    one = [{"role": "user", "content": "Summarise the report."}]
+    two = [{"role": "user", "content": "Summarise the other report."}]
+    assert e2e_modes.sampling(one) == {"temperature": 0}  # greedy unless asked
     monkeypatch.setattr(e2e_modes, "SEEDED", True)
-    one = e2e_modes.sampling(inst, c1)
-    assert one["temperature"] == 1.0 and one == e2e_modes.sampling(inst, c1)
-    assert one["seed"] != e2e_modes.sampling(inst, c2)["seed"]
+    first = e2e_modes.sampling(one)
+    assert first["temperature"] == 1.0
+    # The same prompt is the same request (in every mode, and for the prompt cache).
+    assert first == e2e_modes.sampling([dict(m) for m in one])
+    assert first["seed"] != e2e_modes.sampling(two)["seed"]
 
 
 def test_cpu_seconds_counts_a_process_and_its_descendants_apart():
