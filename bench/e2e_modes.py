@@ -60,10 +60,9 @@ SEEDED = False
 (" pickler pickler ..."), so every answer is like every other, and preheat cannot tell which
 later prompt pasted which answer (the hand-offs of multi-agent runs). Sampled, they are as
 distinct as a real model's. Seeded by the prompt, each call's answer is the same in every
-mode, and a request repeated word for word (an instance re-using another's document) is the
-same request, as it is greedy, which preheat's prompt cache may answer: a seed of each
-call's own would make every request unique (map-reduce, whose instances re-use documents,
-then lost what the prompt cache won there: 0.93x against 1.27-1.37x greedy)."""
+mode, and a request repeated word for word is the same request, as it is greedy, which
+preheat's prompt cache may answer (a seed of each call's own would make every request
+unique)."""
 
 
 def sampling(messages: list[dict]) -> dict:
