@@ -233,7 +233,7 @@ class Proxy:
         out = {}
         for line in text.splitlines():
             for family in ("preheat_warm_total", "preheat_warm_tokens_total",
-                           "preheat_admission_total"):
+                           "preheat_admission_total", "preheat_prompt_cache_total"):
                 if line.startswith(family + "{"):
                     label = line.split('"')[1]
                     out[f"{family[8:-6]}_{label}"] = float(line.rsplit(" ", 1)[1])
@@ -246,6 +246,12 @@ class Proxy:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+def _prompt_cache_note(row: dict) -> str:
+    if "prompt_cache_hit" not in row:
+        return ""
+    return f"  prompt cache hits {int(row['prompt_cache_hit'])}"
 
 
 def _admission_note(row: dict) -> str:
@@ -341,7 +347,8 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f" client {r['cpu_client']:.1f}"
               f"  working set {rows[mode]['working_set']} tokens  {r['engine_load']:.1f} at once"
               f"  queued {sum(r['queued'].values()):.1f} s (engine idle {r['held_idle']:.1f} s)"
-              f"  {_admission_note(rows[mode])}",
+              f"  {_admission_note(rows[mode])}"
+              f"{_prompt_cache_note(rows[mode])}",
               flush=True)
     if "unpressured" in modes and oracle_engine is not None:
         await reset_cache(oracle_engine)
