@@ -179,8 +179,8 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true",
                         help="preheat-on is restarted on its store between learning and the run")
     parser.add_argument("--seeded", action="store_true",
-                        help="answers sampled at temperature 1, a seed per call (distinct, as a "
-                        "real model's), not greedy")
+                        help="answers sampled at temperature 1, each call seeded by its prompt "
+                        "(distinct, as a real model's), not greedy")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")

@@ -27,8 +27,8 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                                   "workflows" + (", then restarted on its store"
                                                  if getattr(args, "restart", False) else "") +
                                   "). ") +
-        ("Answers sampled at temperature 1 with a seed per call (distinct, as a real model's; "
-         "greedy, this model repeats one word). " if getattr(args, "seeded", False) else "") +
+        ("Answers sampled at temperature 1, each call seeded by its prompt (distinct, as a "
+         "real model's; greedy, this model repeats one word). " if getattr(args, "seeded", False) else "") +
         "Instance end-to-end latency includes tool gaps. Ratios: direct / preheat-on (> 1 is "
         "faster); headroom captured = (direct - on) / (direct - oracle), on median e2e. Under "
         "cache pressure the oracle runs on an unpressured engine with every prompt cached "
