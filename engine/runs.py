@@ -4,9 +4,9 @@ One engine serves several workflows at once, and they differ in size: a trading 
 ~88 calls, a reflection three. Served together, every call shares each decode step with all
 the others, so the three-call workflow takes as long as the big one's busiest minute
 (bench/results/alone.md: the short workflows' median 10.3 s alone, 28.7 s together).
-Admission serves the smallest runs first (`Admission`'s ordering), and this module says
-which run a call belongs to, and how large that run is expected to be, before the call is
-forwarded:
+Admission serves the runs with the least work left first (`Admission`'s ordering), and
+this module says which run a call belongs to, how large that run is expected to be, and
+how much work it has left, before the call is forwarded:
 
 - A call continuing a session is in that session's run.
 - A new session's prompt that contains an earlier answer (a summariser reading its experts,
@@ -25,10 +25,12 @@ A run's size is its service: output tokens plus `PREFILL_WEIGHT` per uncached pr
 (a decode token costs a step; a prefill token a share of one). Runs idle for `idle` seconds
 have ended, and their sizes are kept per kind (the smallest of the agent kinds that started
 the run: the same for every run of one workflow, whichever agent happened to arrive first).
-A run's expected size is the median of the finished sizes of its kind (of all kinds, where
-that kind is rare) above what it has already used: sizes are heavy-tailed, and a run that
-has used much is likely a big one. A run larger than any seen is taken to need as much again
-as it has used. Until a few runs have finished nothing is said, and nothing is ordered.
+The work a run has left is the median of the finished sizes of its kind (of all kinds,
+where none of its kind has ended) above what it has already used, less what it used: sizes
+are heavy-tailed, and a run that has used much is likely a big one. A run past every size
+of its kind has left what it has used past the largest (it is near its end); one past
+every size of all kinds, as much again as it has used. Until a few runs have finished
+nothing is said, and nothing is ordered.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ PREFILL_WEIGHT = 0.1
 the tokens per second of one sequence's decoding)."""
 FLOOR = 64.0
 """The least size a run is taken to have (a run with nothing served yet is not size 0)."""
-MIN_KIND = 2
-"""Finished runs of a kind from which its sizes are taken."""
+MIN_KIND = 1
+"""Finished runs of a kind from which its sizes are taken (one workflow's runs are of about
+one size, and all kinds together of very different sizes: a desk of 88 calls, a
+reflection of three)."""
 MIN_FINISHED = 3
 """Finished runs (of any kind) before sizes are guessed at all: until then nothing is ordered."""
 WINDOW = 200
@@ -334,7 +338,9 @@ class Runs:
 
     # -- sizes -----------------------------------------------------------------------------
 
-    def _finished_sizes(self, kind: str) -> list[float]:
+    def _finished_sizes(self, kind: str) -> tuple[list[float], bool]:
+        """The sorted sizes a run of `kind` is judged by, and whether they are its own
+        kind's (else those of all kinds; none until MIN_FINISHED runs have ended)."""
         if self._sizes is None:
             self._sizes = {}
             for k, size in self._finished.values():
@@ -343,21 +349,29 @@ class Runs:
             for sizes in self._sizes.values():
                 sizes.sort()
         same = self._sizes.get(kind, [])
-        if len(same) >= MIN_KIND:
-            return same
+        if kind and len(same) >= MIN_KIND:
+            return same, True
         pooled = self._sizes.get("", [])
-        return pooled if len(pooled) >= MIN_FINISHED else []
+        return (pooled if len(pooled) >= MIN_FINISHED else []), False
 
-    def expected_size(self, run: Run) -> float | None:
-        """The median finished size of the run's kind (of all kinds, where that kind is
-        rare) above what it has used; as much again as it has used where it is larger than
-        any seen; None until enough runs have finished to say."""
-        sizes = self._finished_sizes(run.kind)
+    def expected_left(self, run: Run) -> float | None:
+        """The work the run has left (at least FLOOR): the median of the finished sizes of
+        its kind (of all kinds, where none of its kind has ended) above what it has used,
+        less what it has used. Past every size of its kind, it has left what it has used
+        past the largest (one workflow's runs are of about one size: it is near its end);
+        past every size of all kinds, as much again as it has used (an unknown workflow
+        that large is likely a very large one). None until enough runs have ended to say."""
+        sizes, own = self._finished_sizes(run.kind)
         if not sizes:
             return None
         used = run.service
         above = sizes[bisect.bisect_right(sizes, used):]
         if above:
-            return max(FLOOR, above[len(above) // 2])
-        return 2 * max(FLOOR, used)
+            return max(FLOOR, above[len(above) // 2] - used)
+        return max(FLOOR, used - sizes[-1] if own else used)
+
+    def expected_size(self, run: Run) -> float | None:
+        """What the run has used and the work it is expected to have left (`expected_left`)."""
+        left = self.expected_left(run)
+        return None if left is None else run.service + left
 

@@ -138,10 +138,10 @@ class Settings:
         "preheat's own engine runs, and is ignored by a first-come-first-served vLLM)."
     )
     ordering: bool = _opt(
-        True, "Serve the smallest workflow runs first: runs are told from "
+        True, "Serve the workflow runs with the least work left first: runs are told from "
         "the traffic (sessions, answers pasted into later prompts) and their sizes learned; "
-        "with the engine loaded, a run expected to be twice another's size waits for it "
-        "(needs admission)."
+        "with the engine loaded, a run with twice as much work left as another's size waits "
+        "for it (needs admission)."
     )
     ordering_running: int = _opt(
         4, "Calls in flight at which ordering starts holding larger runs back."

@@ -195,7 +195,8 @@ def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
                     lambda: admission.suspended, label=None)
     if admission.runs is not None:
         metrics.counter("preheat_ordering_held_total",
-                        "Calls that waited for a smaller workflow run on a loaded engine.",
+                        "Calls that waited for a workflow run with less work left on a loaded "
+                        "engine.",
                         lambda: admission.held_for_smaller, label=None)
         metrics.gauge("preheat_ordering_runs", "Workflow runs under way.",
                       lambda: len(admission.runs))

@@ -54,10 +54,10 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
              if admission is not None and admission.handoff else []),
         _row("engine priority for sessions under way", "admission_priority",
              settings.admission_priority, admission is not None, "needs admission", []),
-        _row("smallest workflow runs first", "ordering", settings.ordering,
+        _row("least work left first (workflow runs)", "ordering", settings.ordering,
              admission is not None and admission.runs is not None, "needs admission",
              [("workflow runs under way", len(admission.runs)),
-              ("calls that waited for a smaller run", admission.held_for_smaller)]
+              ("calls that waited for a run with less left", admission.held_for_smaller)]
              if admission is not None and admission.runs is not None else []),
         _row("prompt cache", "prompt_cache", settings.prompt_cache, cache is not None, "",
              _prompt_cache(cache) if cache is not None else []),

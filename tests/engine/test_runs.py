@@ -78,14 +78,35 @@ def test_sizes_are_learned_from_ended_runs_of_the_same_kind():
     assert len(runs) == 0  # all ended
     big, _ = runs.place("big-new", "big", list, now=6000.0)
     small, _ = runs.place("small-new", "small", list, now=6001.0)
-    assert runs.expected_size(runs.get(big)) == 1200  # the median of its kind
-    assert runs.expected_size(runs.get(small)) == 64  # 60, floored
+    assert runs.expected_left(runs.get(big)) == 1200  # the median of its kind
+    assert runs.expected_left(runs.get(small)) == 64  # 60, floored
     runs.answered(big, 1100, [])  # past most runs of its kind: likely the big one
+    assert runs.expected_left(runs.get(big)) == 5000 - 1100
     assert runs.expected_size(runs.get(big)) == 5000
-    runs.answered(big, 5000, [])  # larger than any seen: as much again
-    assert runs.expected_size(runs.get(big)) == 12200
+    runs.answered(big, 3850, [])  # near the largest of its kind: little left
+    assert runs.expected_left(runs.get(big)) == 64
+    runs.answered(big, 1350, [])  # past it by 1,300: as much again past it
+    assert runs.expected_left(runs.get(big)) == 1300
     rare, _ = runs.place("rare", "never-seen", list, now=6002.0)
-    assert runs.expected_size(runs.get(rare)) == 1000  # the median of all kinds
+    assert runs.expected_left(runs.get(rare)) == 1000  # the median of all kinds
+    runs.answered(rare, 6000, [])  # larger than any run of any kind: as much again
+    assert runs.expected_left(runs.get(rare)) == 6000
+
+
+def test_one_ended_run_of_a_kind_says_more_than_all_kinds_together():
+    """A workflow's first run to end is the size its next runs are judged by: the sizes of
+    all kinds (a desk of ~11,000, a debate of ~2,300, chains of ~1,000) made a debate that
+    had used 1,600 look like a desk with ~9,500 left."""
+    runs = Runs(together=0.0, idle=10.0)
+    for kind, size in (("desk", 11150), ("debate", 2279), ("reflection", 1519),
+                       ("chains", 977)):
+        teach(runs, kind, (size,), t0=-10_000.0 - len(kind))
+    debate, _ = runs.place("debater", "debate", list, now=0.0)
+    chains, _ = runs.place("chain", "chains", list, now=1.0)
+    assert runs.expected_left(runs.get(debate)) == 2279
+    runs.answered(debate, 1600, [])  # its debaters are done: the judge is left
+    assert runs.expected_left(runs.get(debate)) == 2279 - 1600
+    assert runs.expected_left(runs.get(chains)) == 977  # more than the debate has left
 
 
 def test_run_sizes_survive_a_snapshot_and_give_way_to_newer_ones():
@@ -122,7 +143,8 @@ def test_a_chunk_two_runs_wrote_links_neither():
 
 SYSTEMS = {"big": "You are one of the big workflow's many agents.",
            "small": "You are the small workflow's only agent.",
-           "other": "You are an agent of some other app."}
+           "other": "You are an agent of some other app.",
+           "medium": "You are the medium workflow's agent."}
 
 
 def _ticket(adm: Admission, workflow: str, text: str, session: str):
@@ -204,6 +226,52 @@ async def test_when_the_cache_frees_up_the_smaller_run_goes_first():
         adm.leave(filler, 10)
         await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
         assert order[0] == first
+
+
+async def test_a_run_near_its_end_is_not_held_for_a_smaller_run_just_begun():
+    """Ordering weighs the work a run has left, not its size: a big run down to its last
+    call goes before a small run that has all of its work ahead of it."""
+    adm = _learned(running=1)
+    adm.runs.together = 0.0  # every new session a run of its own
+    big = _ticket(adm, "big", "agent", "big")
+    await adm.enter(big)
+    adm.answered(big, {"prompt_tokens": 10, "completion_tokens": 4950}, 0)
+    adm.leave(big, 4950)  # nearly all of a big run's ~5,000 done
+    await asyncio.sleep(0.6)
+    small = _ticket(adm, "small", "task", "small")
+    await adm.enter(small)  # the engine is loaded now
+    last = _ticket(adm, "big", "agent, the last step", "big")
+    await asyncio.wait_for(adm.enter(last), 0.1)  # ~64 left against the small run's 100
+    assert adm.held_for_smaller == 0
+    fresh = _ticket(adm, "big", "another agent", "big-2")  # a big run just begun waits
+    waiting = asyncio.create_task(adm.enter(fresh))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and adm.held_for_smaller == 1
+    adm.leave(small, 10)
+    adm.leave(last, 10)
+    await asyncio.wait_for(waiting, 2.0)
+
+
+async def test_a_run_about_to_end_holds_no_run_through_its_last_tool_time():
+    """The runs a call waits for are weighed by their size: a small run down to its last
+    call, between calls, does not hold a run with less work left than twice its size (weighed
+    by what they had left, runs about to end held every other run, and the generated
+    workflows' median fell to 0.94x and 1.03x of direct)."""
+    adm = _learned(running=1, hold=30.0)
+    adm.runs.together = 0.0
+    teach(adm.runs, _ticket(adm, "medium", "x", "probe").kind, (200, 200, 200),
+          t0=time.monotonic() - 20_000)
+    small = _ticket(adm, "small", "task", "small")
+    await adm.enter(small)
+    adm.answered(small, {"prompt_tokens": 0, "completion_tokens": 90}, 0)
+    adm.leave(small, 90)  # ~10 of its ~100 left, in its tool time
+    await asyncio.sleep(0.6)
+    big = _ticket(adm, "big", "agent", "big")
+    await adm.enter(big)  # the engine is loaded now
+    await asyncio.sleep(0.6)
+    medium = _ticket(adm, "medium", "task", "medium")
+    await asyncio.wait_for(adm.enter(medium), 0.1)  # 200 left: under twice the small run's size
+    assert adm.held_for_smaller == 0 and medium.how != "timeout"
 
 
 @pytest.mark.parametrize("max_wait, order_wait, how", [

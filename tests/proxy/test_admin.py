@@ -245,7 +245,7 @@ async def test_optimisations_the_upstream_cannot_support_say_why(proxy):
     rows = {r["name"]: r for r in (await _get(proxy, "/admin.json", headers=BEARER))
             .json()["optimisations"]}
     assert rows["cache-aware admission"]["state"].startswith("inactive (needs a vLLM")
-    assert rows["smallest workflow runs first"]["state"] == "inactive (needs admission)"
+    assert rows["least work left first (workflow runs)"]["state"] == "inactive (needs admission)"
     assert rows["cache-aware admission"]["figures"] == []
     assert rows["prompt cache"]["state"] == "on"
 
