@@ -42,8 +42,8 @@ all of them with none:
   engine never waits on admission.
 - Workflows sharing the engine are served least work left first (`ordering`,
   `engine.ordering`): with `running` calls in flight, a run with much more work left than
-  the size of another run under way waits for it, at most `order_wait`. Runs of about one size are never held, so sessions of one agent
-  keep the order above.
+  the size of another run under way waits for it, at most `order_wait`. Runs of about one
+  size are never held, so sessions of one agent keep the order above.
 - Under pressure, the engine is told what admission knows (`Ticket.priority`, sent as vLLM's
   `priority`): continuations of sessions under way run before new sessions' first calls, and
   when the running calls outgrow the cache, vLLM preempts a new session, not one mid-loop.
@@ -637,8 +637,8 @@ class Admission:
                 heads.setdefault(t.group, t)
             candidates = list(heads.values())
             if self.runs is not None and not self._cache_bound():
-                # With the engine loaded, runs with much more work left than another under
-                # way wait; of the rest, the runs with the least work left go first.
+                # With the engine loaded, runs with much more work left than the size of
+                # another run under way wait; of the rest, the least work left goes first.
                 if self._in_flight >= self.running:
                     smallest = self._smallest_runs()
                     held = [t for t in candidates if now - t.arrived < self.order_wait

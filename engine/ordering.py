@@ -12,10 +12,10 @@ Judged by its size (and that taken from the runs of all kinds, until two of its 
 ended: `engine.runs.MIN_KIND`), a debate's judge, its run's last call, looked like a
 trading desk's, waited 12.8 s for workflows begun after it, and the debate ended at
 0.62-0.74x of its time sent direct (generated workflows with distinct answers,
-bench/results/e2e-ordering-left.md). The runs it waits for are
-weighed by their size, not by what they have left: weighed by what they had left, runs
-about to end held every other run through their last tool time, which cost more than it
-gave (0.94x and 1.03x on the median in two runs).
+bench/results/e2e-ordering-left.md). The runs it waits for are weighed by their size, not
+by what they have left: weighed by what they had left, runs about to end held every other
+run through their last tool time, which cost more than it gave (1.03x and 0.94x of direct
+on the median, one run of two repeats).
 
 These are plain functions of the runs: `Admission` says when they apply.
 """
