@@ -17,9 +17,12 @@ from collections.abc import Sequence
 class EngineError(Exception):
     """The engine could not start or stay up. `str()` is the advice, then the engine's log."""
 
-    def __init__(self, advice: str, log_lines: Sequence[str] = ()) -> None:
+    def __init__(
+        self, advice: str, log_lines: Sequence[str] = (), *, port_in_use: int | None = None
+    ) -> None:
         self.advice = advice
         self.log_lines = list(log_lines)
+        self.port_in_use = port_in_use  # the port the engine could not bind, if that was all
         super().__init__(advice)
 
     def __str__(self) -> str:
@@ -29,12 +32,15 @@ class EngineError(Exception):
         return f"{self.advice}\nLast lines of the engine's log:\n{tail}"
 
 
+_IN_USE = re.compile(r"[Aa]ddress already in use|Errno 98")
+# The port a bind failed on, as ZeroMQ (the KV-event replay socket, the engine core's
+# sockets) and asyncio (the HTTP server) name it.
+_PORT_NAMED = re.compile(r"addr='\w+://[^']*:(\d+)'|address \('[^']*', (\d+)\)")
+
 # (pattern in the engine's log, advice); the first pattern found decides.
 _CAUSES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"No module named '?vllm"),
      "vLLM is not installed in the engine's Python; install it with `make engine`."),
-    (re.compile(r"[Aa]ddress already in use|Errno 98"),
-     "Port {port} is already in use: stop what is using it or choose another engine port."),
     (re.compile(r"is not a local folder and is not a valid model identifier|Repository Not Found"
                 r"|couldn't connect to 'https://huggingface.co'|LocalEntryNotFoundError"
                 r"|does not appear to have a file named config.json|Invalid repository ID"),
@@ -61,6 +67,16 @@ def diagnose(
 ) -> EngineError:
     """The EngineError for an engine that exited during start-up, from what its log says."""
     text = "\n".join(log_lines)
+    if _IN_USE.search(text):
+        named = _PORT_NAMED.findall(text)
+        taken = int(next(p for p in named[-1] if p)) if named else port
+        if taken == port:
+            advice = (f"Port {port} is already in use: stop what is using it or choose "
+                      "another engine port.")
+        else:
+            advice = (f"Port {taken}, which the engine binds for its own use, was taken "
+                      "before it could bind it: start again (preheat chooses other ports).")
+        return EngineError(advice, tail, port_in_use=taken)
     fits = _FITS.search(text)
     for pattern, advice in _CAUSES:
         if pattern.search(text):

@@ -273,6 +273,7 @@ class KVMirror:
 
     def _engine_state(self, engine: Engine, state: str) -> None:
         if state == "ready":
+            self.replay_endpoint = engine.kv_replay_endpoint  # chosen anew at each start
             if engine.cache is not None:
                 self.capacity_blocks = engine.cache.num_blocks
                 self.index.block_size = self.index.block_size or engine.cache.block_size

@@ -35,7 +35,7 @@ class Child:
     def spawn(cls, argv: list[str], work_dir: Path, env: dict[str, str], header: str) -> Child:
         log_path = work_dir / "engine.log"
         with open(log_path, "ab") as log:
-            log.write(f"\n=== preheat: {header}: {' '.join(argv)}\n".encode())
+            log.write(f"\n{header}: {' '.join(argv)}\n".encode())
             log.flush()
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

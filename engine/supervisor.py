@@ -75,6 +75,9 @@ def cache_info(metrics_text: str) -> CacheInfo | None:
 KV_EVENTS_TOPIC = "kv-events"
 DEMO_NAME = "preheat-demo"
 CPU_DEFAULT_KV_BYTES = 1 << 30
+LOG_HEADER = "=== preheat:"
+START_TRIES = 3
+"""Starts tried when a port preheat chose free is taken before the engine binds it."""
 Listener = Callable[["Engine", str], None]
 
 
@@ -109,8 +112,9 @@ class Engine:
         self.stop_timeout = stop_timeout
         self._requested_port = port
         self.port = port or 0
-        # Chosen now, so that a KV mirror can bind before the engine starts; kept across
-        # restarts, so that a restarted engine publishes where the mirror listens.
+        # The KV-event port is chosen now, so that a KV mirror can bind it before the engine
+        # starts, and kept across restarts, so that every engine publishes where the mirror
+        # listens. The replay port (which vLLM binds) is chosen again at each start.
         self._kv_port, self._replay_port = process.free_ports("127.0.0.1", 2)
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else None
@@ -145,7 +149,8 @@ class Engine:
 
     @property
     def kv_replay_endpoint(self) -> str:
-        """ZMQ ROUTER endpoint where missed KV-event batches can be asked for again."""
+        """ZMQ ROUTER endpoint where missed KV-event batches can be asked for again (vLLM
+        binds it; chosen anew at each start)."""
         return f"tcp://127.0.0.1:{self._replay_port}"
 
     @property
@@ -225,17 +230,31 @@ class Engine:
 
         Raises EngineError, with what to do and the engine's last log lines, when the model
         path does not exist, vLLM is not installed, the port is taken, or the engine exits or
-        stays unhealthy. Calling it on a running engine does nothing.
+        stays unhealthy. A port that preheat chose, taken by another process before the engine
+        could bind it, costs one more try with other ports (START_TRIES in all). Calling it on
+        a running engine does nothing.
         """
         if self._state in ("starting", "ready", "restarting"):
             return
         self._preflight()
-        # Chosen once: a restarted engine keeps its URL.
-        self.port = self._requested_port or process.free_ports(self.host, 1)[0]
         self.restarts = 0
         self._set_state("starting")
         try:
-            await self._launch()
+            for attempt in range(1, START_TRIES + 1):
+                # Chosen as late as can be, and again when one was taken before the engine
+                # bound it. The URL is then kept: a restarted engine answers where it did.
+                self.port = self._requested_port or process.free_ports(self.host, 1)[0]
+                self._replay_port = process.free_ports("127.0.0.1", 1)[0]
+                try:
+                    await self._launch()
+                    break
+                except EngineError as exc:
+                    taken = exc.port_in_use
+                    if taken is None or taken == self._requested_port or attempt == START_TRIES:
+                        raise
+                    log.warning("engine start %d of %d failed: port %d was taken before the "
+                                "engine bound it; trying other ports", attempt, START_TRIES,
+                                taken)
         except BaseException:
             self._set_state("failed")
             self._remove_work_dir()  # the error carries the log's last lines
@@ -298,6 +317,13 @@ class Engine:
             self.work_dir = Path(tempfile.mkdtemp(prefix="preheat-engine-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
+    def _launch_log(self, n: int) -> list[str]:
+        """The last `n` lines of the engine process last started: from preheat's header line
+        with its command (each process appends to the log after one)."""
+        lines = self.last_log_lines(n)
+        starts = [i for i, line in enumerate(lines) if line.startswith(LOG_HEADER)]
+        return lines[starts[-1]:] if starts else lines
+
     def _remove_work_dir(self) -> None:
         if self._own_work_dir and self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -308,7 +334,8 @@ class Engine:
         self.generation += 1
         assert self.work_dir is not None
         self._proc = process.Child.spawn(
-            self.command(), self.work_dir, self._env(), header=f"generation {self.generation}"
+            self.command(), self.work_dir, self._env(),
+            header=f"{LOG_HEADER} generation {self.generation}"
         )
         log.info("engine starting (pid %d, %s), log: %s", self._proc.pid, self.base_url,
                  self.log_path)
@@ -327,9 +354,9 @@ class Engine:
             while True:
                 code = self._proc.returncode()
                 if code is not None:
-                    raise diagnose(
-                        self.last_log_lines(400), code, self.port, self.last_log_lines(20)
-                    )
+                    lines = self._launch_log(400)  # not an earlier process's last words
+                    said = lines[1:] if lines and lines[0].startswith(LOG_HEADER) else lines
+                    raise diagnose(said, code, self.port, lines[-20:])
                 if await _healthy(client, self.base_url):
                     return
                 if time.monotonic() > deadline:
@@ -337,7 +364,7 @@ class Engine:
                         f"The engine did not become healthy within {self.health_timeout:.0f} s: "
                         "check the model and flags in its log below, or allow more time "
                         "(health_timeout).",
-                        self.last_log_lines(20),
+                        self._launch_log(20),
                     )
                 await asyncio.sleep(0.25)
 
@@ -382,6 +409,8 @@ class Engine:
                 await self._launch()
             except EngineError as exc:
                 log.warning("engine restart %d failed: %s", attempt, exc)
+                if exc.port_in_use is not None and exc.port_in_use != self.port:
+                    self._replay_port = process.free_ports("127.0.0.1", 1)[0]
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue

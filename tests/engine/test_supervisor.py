@@ -64,6 +64,11 @@ async def test_vllm_not_installed(model_dir, tmp_path):
     ("log", "code", "expected"),
     [
         (["OSError: [Errno 98] Address already in use"], 1, "Port 8000 is already in use"),
+        # A socket of the engine's own (here its KV-event replay socket), named by ZeroMQ.
+        (["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:39145')"], 1,
+         "Port 39145, which the engine binds for its own use, was taken"),
+        (["OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', 8000): "
+          "address already in use"], 1, "Port 8000 is already in use"),
         (["ModuleNotFoundError: No module named 'vllm'"], 1, "not installed"),
         (["ValueError: Invalid repository ID or local directory specified: 'x'"], 1,
          "could not be found or downloaded"),
@@ -89,6 +94,70 @@ def test_diagnose(log, code, expected):
     error = diagnose(log, code, 8000, log[-1:])
     assert expected in error.advice
     assert str(error).startswith(error.advice)
+
+
+def test_diagnose_names_the_port_taken():
+    log = ["zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:39145')"]
+    assert diagnose(log, 1, 8000, log).port_in_use == 39145
+    assert diagnose(["OSError: [Errno 98] Address already in use"], 1, 8000, []).port_in_use \
+        == 8000  # named nowhere: the engine's HTTP port, the one a user chooses
+    assert diagnose(["RuntimeError: boom"], 1, 8000, []).port_in_use is None
+
+
+async def test_a_start_is_diagnosed_from_its_own_process_only(model_dir, tmp_path):
+    # An engine that fails for a reason of its own, in a work folder whose log holds an
+    # earlier process's port clash: the advice is about this failure, with no retry.
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$2" in vllm.*) echo "RuntimeError: boom" >&2; echo started >> "$0.runs"; '
+        "exit 1;; esac\n"
+        f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "engine.log").write_text(
+        "OSError: [Errno 98] Address already in use\nRuntimeError: Engine core initialization "
+        "failed. See root cause above.\n")
+    error = await start_error(Engine(str(model_dir), python=str(fake), work_dir=work))
+    assert "(RuntimeError: boom)" in error.advice and error.port_in_use is None
+    assert (tmp_path / "python.runs").read_text().count("started") == 1
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(240)
+async def test_a_port_taken_before_the_engine_binds_it_costs_one_more_try(
+        tiny_model, monkeypatch, caplog):
+    # The race a free port is open to: preheat chooses the KV-event replay port free, and
+    # another process binds it before vLLM does.
+    from engine import process
+    from engine.mirror import KVMirror
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        choose = process.free_ports
+        chosen: list[int] = []
+
+        def free_ports(host: str, count: int) -> list[int]:
+            ports = choose(host, count)
+            chosen.append(ports[0])
+            return [taken] if len(chosen) == 3 else ports  # init, HTTP, then replay
+
+        monkeypatch.setattr(process, "free_ports", free_ports)
+        engine = Engine(str(tiny_model), kv_cache_bytes=32 << 20, health_timeout=200)
+        mirror = KVMirror.for_engine(engine)
+        await mirror.start()
+        try:
+            await engine.start()
+            assert engine.ready and engine.generation == 2
+            assert str(taken) not in engine.kv_replay_endpoint
+            assert mirror.replay_endpoint == engine.kv_replay_endpoint  # it asks the new one
+            assert f"port {taken} was taken before the engine bound it" in caplog.text
+        finally:
+            await engine.stop()
+            await mirror.stop()
 
 
 @pytest.mark.engine
