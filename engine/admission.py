@@ -483,6 +483,8 @@ class Admission:
         self._remember(Group(t.group, t.kind, chain=t.chain))
         self._guest_sessions[t.group] = None
         self._footprints.measured(t.group, added, self._footprints.calls_made(t.group) + 1)
+        if t.run and self.runs is not None:
+            self.runs.admitted(t.run)  # its run is under way, as with a resident's call
         self._running(+1)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("admitted %s as a guest after %.2f s (keeping %d tokens); %d guest "

@@ -357,6 +357,39 @@ async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
     assert order == ["debater-2", "other-workflow"]
 
 
+async def test_a_run_begun_by_a_guest_is_under_way():
+    """A debater that went in as a guest began its run as much as one that went in resident:
+    the second debater, waiting, goes before a smaller session of a run not begun."""
+    adm = Admission(1000, fill=0.8, ordering=True, running=100, hold=0.05, max_wait=10.0,
+                    guests=True)
+    adm.chars_per_token = 1.0
+    adm.runs.together = 0.5
+
+    def call(text: str, session: str):
+        chain, chars = prompt_chain({"messages": [{"role": "user", "content": text}]})
+        return adm.ticket(chain, chars, session=session)
+
+    filler = call("F" * 580, "filler")
+    await adm.enter(filler)
+    await asyncio.sleep(0.6)
+    first, second = call("D" * 180, "debater-1"), call("E" * 450, "debater-2")
+    await adm.enter(first)
+    assert first.how == "guest"  # past the fill beside the filler, its prompt fits the cache
+    debater = asyncio.create_task(adm.enter(second))
+    await asyncio.sleep(0.6)
+    other = call("O" * 400, "other-workflow")
+    assert adm.runs.find(other.run) != adm.runs.find(first.run)
+    waiting = asyncio.create_task(adm.enter(other))
+    await asyncio.sleep(0.05)
+    assert not debater.done() and not waiting.done()  # neither fits, nor as a guest
+    adm.leave(filler, 10)  # room for one of them
+    await asyncio.wait_for(debater, 1.0)
+    assert second.how == "waited" and not waiting.done()
+    adm.leave(first, 10)
+    adm.leave(second, 10)
+    await asyncio.wait_for(waiting, 2.0)
+
+
 async def test_a_session_that_fits_goes_in_while_a_larger_one_waits_for_room():
     """The second debater goes first but does not fit beside the first; a small session of
     another workflow that fits does not wait behind it (backfill). The debater goes in as
