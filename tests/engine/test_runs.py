@@ -309,10 +309,13 @@ async def test_when_the_cache_decides_ordering_holds_nothing_back():
     waiting_small.cancel()
 
 
-async def _debate_beside_a_filler():
+async def _debate_beside_a_filler(fill: float = 1.0, sizes: tuple[int, int] = (280, 480),
+                                  guests: bool = False):
     """A cache of 1,000 tokens, 580 of them a filler's call in flight; then a debate starts
-    (a run of its own) with two debaters: the first fits, the second (480) will not."""
-    adm = Admission(1000, fill=1.0, ordering=True, running=100, hold=0.05, max_wait=10.0)
+    (a run of its own) with two debaters of `sizes` tokens (by default the first fits, the
+    second will not)."""
+    adm = Admission(1000, fill=fill, ordering=True, running=100, hold=0.05, max_wait=10.0,
+                    guests=guests)
     adm.chars_per_token = 1.0
     adm.runs.together = 0.5
 
@@ -323,7 +326,7 @@ async def _debate_beside_a_filler():
     filler = call("F" * 580, "filler")
     await adm.enter(filler)
     await asyncio.sleep(0.6)
-    first, second = call("D" * 280, "debater-1"), call("E" * 480, "debater-2")
+    first, second = call("D" * sizes[0], "debater-1"), call("E" * sizes[1], "debater-2")
     return adm, call, filler, first, second
 
 
@@ -360,19 +363,7 @@ async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
 async def test_a_run_begun_by_a_guest_is_under_way():
     """A debater that went in as a guest began its run as much as one that went in resident:
     the second debater, waiting, goes before a smaller session of a run not begun."""
-    adm = Admission(1000, fill=0.8, ordering=True, running=100, hold=0.05, max_wait=10.0,
-                    guests=True)
-    adm.chars_per_token = 1.0
-    adm.runs.together = 0.5
-
-    def call(text: str, session: str):
-        chain, chars = prompt_chain({"messages": [{"role": "user", "content": text}]})
-        return adm.ticket(chain, chars, session=session)
-
-    filler = call("F" * 580, "filler")
-    await adm.enter(filler)
-    await asyncio.sleep(0.6)
-    first, second = call("D" * 180, "debater-1"), call("E" * 450, "debater-2")
+    adm, call, filler, first, second = await _debate_beside_a_filler(0.8, (180, 450), True)
     await adm.enter(first)
     assert first.how == "guest"  # past the fill beside the filler, its prompt fits the cache
     debater = asyncio.create_task(adm.enter(second))
