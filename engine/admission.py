@@ -71,7 +71,7 @@ from typing import Any, Callable, Container, Sequence
 
 from engine.footprints import Footprints
 from engine.load import LoadMeter
-from engine.ordering import larger_than, order_key, run_of, smallest_runs, tool_time_ends
+from engine.ordering import larger_than, order_key, run_and_left, smallest_runs, tool_time_ends
 from engine.resident import ResidentSet
 from engine.runs import PREFILL_WEIGHT, Runs
 from engine.set_aside import RESUME_BELOW, SUSPEND_ABOVE, SetAside
@@ -711,7 +711,7 @@ class Admission:
         increment = self._resident.increment(t, sharing)
         if self.runs is None:
             return (0, increment, t._seq)
-        run, size = run_of(self.runs, t)
+        run, size = run_and_left(self.runs, t)
         begun = run is not None and run.admitted > 0
         return (0 if begun else 1, increment * (size or 1.0), t._seq)
 
@@ -727,7 +727,7 @@ class Admission:
     def _larger_run(self, t: Ticket, smallest: list[tuple[float, str]] | None = None) -> bool:
         """Another run under way is expected to be at most 1/SIZE_RATIO of the work this
         call's run has left (`engine.ordering`)."""
-        run, mine = run_of(self.runs, t)
+        run, mine = run_and_left(self.runs, t)
         if mine is None:
             return False
         return larger_than(run, mine, self._smallest_runs() if smallest is None else smallest)

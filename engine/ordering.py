@@ -41,7 +41,7 @@ def size_class(size: float | None) -> int:
     return int(math.log(size / FLOOR, SIZE_RATIO)) + 1
 
 
-def run_of(runs: Runs, t: Ticket) -> tuple[Run | None, float | None]:
+def run_and_left(runs: Runs, t: Ticket) -> tuple[Run | None, float | None]:
     """The call's run (None for a call in none) and the work it is expected to have left
     (None unknown)."""
     run = runs.get(t.run) if t.run else None
@@ -51,7 +51,7 @@ def run_of(runs: Runs, t: Ticket) -> tuple[Run | None, float | None]:
 def order_key(runs: Runs, t: Ticket) -> tuple[int, int]:
     """Runs with less work left first, by size class (a factor of SIZE_RATIO apart); within
     a class, as they came."""
-    return (size_class(run_of(runs, t)[1]), t._seq)
+    return (size_class(run_and_left(runs, t)[1]), t._seq)
 
 
 def smallest_runs(runs: Runs, now: float, gap: float) -> list[tuple[float, str]]:
