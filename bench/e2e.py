@@ -6,6 +6,8 @@ Modes, in one run on the same engine (its prefix cache reset before each):
     preheat-on   through preheat with its optimisations on
     oracle       a lower bound: the same workload on an engine without cache pressure, with
                  every prompt already cached (the workload was run once just before)
+    on:NAME      preheat-on with settings of its own (`--variant NAME PREHEAT_X=VALUE ...`),
+                 so that one run compares optimisations switched on and off, in turn
 
 Before preheat-on is measured, the same proxy first serves other instances of the same
 workflows (learning: session sizes, tool gaps, templates), then the engine's cache is reset.
@@ -24,6 +26,7 @@ This file holds the workloads and the command line; bench/e2e_modes.py runs a wo
 each mode, bench/e2e_report.py writes the report.
 
     .venv/bin/python bench/e2e.py [--quick] [--only NAME...] [--modes MODE...] [--repeat N]
+                                  [--variant NAME PREHEAT_X=VALUE...]...
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from bench.workloads import (Instance, agent_loops, generated, interleave,  # no
                              map_reduce, tau_bench)
 from engine.model import ensure_default_model  # noqa: E402
 from engine.supervisor import Engine  # noqa: E402
+from proxy.config import Settings, options  # noqa: E402
 
 
 async def main_async(args) -> None:
@@ -119,13 +123,14 @@ async def main_async(args) -> None:
                                                               if w[3] == size):
                     results[name] = await compare(engine, big, name, instances, train, 0,
                                                   args.modes, sequential, args.idle, args.repeat,
-                                                  args.restart)
+                                                  args.restart, args.variants)
                     save()
             finally:
                 await engine.stop()
         for name, instances, train, _, sequential in (w for w in workloads if not w[3]):
             results[name] = await compare(big, None, name, instances, train, 0, args.modes,
-                                          sequential, args.idle, args.repeat, args.restart)
+                                          sequential, args.idle, args.repeat, args.restart,
+                                          args.variants)
             save()
     finally:
         await big.stop()
@@ -181,6 +186,11 @@ def main() -> None:
     parser.add_argument("--seeded", action="store_true",
                         help="answers sampled at temperature 1, each call seeded by its prompt "
                         "(distinct, as a real model's), not greedy")
+    parser.add_argument("--variant", nargs="+", action="append", default=[],
+                        metavar="NAME [PREHEAT_X=VALUE]",
+                        help="also run preheat-on with these settings, as the mode on:NAME, in "
+                        "the same turns as the other modes (repeatable), e.g. --variant "
+                        "no-guests PREHEAT_ADMISSION_GUESTS=0")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e.md")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plot from the JSON of an earlier run")
@@ -190,7 +200,34 @@ def main() -> None:
         plot(results, args.out.with_suffix(".png"))
         return
     e2e_modes.SEEDED = args.seeded
+    try:
+        args.variants = variants(args.variant)
+    except ValueError as exc:
+        parser.error(str(exc))
     asyncio.run(main_async(args))
+
+
+def variants(specs: list[list[str]]) -> e2e_modes.Variants:
+    """`--variant NAME PREHEAT_X=VALUE ...` arguments as modes and their settings; a name
+    used twice, a setting preheat does not have or a value it would refuse is a ValueError
+    (a misspelt variable would otherwise measure the defaults under another name)."""
+    known = {name for name, _, _ in options()}
+    out: e2e_modes.Variants = {}
+    for name, *pairs in specs:
+        mode = e2e_modes.VARIANT + name
+        if mode in out or not name or "=" in name or "|" in name:
+            raise ValueError(f"--variant {name!r}: give each variant a name of its own first, "
+                             "then its settings")
+        settings = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or key not in known:
+                raise ValueError(f"--variant {name}: {pair!r} is not a preheat setting "
+                                 "(PREHEAT_X=VALUE, as listed in the README's Configuration)")
+            settings[key] = value
+        Settings.from_env(settings)  # a ValueError that names the variable and its type
+        out[mode] = settings
+    return out
 
 
 if __name__ == "__main__":

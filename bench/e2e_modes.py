@@ -36,6 +36,13 @@ MODES = ("direct", "preheat-off", "preheat-on", "oracle", "unpressured")
 working set, starting empty: what the pressure costs, apart from what no server can know
 before it is sent (the oracle has every prompt cached, tool results included)."""
 
+VARIANT = "on:"
+"""A variant's mode is this and its name (`bench/e2e.py --variant NAME PREHEAT_X=V ...`):
+preheat-on with those settings, run in the same turns as the other modes."""
+
+Variants = dict[str, dict[str, str]]
+"""Mode (`on:NAME`) -> the PREHEAT_* settings its proxy runs with."""
+
 
 @dataclass
 class CallResult:
@@ -197,7 +204,8 @@ class Proxy:
     """`preheat serve` in its own process, in front of the engine."""
 
     def __init__(self, upstream: str, optimised: bool, capacity: int,
-                 kv_events: str | None = None, directory: str | None = None) -> None:
+                 kv_events: str | None = None, directory: str | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.dir = directory or tempfile.mkdtemp(prefix="preheat-e2e-")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PREHEAT_LOG_LEVEL=os.environ.get("PREHEAT_LOG_LEVEL", "WARNING"),
@@ -209,6 +217,7 @@ class Proxy:
             env["PREHEAT_KV_EVENTS"] = kv_events
         if optimised:  # the engine is preheat's own, eviction hints and all, started apart
             env.setdefault("PREHEAT_ADMISSION_GUESTS", "1")
+        env.update(settings or {})  # a variant's (`--variant`): they win
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream,
              "--port", str(self.port), "--db", f"sqlite:///{self.dir}/e2e.db"],
@@ -279,14 +288,16 @@ async def reset_cache(engine: Engine) -> None:
 async def compare(engine: Engine, oracle_engine: Engine | None, name: str,
                   instances: list[Instance], train: list[Instance], capacity: int,
                   modes: list[str], sequential: bool = False, idle: float = 0.5,
-                  repeat: int = 1, restart: bool = False) -> dict[str, dict]:
+                  repeat: int = 1, restart: bool = False,
+                  variants: Variants | None = None) -> dict[str, dict]:
     """Each mode's figures; with `repeat`, the modes run in turn that many times (drift in the
-    machine hits them alike) and each figure is the median of the runs."""
+    machine hits them alike) and each figure is the median of the runs. `variants` run as
+    modes of their own, each after preheat-on in every turn."""
     runs: dict[str, list[dict]] = {}
     for _ in range(repeat):
         for mode, row in (await _compare_once(engine, oracle_engine, name, instances, train,
                                               capacity, modes, sequential, idle,
-                                              restart)).items():
+                                              restart, variants or {})).items():
             runs.setdefault(mode, []).append(row)
     return {mode: _median_row(rows) for mode, rows in runs.items()}
 
@@ -307,26 +318,31 @@ def _median_row(rows: list[dict]) -> dict:
 async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
                         instances: list[Instance], train: list[Instance], capacity: int,
                         modes: list[str], sequential: bool, idle: float,
-                        restart: bool = False) -> dict[str, dict]:
+                        restart: bool = False,
+                        variants: Variants | None = None) -> dict[str, dict]:
     model = engine.served_model_name
+    variants = variants or {}
     rows: dict[str, dict] = {}
-    for mode in (m for m in MODES[:3] if m in modes):
+    for mode in [m for m in MODES[:3] if m in modes] + list(variants):
         await reset_cache(engine)
         proxy = None
         base = engine.base_url
+        optimised = mode == "preheat-on" or mode in variants
+        settings = variants.get(mode)
         if mode != "direct":
-            proxy = await Proxy(engine.base_url, mode == "preheat-on", capacity,
-                                engine.kv_events_endpoint).ready()
+            proxy = await Proxy(engine.base_url, optimised, capacity,
+                                engine.kv_events_endpoint, settings=settings).ready()
             base = proxy.url
         try:
-            if mode == "preheat-on" and train:
+            if optimised and train:
                 # Learning first, on other instances of the same workflows; then the
                 # engine starts cold, as it does for the other modes.
                 await run_workload(base, model, train, sequential)
                 if restart:  # what was learned must come back from the store
                     proxy.stop()
                     proxy = await Proxy(engine.base_url, True, capacity,
-                                        engine.kv_events_endpoint, directory=proxy.dir).ready()
+                                        engine.kv_events_endpoint, directory=proxy.dir,
+                                        settings=settings).ready()
                     base = proxy.url
                 await reset_cache(engine)
             # Every mode starts on an engine left idle with an empty cache, as after a

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bench.cpu import invocation, machine
-from bench.e2e_modes import MODES
+from bench.e2e_modes import MODES, VARIANT
 
 
 def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
@@ -36,6 +36,7 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "`unpressured` is direct to that engine, cache empty, and the headroom in brackets is "
         "of it: the share of what the pressure cost that preheat won back.",
         "",
+        *_variants_said(getattr(args, "variants", None)),
         "Working set: the peak of tokens that running instances will re-use (prompt prefixes "
         "and answers, held from first use to last), estimated from characters.",
         "",
@@ -59,25 +60,15 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
               "| warm precision |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        if "direct" not in rows or not ("preheat-on" in rows or "preheat-off" in rows):
+        optimised = [m for m in rows if m == "preheat-on" or m.startswith(VARIANT)]
+        if "direct" not in rows or not (optimised or "preheat-off" in rows):
             continue  # a partial run (--modes) with nothing to compare
-        d, off, on, o, u = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
-        if "preheat-on" not in rows:  # direct against preheat-off alone (what preheat costs)
+        d, off, _, o, u = (rows[m]["e2e_p50"] if m in rows else float("nan") for m in MODES)
+        if not optimised:  # direct against preheat-off alone (what preheat costs)
             lines.append(f"| {name} | - | - | {_ratio(d, off)} | - | - | - | - | - |")
-            continue
-        # No headroom where the oracle is not faster than direct: the ratio would be noise.
-        head = _headroom(d, on, o)
-        share = _captured(d, on, u)  # a pressure workload: the share of what the pressure cost
-        if share is not None:
-            head += (" (faster than unpressured)" if on < u else f" ({share:.0%} of unpressured)")
-        r = rows["preheat-on"]
-        sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
-        sent += int(r.get("warm_static_sent", 0))
-        tok_hit, tok_vain = r.get("warm_tokens_hit", 0), r.get("warm_tokens_wasted", 0)
-        precision = f"{tok_hit / (tok_hit + tok_vain):.2f}" if tok_hit + tok_vain else "-"
-        lines.append(f"| {name} | {d / on:.2f}x | {rows['direct']['makespan'] / r['makespan']:.2f}x "
-                     f"| {_ratio(d, off)} | {_ratio(on, o)} | {head} | {sent} / {hit} / {vain} "
-                     f"| {int(tok_hit)} / {int(tok_vain)} | {precision} |")
+        for mode in optimised:  # preheat-on, then its variants (--variant)
+            lines.append(_ratios(name if mode == "preheat-on" else f"{name}, {mode}", rows,
+                                 mode, d, off, o, u))
     repeated = [(name, mode, r["runs"], rows) for name, rows in results.items()
                 for mode, r in rows.items() if "runs" in r]
     if repeated:
@@ -94,6 +85,37 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
                          f"{' / '.join(map(str, runs['e2e_p90']))} | "
                          f"{' / '.join(map(str, runs['makespan']))} | {ratios} |")
     return "\n".join(lines) + "\n"
+
+
+def _variants_said(variants: dict[str, dict[str, str]] | None) -> list[str]:
+    """The report's words for `--variant`: each mode and the settings it ran with."""
+    if not variants:
+        return []
+    said = "; ".join(f"`{mode}` with " + " ".join(f"{k}={v}" for k, v in settings.items())
+                     for mode, settings in variants.items())
+    return [f"Variants, each preheat-on with settings of its own and learning as it does, "
+            f"run in the same turns: {said}.", ""]
+
+
+def _ratios(label: str, rows: dict[str, dict], mode: str, d: float, off: float, o: float,
+            u: float) -> str:
+    """The ratios row of an optimised mode (preheat-on, or a variant of it): to direct (`d`),
+    preheat-off (`off`), the oracle (`o`) and, under pressure, the unpressured engine (`u`),
+    on median end-to-end time."""
+    r = rows[mode]
+    on = r["e2e_p50"]
+    # No headroom where the oracle is not faster than direct: the ratio would be noise.
+    head = _headroom(d, on, o)
+    share = _captured(d, on, u)  # a pressure workload: the share of what the pressure cost
+    if share is not None:
+        head += (" (faster than unpressured)" if on < u else f" ({share:.0%} of unpressured)")
+    sent, hit, vain = (int(r.get(f"warm_{k}", 0)) for k in ("sent", "hit", "wasted"))
+    sent += int(r.get("warm_static_sent", 0))
+    tok_hit, tok_vain = r.get("warm_tokens_hit", 0), r.get("warm_tokens_wasted", 0)
+    precision = f"{tok_hit / (tok_hit + tok_vain):.2f}" if tok_hit + tok_vain else "-"
+    return (f"| {label} | {d / on:.2f}x | {rows['direct']['makespan'] / r['makespan']:.2f}x "
+            f"| {_ratio(d, off)} | {_ratio(on, o)} | {head} | {sent} / {hit} / {vain} "
+            f"| {int(tok_hit)} / {int(tok_vain)} | {precision} |")
 
 
 HEADROOM_MIN = 0.05
@@ -151,8 +173,10 @@ def plot(results: dict[str, dict[str, dict]], path: Path) -> None:
         return
     names = [n for n, rows in results.items() if "direct" in rows]
     fig, ax = plt.subplots(figsize=(10, 0.6 + 0.75 * len(names)))
-    height = 0.8 / len(MODES)
-    for k, mode in enumerate(MODES):
+    modes = list(MODES) + sorted({m for rows in results.values() for m in rows
+                                  if m.startswith(VARIANT)})
+    height = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
         values = [results[n][mode]["e2e_p50"] / results[n]["direct"]["e2e_p50"]
                   if mode in results[n] else 0.0 for n in names]
         ax.barh([i + k * height for i in range(len(names))], values, height, label=mode)

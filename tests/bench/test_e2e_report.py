@@ -177,3 +177,38 @@ def test_the_report_names_the_settings_it_ran_under_and_no_secret(monkeypatch):
                        "PREHEAT_ADMISSION_MAX_WAIT=5 .venv/bin/python bench/e2e.py --only "
                        "'agent loops'")
     assert "hunter2" not in header and "pw@" not in header
+
+
+def test_a_variant_is_preheat_on_with_settings_of_its_own():
+    from bench.e2e import variants
+
+    modes = variants([["no-guests", "PREHEAT_ADMISSION_GUESTS=0"],
+                      ["both", "PREHEAT_ADMISSION_FILL=2.0", "PREHEAT_ORDERING=off"]])
+    assert modes == {"on:no-guests": {"PREHEAT_ADMISSION_GUESTS": "0"},
+                     "on:both": {"PREHEAT_ADMISSION_FILL": "2.0", "PREHEAT_ORDERING": "off"}}
+    # A misspelt variable would measure the defaults under another name.
+    for bad, said in ((["x", "PREHEAT_ADMISION_GUESTS=0"], "is not a preheat setting"),
+                      (["x", "PREHEAT_ADMISSION_GUESTS"], "is not a preheat setting"),
+                      (["x", "PREHEAT_ADMISSION_FILL=lots"], "is not a valid float"),
+                      (["PREHEAT_ORDERING=0"], "a name of its own")):
+        with pytest.raises(ValueError, match=said):
+            variants([bad])
+    with pytest.raises(ValueError, match="a name of its own"):
+        variants([["x", "PREHEAT_ORDERING=0"], ["x"]])
+
+
+def test_each_variant_is_compared_with_direct_beside_preheat_on():
+    on = _median_row([row(20.0, 49.0), row(30.0, 51.0)])
+    variant = _median_row([row(40.0, 60.0), row(44.0, 62.0)])
+    direct = _median_row([row(40.0, 50.0), row(44.0, 52.0)])
+    text = report({"loops": {"direct": direct, "preheat-on": on, "on:no-guests": variant}},
+                  Namespace(idle=3.0, variants={"on:no-guests": {"PREHEAT_ADMISSION_GUESTS": "0"}}),
+                  "an engine")
+    assert "`on:no-guests` with PREHEAT_ADMISSION_GUESTS=0" in text
+    assert "| loops | 1.68x | 1.02x | - | - | - |" in text
+    assert "| loops, on:no-guests | 1.00x | 0.84x | - | - | - |" in text
+    assert "| loops | on:no-guests | 40.0 / 44.0 | 60.0 / 66.0 | 60.0 / 62.0 | 1.00x / 1.00x |" \
+        in text
+    # A run of the variants alone (--modes direct) still compares them.
+    alone = report({"loops": {"direct": direct, "on:no-guests": variant}}, Namespace(idle=3.0), "x")
+    assert "| loops, on:no-guests | 1.00x |" in alone
