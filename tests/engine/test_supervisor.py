@@ -104,16 +104,29 @@ def test_diagnose_names_the_port_taken():
     assert diagnose(["RuntimeError: boom"], 1, 8000, []).port_in_use is None
 
 
+def fake_engine_python(tmp_path, engine_script: str):
+    """A Python for `Engine(python=...)` that says vLLM (GPU) is installed and runs
+    `engine_script` as vLLM's API server (with its argv), so that the supervisor's own
+    behaviour is tested in a second, with or without vLLM on the machine."""
+    (tmp_path / "fake_engine.py").write_text(engine_script)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$1 $2" in\n'
+                    '  "-c "*) echo gpu ;;  # the flavour probe (engine.process.engine_flavour)\n'
+                    f'  "-m vllm."*) exec "{sys.executable}" "{tmp_path}/fake_engine.py" "$@" ;;\n'
+                    '  *) exit 2 ;;\n'
+                    "esac\n")
+    fake.chmod(0o755)
+    return fake
+
+
 async def test_a_start_is_diagnosed_from_its_own_process_only(model_dir, tmp_path):
     # An engine that fails for a reason of its own, in a work folder whose log holds an
     # earlier process's port clash: the advice is about this failure, with no retry.
-    fake = tmp_path / "python"
-    fake.write_text(
-        "#!/bin/sh\n"
-        'case "$2" in vllm.*) echo "RuntimeError: boom" >&2; echo started >> "$0.runs"; '
-        "exit 1;; esac\n"
-        f'exec "{sys.executable}" "$@"\n')
-    fake.chmod(0o755)
+    fake = fake_engine_python(tmp_path, "import pathlib, sys\n"
+                              f"with open({str(tmp_path / 'runs')!r}, 'a') as f:\n"
+                              "    f.write('started\\n')\n"
+                              "sys.exit('RuntimeError: boom')\n")
     work = tmp_path / "work"
     work.mkdir()
     (work / "engine.log").write_text(
@@ -121,7 +134,61 @@ async def test_a_start_is_diagnosed_from_its_own_process_only(model_dir, tmp_pat
         "failed. See root cause above.\n")
     error = await start_error(Engine(str(model_dir), python=str(fake), work_dir=work))
     assert "(RuntimeError: boom)" in error.advice and error.port_in_use is None
-    assert (tmp_path / "python.runs").read_text().count("started") == 1
+    assert (tmp_path / "runs").read_text().count("started") == 1
+
+
+FAKE_ENGINE = """\
+import json, socket, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+# What preheat's supervisor needs of vLLM's server: bind the KV-event replay port as vLLM's
+# engine core does (and die with ZeroMQ's words when it is taken), then answer /health.
+argv = sys.argv
+replay = json.loads(argv[argv.index("--kv-events-config") + 1])["replay_endpoint"]
+host, port = replay[len("tcp://"):].rsplit(":", 1)
+held = socket.socket()
+try:
+    held.bind((host, int(port)))
+except OSError:
+    sys.exit(f"zmq.error.ZMQError: Address already in use (addr='{replay}')")
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), Health).serve_forever()
+"""
+
+
+async def test_a_restart_whose_replay_port_was_taken_takes_another(model_dir, tmp_path):
+    # The engine dies, and its KV-event replay port is taken before a new one binds it.
+    fake = fake_engine_python(tmp_path, FAKE_ENGINE)
+    engine = Engine(str(model_dir), python=str(fake), health_timeout=30)
+    states: list[str] = []
+    engine.add_listener(lambda _, state: states.append(state))
+    await engine.start()
+    try:
+        url = engine.base_url
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            taken = busy.getsockname()[1]
+            engine._replay_port = taken  # as if another process took it while the engine ran
+            os.kill(engine.pid, signal.SIGKILL)
+            for _ in range(100):
+                if states[-2:] == ["restarting", "ready"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert states[-2:] == ["restarting", "ready"] and engine.ready
+        assert engine.restarts == 2  # one failed on the port, the next took another
+        assert str(taken) not in engine.kv_replay_endpoint and engine.base_url == url
+    finally:
+        await engine.stop()
 
 
 @pytest.mark.engine
