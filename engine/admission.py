@@ -483,8 +483,6 @@ class Admission:
         self._remember(Group(t.group, t.kind, chain=t.chain))
         self._guest_sessions[t.group] = None
         self._footprints.measured(t.group, added, self._footprints.calls_made(t.group) + 1)
-        if t.run and self.runs is not None:
-            self.runs.admitted(t.run)  # its run is under way, as with a resident's call
         self._running(+1)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("admitted %s as a guest after %.2f s (keeping %d tokens); %d guest "
@@ -532,10 +530,13 @@ class Admission:
         return self._footprints.gap_p90(self.hold)
 
     def _count_in(self, t: Ticket, how: str) -> float:
-        """Mark the call let go now, `how`, and count it; returns the time."""
+        """Mark the call let go now, `how`, and count it (and its run as under way, whether
+        it goes in resident or as a guest); returns the time."""
         now = time.monotonic()
         t.admitted, t.how = now, how
         self.admitted[how] = self.admitted.get(how, 0) + 1
+        if t.run and self.runs is not None:
+            self.runs.admitted(t.run)
         self.max_wait_seen = max(self.max_wait_seen, t.waited)
         return now
 
@@ -572,8 +573,6 @@ class Admission:
             # The client's own tool or think time: from the last answer to this call's
             # arrival, not to its admission (waiting here is not a gap to hold for).
             self._footprints.tool_gap(t.arrived - g.last_done, self.max_hold)
-        if t.run and self.runs is not None:
-            self.runs.admitted(t.run)
         g.in_flight += 1
         self._resident.called(g)
         self._running(+1)

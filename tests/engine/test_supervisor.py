@@ -104,6 +104,14 @@ def test_diagnose_names_the_port_taken():
     assert diagnose(["RuntimeError: boom"], 1, 8000, []).port_in_use is None
 
 
+async def came_back(states: list[str], seconds: float) -> None:
+    """Wait until the engine's states end in a restart that came back (at most `seconds`)."""
+    for _ in range(int(seconds / 0.1)):
+        if states[-2:] == ["restarting", "ready"]:
+            return
+        await asyncio.sleep(0.1)
+
+
 def fake_engine_python(tmp_path, engine_script: str):
     """A Python for `Engine(python=...)` that says vLLM (GPU) is installed and runs
     `engine_script` as vLLM's API server (with its argv), so that the supervisor's own
@@ -180,10 +188,7 @@ async def test_a_restart_whose_replay_port_was_taken_takes_another(model_dir, tm
             taken = busy.getsockname()[1]
             engine._replay_port = taken  # as if another process took it while the engine ran
             os.kill(engine.pid, signal.SIGKILL)
-            for _ in range(100):
-                if states[-2:] == ["restarting", "ready"]:
-                    break
-                await asyncio.sleep(0.1)
+            await came_back(states, 10)
         assert states[-2:] == ["restarting", "ready"] and engine.ready
         assert engine.restarts == 2  # one failed on the port, the next took another
         assert str(taken) not in engine.kv_replay_endpoint and engine.base_url == url
@@ -255,10 +260,7 @@ async def test_killed_engine_restarts_and_traffic_flows(running):
     engine.add_listener(lambda _, state: states.append(state))
     generation, url = engine.generation, engine.base_url
     os.kill(engine.pid, signal.SIGKILL)
-    for _ in range(600):
-        if states[-2:] == ["restarting", "ready"]:
-            break
-        await asyncio.sleep(0.2)
+    await came_back(states, 120)
     assert states[-2:] == ["restarting", "ready"] and engine.ready
     assert engine.generation == generation + 1 and engine.base_url == url
     assert mirror.known and mirror.stats().blocks == 0  # a new engine's cache is empty
