@@ -176,7 +176,10 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=3.0,
                         help="seconds the engine sits idle, its cache empty, before each mode")
     parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
-    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
+                        help="direct, preheat-off and preheat-on run in the order given (the "
+                        "default's: direct first), variants after them, then unpressured and "
+                        "oracle")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each workload, the modes taking turns; figures are medians")
     parser.add_argument("--cold", action="store_true",

@@ -323,7 +323,7 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
     model = engine.served_model_name
     variants = variants or {}
     rows: dict[str, dict] = {}
-    for mode in [m for m in MODES[:3] if m in modes] + list(variants):
+    for mode in [m for m in modes if m in MODES[:3]] + list(variants):  # in the order given
         await reset_cache(engine)
         proxy = None
         base = engine.base_url

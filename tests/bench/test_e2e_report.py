@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -212,3 +213,42 @@ def test_each_variant_is_compared_with_direct_beside_preheat_on():
     # A run of the variants alone (--modes direct) still compares them.
     alone = report({"loops": {"direct": direct, "on:no-guests": variant}}, Namespace(idle=3.0), "x")
     assert "| loops, on:no-guests | 1.00x |" in alone
+
+
+def test_the_modes_run_in_the_order_given(monkeypatch):
+    # `--modes preheat-off direct`: an order effect (the engine warmer, a process left
+    # behind) shows as a mode's ratio changing with its place, so the order is the user's.
+    sent: list[str] = []
+
+    class FakeProxy:
+        def __init__(self, upstream, optimised, capacity, kv_events=None, directory=None,
+                     settings=None):
+            self.url, self.proc = f"proxy-{'on' if optimised else 'off'}", None
+
+        async def ready(self):
+            return self
+
+        async def counters(self):
+            return {}
+
+        def stop(self):
+            pass
+
+    async def run_workload(base, model, instances, sequential=False):
+        sent.append(base)
+        return {"e2e_p50": 1.0, "makespan": 1.0, "cached_share": 0.5, "working_set": 1,
+                "engine_load": 1.0, "queued": {}, "held_idle": 0.0}
+
+    async def reset_cache(engine):
+        pass
+
+    monkeypatch.setattr(e2e_modes, "Proxy", FakeProxy)
+    monkeypatch.setattr(e2e_modes, "run_workload", run_workload)
+    monkeypatch.setattr(e2e_modes, "reset_cache", reset_cache)
+    monkeypatch.setattr(e2e_modes, "_cpu_now", lambda engine, proxy: {
+        "cpu_engine": 0.0, "cpu_proxy": 0.0, "cpu_observer": 0.0, "cpu_client": 0.0})
+    engine = Namespace(served_model_name="m", base_url="engine", kv_events_endpoint=None)
+    rows = asyncio.run(e2e_modes._compare_once(
+        engine, None, "w", [], [], 0, ["preheat-off", "direct", "preheat-on"], False, 0.0))
+    assert sent == ["proxy-off", "engine", "proxy-on"]
+    assert list(rows) == ["preheat-off", "direct", "preheat-on"]
