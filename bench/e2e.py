@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
                         help="direct, preheat-off and preheat-on run in the order given (the "
                         "default's: direct first), variants after them, then unpressured and "
-                        "oracle")
+                        "oracle; with --repeat the order (but unpressured and oracle, last) "
+                        "rotates by one from turn to turn")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each workload, the modes taking turns; figures are medians")
     parser.add_argument("--cold", action="store_true",

@@ -87,8 +87,8 @@ def render(table: dict[str, dict[str, list[float]]], paths: list[Path]) -> str:
     ]
     for name, row in table.items():
         runs = len(row.get("direct / on", []))
-        lines.append(f"| {name} | {runs} | " + " | ".join(cell(row.get(c, [])) for _, _, c in COLUMNS)
-                     + " |")
+        cells = " | ".join(cell(row.get(c, [])) for _, _, c in COLUMNS)
+        lines.append(f"| {name} | {runs} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -236,8 +236,8 @@ def test_the_modes_run_in_the_order_given(monkeypatch):
 
     async def run_workload(base, model, instances, sequential=False):
         sent.append(base)
-        return {"e2e_p50": 1.0, "makespan": 1.0, "cached_share": 0.5, "working_set": 1,
-                "engine_load": 1.0, "queued": {}, "held_idle": 0.0}
+        return {"e2e_p50": 1.0, "e2e_p90": 1.0, "makespan": 1.0, "cached_share": 0.5,
+                "working_set": 1, "engine_load": 1.0, "queued": {}, "held_idle": 0.0}
 
     async def reset_cache(engine):
         pass
@@ -252,3 +252,9 @@ def test_the_modes_run_in_the_order_given(monkeypatch):
         engine, None, "w", [], [], 0, ["preheat-off", "direct", "preheat-on"], False, 0.0))
     assert sent == ["proxy-off", "engine", "proxy-on"]
     assert list(rows) == ["preheat-off", "direct", "preheat-on"]
+    # Repeated, the order rotates by one from turn to turn: each mode runs once in each place
+    sent.clear()
+    rows = asyncio.run(e2e_modes.compare(engine, None, "w", [], [], 0, ["direct", "preheat-on"],
+                                         idle=0.0, repeat=3))
+    assert sent == ["engine", "proxy-on", "proxy-on", "engine", "engine", "proxy-on"]
+    assert rows["direct"]["runs"]["e2e_p50"] == [1.0, 1.0, 1.0]
