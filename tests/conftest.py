@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import socket
 import warnings
@@ -67,26 +68,78 @@ async def proxy(proxy_settings):
     await running.runner.cleanup()
 
 
+class Postgres:
+    """A PostgreSQL server the tests make their databases on: their own (pgserver's binaries,
+    from PyPI), or the one PREHEAT_TEST_POSTGRES names, to test on another version."""
+
+    ENV = "PREHEAT_TEST_POSTGRES"
+
+    def __init__(self, url: str) -> None:
+        self.url = url  # one of the server's databases, to connect to
+        self.created: list[str] = []
+        with self._connect() as conn:
+            self.version = conn.execute("SHOW server_version").fetchone()[0]
+
+    def _url(self, database: str | None = None) -> str:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url).set(drivername="postgresql")
+        if database:
+            url = url.set(database=database)
+        return url.render_as_string(hide_password=False)
+
+    def _connect(self):
+        import psycopg
+        return psycopg.connect(self._url(), autocommit=True, connect_timeout=10)
+
+    def new_database(self) -> str:
+        """A new, empty database's URL, as `PREHEAT_DB` names one."""
+        name = f"t{secrets.token_hex(6)}"
+        with self._connect() as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        self.created.append(name)
+        return self._url(name)
+
+    def drop_created(self) -> None:
+        """Drop the databases the tests made (on a server of the user's, not only ours)."""
+        with self._connect() as conn:
+            for name in self.created:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pytest_report_header(config) -> str | None:
+    url = os.environ.get(Postgres.ENV)
+    if url:
+        from sqlalchemy.engine import make_url
+        return f"PostgreSQL: {make_url(url).render_as_string(hide_password=True)} ({Postgres.ENV})"
+    return None
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
-    """A PostgreSQL server of this test run's own: pgserver's binaries, from PyPI."""
+    """The PostgreSQL server of this test run: `PREHEAT_TEST_POSTGRES` (a URL of a database on
+    a server whose user may create databases) or, without it, one of the run's own."""
+    url = os.environ.get(Postgres.ENV)
+    if url:
+        server = Postgres(url)
+        yield server
+        server.drop_created()
+        return
     with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR here
         warnings.simplefilter("ignore")
         try:
             import pgserver
         except ImportError:
             pytest.skip("pgserver is not installed (pip install -e '.[test]')")
-        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
-    yield server
-    server.cleanup()
+        own = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield Postgres(own.get_uri())
+    own.cleanup()
 
 
 @pytest.fixture
 def postgres_url(postgres) -> str:
     """A new, empty PostgreSQL database, as `PREHEAT_DB` names one."""
-    name = f"t{secrets.token_hex(6)}"
-    postgres.psql(f"CREATE DATABASE {name};")
-    return postgres.get_uri(name)
+    return postgres.new_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -224,13 +224,10 @@ def test_two_servers_writing_one_store_at_once_lose_nothing(db_url):
 def test_servers_started_together_on_a_new_database_all_open_it(postgres):
     """Replicas started at once on a fresh PostgreSQL database each create its tables and
     its tenant key: each must open the store, and all must hash tenants with the same key."""
-    import secrets
     import threading
 
     for _ in range(4):
-        name = f"t{secrets.token_hex(6)}"
-        postgres.psql(f"CREATE DATABASE {name};")
-        url = postgres.get_uri(name)
+        url = postgres.new_database()
         opened: list[Store] = []
         failures: list[BaseException] = []
         start = threading.Barrier(3, timeout=60)
