@@ -25,16 +25,19 @@ def row(e2e: float, makespan: float, calls: int = 10) -> dict:
 
 def test_repeated_runs_report_their_median_and_every_run():
     direct = _median_row([row(40.0, 50.0), row(44.0, 52.0), row(42.0, 70.0)])
-    on = _median_row([row(20.0, 49.0), row(30.0, 51.0)])
+    on = _median_row([row(20.0, 49.0), row(30.0, 51.0), row(25.0, 48.0)])
     assert direct["e2e_p50"] == 42.0 and direct["makespan"] == 52.0
-    assert on["e2e_p50"] == 25.0 and on["runs"]["e2e_p50"] == [20.0, 30.0]
+    assert on["e2e_p50"] == 25.0 and on["runs"]["e2e_p50"] == [20.0, 30.0, 25.0]
     text = report({"loops": {"direct": direct, "preheat-on": on}},
                   Namespace(idle=3.0), "an engine")
     assert "| loops | direct | 42.00 | 63.00 | 52.00 |" in text
-    assert "| loops | direct | 40.0 / 44.0 / 42.0 | 60.0 / 66.0 / 63.0 | 50.0 / 52.0 / 70.0 |  |" in text
-    assert "| loops | preheat-on | 20.0 / 30.0 | 30.0 / 45.0 | 49.0 / 51.0 | 2.00x / 1.47x |" in text
+    assert ("| loops | direct | 40.0 / 44.0 / 42.0 | 60.0 / 66.0 / 63.0 | 50.0 / 52.0 / 70.0 "
+            "|  |  |") in text
+    # Each run against its own turn's direct, on the median and on the makespan.
+    assert ("| loops | preheat-on | 20.0 / 30.0 / 25.0 | 30.0 / 45.0 / 37.5 | 49.0 / 51.0 / 48.0 "
+            "| 2.00x / 1.47x / 1.68x | 1.02x / 1.02x / 1.46x |") in text
     # Ratios without the modes left out (--modes direct preheat-on)
-    assert "| loops | 1.68x | 1.04x | - | - | - |" in text
+    assert "| loops | 1.68x | 1.06x | - | - | - |" in text
 
 
 def test_what_preheat_costs_is_reported_without_preheat_on():
