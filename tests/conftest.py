@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from proxy.config import Settings
 from proxy.observer_process import ObserverProcess
@@ -77,12 +78,8 @@ class Postgres:
     def __init__(self, url: str) -> None:
         self.url = url  # one of the server's databases, to connect to
         self.created: list[str] = []
-        with self._connect() as conn:
-            self.version = conn.execute("SHOW server_version").fetchone()[0]
 
     def _url(self, database: str | None = None) -> str:
-        from sqlalchemy.engine import make_url
-
         url = make_url(self.url).set(drivername="postgresql")
         if database:
             url = url.set(database=database)
@@ -110,7 +107,6 @@ class Postgres:
 def pytest_report_header(config) -> str | None:
     url = os.environ.get(Postgres.ENV)
     if url:
-        from sqlalchemy.engine import make_url
         return f"PostgreSQL: {make_url(url).render_as_string(hide_password=True)} ({Postgres.ENV})"
     return None
 
@@ -122,6 +118,12 @@ def postgres(tmp_path_factory):
     url = os.environ.get(Postgres.ENV)
     if url:
         server = Postgres(url)
+        try:
+            server._connect().close()
+        except Exception as exc:  # noqa: BLE001 (any failure: say which server, and why)
+            pytest.fail(f"{Postgres.ENV}: cannot connect to "
+                        f"{make_url(url).render_as_string(hide_password=True)}: {exc}",
+                        pytrace=False)
         yield server
         server.drop_created()
         return
