@@ -79,6 +79,11 @@ class Postgres:
         self.url = url  # one of the server's databases, to connect to
         self.created: list[str] = []
 
+    @staticmethod
+    def shown(url: str) -> str:
+        """The URL, its password hidden."""
+        return make_url(url).render_as_string(hide_password=True)
+
     def _url(self, database: str | None = None) -> str:
         url = make_url(self.url).set(drivername="postgresql")
         if database:
@@ -107,7 +112,7 @@ class Postgres:
 def pytest_report_header(config) -> str | None:
     url = os.environ.get(Postgres.ENV)
     if url:
-        return f"PostgreSQL: {make_url(url).render_as_string(hide_password=True)} ({Postgres.ENV})"
+        return f"PostgreSQL: {Postgres.shown(url)} ({Postgres.ENV})"
     return None
 
 
@@ -121,8 +126,7 @@ def postgres(tmp_path_factory):
         try:
             server._connect().close()
         except Exception as exc:  # noqa: BLE001 (any failure: say which server, and why)
-            pytest.fail(f"{Postgres.ENV}: cannot connect to "
-                        f"{make_url(url).render_as_string(hide_password=True)}: {exc}",
+            pytest.fail(f"{Postgres.ENV}: cannot connect to {Postgres.shown(url)}: {exc}",
                         pytrace=False)
         yield server
         server.drop_created()
