@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -19,7 +20,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -354,7 +355,8 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
             # restart or a quiet spell: time preheat-on may use to warm what it learned.
             await asyncio.sleep(idle)
             before = _cpu_now(engine, proxy)
-            rows[mode] = await run_workload(base, model, instances, sequential)
+            rows[mode] = await _counted(engine, lambda: run_workload(base, model, instances,
+                                                                     sequential))
             rows[mode].update({k: v - before[k] for k, v in _cpu_now(engine, proxy).items()})
             if proxy:
                 rows[mode].update(await proxy.counters())
@@ -368,14 +370,15 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f" client {r['cpu_client']:.1f}"
               f"  working set {rows[mode]['working_set']} tokens  {r['engine_load']:.1f} at once"
               f"  queued {sum(r['queued'].values()):.1f} s (engine idle {r['held_idle']:.1f} s)"
-              f"  {_admission_note(rows[mode])}"
+              f"  prefilled {r['stepped'] - r['generated']:.0f} tokens, preempted "
+              f"{r['preempted']:.0f}  {_admission_note(rows[mode])}"
               f"{_prompt_cache_note(rows[mode])}",
               flush=True)
     if "unpressured" in modes and oracle_engine is not None:
         await reset_cache(oracle_engine)
         await asyncio.sleep(idle)
-        rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
-                                                 sequential)
+        rows["unpressured"] = await _counted(oracle_engine, lambda: run_workload(
+            oracle_engine.base_url, model, instances, sequential))
         print(f"  {name:<22} {'unpressured':<12} e2e p50 {rows['unpressured']['e2e_p50']:6.2f} s"
               f"  makespan {rows['unpressured']['makespan']:6.2f} s"
               f"  {rows['unpressured']['engine_load']:.1f} at once", flush=True)
@@ -385,10 +388,52 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
     await reset_cache(target)
     # The oracle: run once to fill the cache, then measure the same prompts again.
     await run_workload(target.base_url, model, instances, sequential)
-    rows["oracle"] = await run_workload(target.base_url, model, instances, sequential)
+    rows["oracle"] = await _counted(target, lambda: run_workload(target.base_url, model,
+                                                                 instances, sequential))
     print(f"  {name:<22} {'oracle':<12} e2e p50 {rows['oracle']['e2e_p50']:6.2f} s  "
           f"makespan {rows['oracle']['makespan']:6.2f} s", flush=True)
     return rows
+
+
+ENGINE_COUNTERS = {
+    "preempted": "vllm:num_preemptions_total",
+    "stepped": "vllm:iteration_tokens_total_sum",
+    "generated": "vllm:generation_tokens_total",
+}
+"""The engine's own counters (its /metrics) a run's figures take the difference of: the
+requests it preempted (their blocks freed, to be computed again when resumed), the tokens
+its steps computed, and the tokens it generated. Stepped less generated is the prompt
+tokens it prefilled (less one a call, whose first token its prefill gave), those prefilled
+again after a preemption included (a call's usage says
+only what its first schedule found cached, and vLLM's prefix-cache counters count new
+requests only)."""
+
+
+async def engine_counters(engine: Engine) -> dict[str, float]:
+    """ENGINE_COUNTERS' totals so far (`counted`)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        return counted((await client.get(engine.base_url + "/metrics")).text)
+
+
+def counted(metrics: str) -> dict[str, float]:
+    """ENGINE_COUNTERS' totals in a Prometheus page, summed over their labels (NaN for one
+    the page lacks: an engine that does not count it)."""
+    totals = dict.fromkeys(ENGINE_COUNTERS, math.nan)
+    for line in metrics.splitlines():
+        for key, name in ENGINE_COUNTERS.items():
+            if line.startswith((name + "{", name + " ")):
+                value = float(line.rsplit(" ", 1)[1])
+                totals[key] = value if totals[key] != totals[key] else totals[key] + value
+    return totals
+
+
+async def _counted(engine: Engine, run: Callable[[], Awaitable[dict]]) -> dict:
+    """`run()`'s figures, with what the engine counted meanwhile (`engine_counters`)."""
+    before = await engine_counters(engine)
+    row = await run()
+    after = await engine_counters(engine)
+    row.update({k: after[k] - before[k] for k in ENGINE_COUNTERS})
+    return row
 
 
 def _cpu_now(engine: Engine, proxy: Proxy | None) -> dict[str, float]:

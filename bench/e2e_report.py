@@ -7,6 +7,7 @@ pre-warm planner's counters; where workloads were repeated, each run beside the 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -45,17 +46,20 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "observer, which captures and learns) used during the measured run. At once: calls "
         "on the engine at a time, on average over the makespan (each call's time past "
         "preheat's admission queue). Held idle: seconds in which preheat held a call while none "
-        "was on the engine (an engine with work to do left idle).",
+        "was on the engine (an engine with work to do left idle). Prefilled: the prompt tokens the "
+        "engine computed (the tokens its steps computed less those it generated, by its own "
+        "counters: prompts prefilled again after a preemption count too), and the calls it "
+        "preempted.",
         "",
-        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once | held idle s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once | held idle s | prefilled tok / preempted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for mode, r in rows.items():
             lines.append(f"| {name} | {mode} | {r['e2e_p50']:.2f} | {r['e2e_p90']:.2f} | "
                          f"{r['makespan']:.2f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | "
                          f"{r['cached_share']:.2f} | {int(r['calls'])} | {int(r['working_set'])} | "
-                         f"{_cpu(r)} | {_at_once(r)} | {_held_idle(r)} |")
+                         f"{_cpu(r)} | {_at_once(r)} | {_held_idle(r)} | {_prefilled(r)} |")
     lines += ["", "| workload | direct / on (e2e p50) | direct / on (makespan) | direct / off | "
               "on / oracle | headroom captured | warms sent / hit / in vain | warmed tokens hit / in vain "
               "| warm precision |",
@@ -153,6 +157,16 @@ def _at_once(r: dict) -> str:
 
 def _held_idle(r: dict) -> str:
     return f"{r['held_idle']:.1f}" if "held_idle" in r else "-"  # (an older report's)
+
+
+def _prefilled(r: dict) -> str:
+    """The engine's own count of the prompt tokens it computed, and of its preemptions."""
+    stepped, generated, preempted = (r.get(k, math.nan) for k in ("stepped", "generated",
+                                                                 "preempted"))
+    if stepped != stepped or generated != generated:
+        return "-"  # a report from before they were counted, or an engine without them
+    return (f"{int(stepped - generated)} / "
+            + (f"{int(preempted)}" if preempted == preempted else "-"))
 
 
 def _cpu(r: dict) -> str:

@@ -27,19 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu import invocation, machine  # noqa: E402
 from bench.e2e import Priority, _mixed, _shapes_mix, _warm_up, reset_cache, run_workload  # noqa: E402
+from bench.e2e_modes import engine_counters  # noqa: E402
 from bench.workloads import CHARS_PER_TOKEN, Instance  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.runs import PREFILL_WEIGHT  # noqa: E402
@@ -88,15 +86,6 @@ def priorities(instances: list[Instance]) -> dict[str, Priority | None]:
     }
 
 
-async def preemptions(engine: Engine) -> float:
-    """Requests the engine has preempted since it started (its /metrics)."""
-    async with httpx.AsyncClient(timeout=30) as client:
-        text = (await client.get(engine.base_url + "/metrics")).text
-    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("vllm:num_preemptions_total")]
-    return sum(counts) if counts else math.nan  # (an engine that does not count them)
-
-
 async def measure(engine: Engine, instances: list[Instance], repeat: int,
                   idle: float) -> dict[str, dict]:
     chosen = priorities(instances)
@@ -105,10 +94,10 @@ async def measure(engine: Engine, instances: list[Instance], repeat: int,
         for variant in VARIANTS:
             await reset_cache(engine)
             await asyncio.sleep(idle)
-            before = await preemptions(engine)
+            before = await engine_counters(engine)
             row = await run_workload(engine.base_url, engine.served_model_name, instances,
                                      priority=chosen[variant])
-            row["preemptions"] = await preemptions(engine) - before
+            row["preemptions"] = (await engine_counters(engine))["preempted"] - before["preempted"]
             runs.setdefault(variant, []).append(row)
             print(f"  {variant:<32} run {k + 1}: e2e p50 {row['e2e_p50']:6.2f} s  p90 "
                   f"{row['e2e_p90']:6.2f} s  makespan {row['makespan']:6.2f} s  TTFT p50 "

@@ -51,6 +51,34 @@ def test_what_preheat_costs_is_reported_without_preheat_on():
         assert "| loops | - |" not in report({"loops": rows}, Namespace(idle=3.0), "x")
 
 
+def test_the_engine_counters_are_read_from_its_metrics_page():
+    page = "\n".join([
+        "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
+        "# TYPE vllm:num_preemptions_total counter",
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
+        'vllm:iteration_tokens_total_bucket{engine="0",le="1.0",model_name="m"} 40.0',
+        'vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 12000.0',
+        'vllm:iteration_tokens_total_sum{engine="1",model_name="m"} 500.0',
+        'vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9',
+        'vllm:generation_tokens_total{engine="0",model_name="m"} 9000.0',
+    ])
+    assert e2e_modes.counted(page) == {"preempted": 3.0, "stepped": 12500.0,
+                                       "generated": 9000.0}
+    missing = e2e_modes.counted("vllm:num_preemptions_total 1.0")
+    assert missing["preempted"] == 1.0 and missing["generated"] != missing["generated"]
+
+
+def test_the_report_says_what_the_engine_prefilled_and_preempted():
+    counted = dict(row(40.0, 50.0), stepped=12500.0, generated=9000.0, preempted=3.0)
+    text = report({"loops": {"direct": counted, "preheat-on": row(30.0, 50.0)}},
+                  Namespace(idle=3.0), "x")
+    assert "| loops | direct | 40.00 |" in text
+    direct_line = next(line for line in text.splitlines() if line.startswith("| loops | direct"))
+    on_line = next(line for line in text.splitlines() if line.startswith("| loops | preheat-on"))
+    assert direct_line.endswith("| 3500 / 3 |")
+    assert on_line.endswith("| - |")  # not counted: said so, not zero
+
+
 def test_each_instance_keeps_its_median_time_over_the_runs():
     runs = [dict(row(40.0, 50.0), instances={"debate-0": 10.0 + i, "desk-0": 50.0 - i})
             for i in (0, 4, 1)]
@@ -250,6 +278,11 @@ def test_the_modes_run_in_the_order_given(monkeypatch):
     monkeypatch.setattr(e2e_modes, "reset_cache", reset_cache)
     monkeypatch.setattr(e2e_modes, "_cpu_now", lambda engine, proxy: {
         "cpu_engine": 0.0, "cpu_proxy": 0.0, "cpu_observer": 0.0, "cpu_client": 0.0})
+
+    async def engine_counters(engine):
+        return dict.fromkeys(e2e_modes.ENGINE_COUNTERS, 0.0)
+
+    monkeypatch.setattr(e2e_modes, "engine_counters", engine_counters)
     engine = Namespace(served_model_name="m", base_url="engine", kv_events_endpoint=None)
     rows = asyncio.run(e2e_modes._compare_once(
         engine, None, "w", [], [], 0, ["preheat-off", "direct", "preheat-on"], False, 0.0))
