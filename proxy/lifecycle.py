@@ -178,6 +178,7 @@ async def _keep_admission(observer: ObserverProcess, admission: Admission) -> No
 
 
 def _admission_metrics(metrics: Metrics, admission: Admission) -> None:
+    metrics.count_admission_waits()
     metrics.counter("preheat_admission_total", "Requests admitted to the engine, by how.",
                     lambda: dict(admission.admitted), label="how")
     metrics.gauge("preheat_admission_waiting", "Requests waiting for admission.",

@@ -9,15 +9,48 @@ from proxy.exchange import CAPTURED_PATHS, Exchange
 
 KNOWN_ROUTES = CAPTURED_PATHS + ("/v1/embeddings", "/v1/models")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Admission's waits: none without pressure, seconds under it, at most its bound (60 s by
+default, PREHEAT_ADMISSION_MAX_WAIT)."""
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and number."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.buckets) and value > self.buckets[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.n += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{self.name}_bucket{{le="{le}"}} {cumulative}')
+        return out + [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.n}"]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.errors: Counter[str] = Counter()
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.latency_n = 0
+        self.latency = Histogram(
+            "preheat_added_latency_seconds",
+            "Time the proxy added to a call (admission's hold apart: "
+            "preheat_admission_wait_seconds).", LATENCY_BUCKETS)
+        self.waits: Histogram | None = None
+        """Admission's waits, where admission runs (`count_admission_waits`)."""
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, str | None, Callable[[], Any]]] = {}
 
@@ -27,12 +60,17 @@ class Metrics:
         if ex.error_type:
             self.errors[ex.error_type] += 1
         if ex.added_latency is not None:
-            i = 0
-            while i < len(LATENCY_BUCKETS) and ex.added_latency > LATENCY_BUCKETS[i]:
-                i += 1
-            self.latency_counts[i] += 1
-            self.latency_sum += ex.added_latency
-            self.latency_n += 1
+            self.latency.observe(ex.added_latency)
+        ticket = ex.ticket
+        if self.waits is not None and ticket is not None and ticket.admitted is not None:
+            self.waits.observe(ticket.waited)
+
+    def count_admission_waits(self) -> None:
+        """Admission runs: show how long it held the calls it let go (0 for those it let go
+        at once; calls whose client gave up waiting are not counted)."""
+        self.waits = Histogram(
+            "preheat_admission_wait_seconds",
+            "Time calls waited for admission before going to the engine.", WAIT_BUCKETS)
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help, read)
@@ -56,16 +94,9 @@ class Metrics:
                 "# TYPE preheat_errors_total counter"]
         for kind, n in sorted(self.errors.items()):
             out.append(f'preheat_errors_total{{type="{kind}"}} {n}')
-        out += ["# HELP preheat_added_latency_seconds Time the proxy added to a call "
-                "(admission's hold apart: preheat_admission_wait_seconds_max).",
-                "# TYPE preheat_added_latency_seconds histogram"]
-        cumulative = 0
-        for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):
-            cumulative += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'preheat_added_latency_seconds_bucket{{le="{le}"}} {cumulative}')
-        out.append(f"preheat_added_latency_seconds_sum {self.latency_sum}")
-        out.append(f"preheat_added_latency_seconds_count {self.latency_n}")
+        out += self.latency.render()
+        if self.waits is not None:
+            out += self.waits.render()
         for name, (help, read) in sorted(self.gauges.items()):
             out += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {read()}"]
         for name, (help, label, read) in sorted(self.counters.items()):

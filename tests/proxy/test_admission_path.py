@@ -71,6 +71,14 @@ async def test_pressure_loses_nothing_and_keeps_session_order(upstream, tmp_path
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(proxy.url + "/metrics")).text
         assert f"preheat_admission_suspended_total {admission.suspended}" in metrics
+        # How long admission held each call, as a histogram: every call, none past the bound.
+        assert "preheat_admission_wait_seconds_count 48" in metrics
+        assert 'preheat_admission_wait_seconds_bucket{le="2.5"} 48' in metrics
+        at_once = int(re.search(r'preheat_admission_wait_seconds_bucket\{le="0.01"\} (\d+)',
+                                metrics)[1])
+        assert 0 < at_once < 48  # most went at once; some waited
+        total = float(re.search(r"preheat_admission_wait_seconds_sum (\S+)", metrics)[1])
+        assert total == pytest.approx(sum(float(m[1]) for m in waits) / 1000, abs=0.01)
         # Captured order of each session is the order its calls were made.
         store = await proxy.store()
         for s in store.sessions():
