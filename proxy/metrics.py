@@ -31,6 +31,18 @@ class Histogram:
         self.sum += value
         self.n += 1
 
+    def at_most(self, q: float) -> float | None:
+        """The least bucket bound that at least a share `q` of the values are within (inf:
+        past the last bound; None: no value yet)."""
+        if not self.n:
+            return None
+        cumulative = 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            cumulative += n
+            if cumulative >= q * self.n:
+                return bound
+        return float("inf")
+
     def render(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         cumulative = 0

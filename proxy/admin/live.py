@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import ADMISSION, CACHE, PLANNER, SETTINGS
+from proxy.appkeys import ADMISSION, CACHE, METRICS, PLANNER, SETTINGS
+from proxy.metrics import WAIT_BUCKETS
 
 
 def optimisations(app: web.Application) -> list[dict[str, Any]]:
@@ -23,7 +24,8 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
     needs = "needs a vLLM upstream that reports its KV-cache size"
     return [
         _row("cache-aware admission", "admission", settings.admission, admission is not None,
-             needs, _admission(admission) if admission is not None else []),
+             needs, _admission(admission, app[METRICS].waits if METRICS in app else None)
+             if admission is not None else []),
         _row("set aside sessions that outgrow the cache", "admission_suspend",
              settings.admission_suspend, admission is not None and admission.suspend,
              "needs admission",
@@ -78,14 +80,22 @@ def _or_dash(value: Any) -> Any:
     return "-" if value is None else value
 
 
-def _admission(admission: Any) -> list[tuple[str, Any]]:
+def _admission(admission: Any, waits: Any) -> list[tuple[str, Any]]:
     stats = admission.stats()
     admitted = stats.admitted
+    held = "-"
+    if waits is not None and waits.n:  # (the histogram /metrics shows)
+        waited = waits.n - waits.counts[0]
+        held = f"{waited} of {waits.n}"
+        if waited:
+            p50, p90 = (waits.at_most(q) for q in (0.5, 0.9))
+            held += f" (half within {p50:g} s, 90% within {p90:g} s)"
     return [
         ("KV cache (tokens)", stats.capacity_tokens),
         ("sessions resident", stats.resident_groups),
         ("their tokens (estimated)", stats.resident_tokens),
         ("calls waiting", stats.waiting),
+        (f"calls held over {WAIT_BUCKETS[0] * 1000:g} ms", held),
         ("longest wait (s)", round(stats.max_wait_seen, 2)),
         ("calls let in", ", ".join(f"{how} {n}" for how, n in sorted(
             admitted.items(), key=lambda item: -item[1])) or "none yet"),

@@ -181,6 +181,7 @@ async def test_the_overview_shows_each_optimisation_its_switch_and_what_it_did(
         let_in = re.findall(r"(\w+) (\d+)", figures["calls let in"])
         assert sum(int(n) for _, n in let_in) == 2  # the two calls the engine answered
         assert 'preheat_admission_total{how="%s"} %s' % let_in[0] in metrics
+        assert figures["calls held over 10 ms"] == "0 of 2"  # nothing pressed the cache
         assert dict(rows["prompt cache"]["figures"])["hits"] == 2
         spare = rows["more sessions while the engine has few calls at once"]
         assert spare["state"] == "on" and spare["switch"] == "PREHEAT_ADMISSION_SPARE_BELOW=0"
@@ -264,3 +265,19 @@ def test_a_call_admission_held_shows_its_wait_on_the_timeline():
     assert f'x="{engine_x:.1f}" y="{timeline.TOP + 4}" width=' in held
     parsed = str(timeline.render([call(0.002)], 1.0))  # reading the request: not a hold
     assert 'fill="#b9c0cc"' not in parsed and "held by preheat" not in parsed
+
+
+def test_the_overview_says_how_long_admission_held_calls():
+    from engine.admission import Admission
+    from proxy.admin.live import _admission
+    from proxy.metrics import Metrics
+
+    admission = Admission(1500)
+    metrics = Metrics()
+    metrics.count_admission_waits()
+    assert dict(_admission(admission, metrics.waits))["calls held over 10 ms"] == "-"
+    for wait in [0.0] * 6 + [0.3, 0.4, 4.0, 20.0]:
+        metrics.waits.observe(wait)
+    assert dict(_admission(admission, metrics.waits))["calls held over 10 ms"] == \
+        "4 of 10 (half within 0.01 s, 90% within 5 s)"
+    assert metrics.waits.at_most(1.0) == 30.0 and metrics.waits.at_most(0.7) == 0.5
