@@ -404,9 +404,8 @@ ENGINE_COUNTERS = {
 requests it preempted (their blocks freed, to be computed again when resumed), the tokens
 its steps computed, and the tokens it generated. Stepped less generated is the prompt
 tokens it prefilled (less one a call, whose first token its prefill gave), those prefilled
-again after a preemption included (a call's usage says
-only what its first schedule found cached, and vLLM's prefix-cache counters count new
-requests only)."""
+again after a preemption included: a call's usage says only what its first schedule found
+cached, and vLLM's prefix-cache counters count new requests only."""
 
 
 async def engine_counters(engine: Engine) -> dict[str, float]:
