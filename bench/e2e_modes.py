@@ -417,13 +417,12 @@ async def engine_counters(engine: Engine) -> dict[str, float]:
 def counted(metrics: str) -> dict[str, float]:
     """ENGINE_COUNTERS' totals in a Prometheus page, summed over their labels (NaN for one
     the page lacks: an engine that does not count it)."""
-    totals = dict.fromkeys(ENGINE_COUNTERS, math.nan)
+    found: dict[str, float] = {}
     for line in metrics.splitlines():
         for key, name in ENGINE_COUNTERS.items():
             if line.startswith((name + "{", name + " ")):
-                value = float(line.rsplit(" ", 1)[1])
-                totals[key] = value if totals[key] != totals[key] else totals[key] + value
-    return totals
+                found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return {key: found.get(key, math.nan) for key in ENGINE_COUNTERS}
 
 
 async def _counted(engine: Engine, run: Callable[[], Awaitable[dict]]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from typing import Any, Callable
 
@@ -24,10 +25,7 @@ class Histogram:
         self.n = 0
 
     def observe(self, value: float) -> None:
-        i = 0
-        while i < len(self.buckets) and value > self.buckets[i]:
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.n += 1
 

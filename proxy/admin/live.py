@@ -22,10 +22,10 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
     cache = app.get(CACHE)
     planner = app.get(PLANNER)
     needs = "needs a vLLM upstream that reports its KV-cache size"
+    waits = app[METRICS].waits if METRICS in app else None  # (/metrics' histogram)
     return [
         _row("cache-aware admission", "admission", settings.admission, admission is not None,
-             needs, _admission(admission, app[METRICS].waits if METRICS in app else None)
-             if admission is not None else []),
+             needs, _admission(admission, waits) if admission is not None else []),
         _row("set aside sessions that outgrow the cache", "admission_suspend",
              settings.admission_suspend, admission is not None and admission.suspend,
              "needs admission",
@@ -84,7 +84,7 @@ def _admission(admission: Any, waits: Any) -> list[tuple[str, Any]]:
     stats = admission.stats()
     admitted = stats.admitted
     held = "-"
-    if waits is not None and waits.n:  # (the histogram /metrics shows)
+    if waits is not None and waits.n:
         waited = waits.n - waits.counts[0]
         held = f"{waited} of {waits.n}"
         if waited:
