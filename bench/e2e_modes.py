@@ -20,7 +20,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 import httpx
 
@@ -352,11 +352,13 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
                     base = proxy.url
                 await reset_cache(engine)
             # Every mode starts on an engine left idle with an empty cache, as after a
-            # restart or a quiet spell: time preheat-on may use to warm what it learned.
+            # restart or a quiet spell: time preheat-on may use to warm what it learned
+            # (its prefill: the engine's counters are read before the idle).
+            counts = await engine_counters(engine)
             await asyncio.sleep(idle)
             before = _cpu_now(engine, proxy)
-            rows[mode] = await _counted(engine, lambda: run_workload(base, model, instances,
-                                                                     sequential))
+            rows[mode] = await run_workload(base, model, instances, sequential)
+            rows[mode].update(await _counted_since(engine, counts))
             rows[mode].update({k: v - before[k] for k, v in _cpu_now(engine, proxy).items()})
             if proxy:
                 rows[mode].update(await proxy.counters())
@@ -376,9 +378,11 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               flush=True)
     if "unpressured" in modes and oracle_engine is not None:
         await reset_cache(oracle_engine)
+        counts = await engine_counters(oracle_engine)
         await asyncio.sleep(idle)
-        rows["unpressured"] = await _counted(oracle_engine, lambda: run_workload(
-            oracle_engine.base_url, model, instances, sequential))
+        rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
+                                                 sequential)
+        rows["unpressured"].update(await _counted_since(oracle_engine, counts))
         print(f"  {name:<22} {'unpressured':<12} e2e p50 {rows['unpressured']['e2e_p50']:6.2f} s"
               f"  makespan {rows['unpressured']['makespan']:6.2f} s"
               f"  {rows['unpressured']['engine_load']:.1f} at once", flush=True)
@@ -388,8 +392,9 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
     await reset_cache(target)
     # The oracle: run once to fill the cache, then measure the same prompts again.
     await run_workload(target.base_url, model, instances, sequential)
-    rows["oracle"] = await _counted(target, lambda: run_workload(target.base_url, model,
-                                                                 instances, sequential))
+    counts = await engine_counters(target)
+    rows["oracle"] = await run_workload(target.base_url, model, instances, sequential)
+    rows["oracle"].update(await _counted_since(target, counts))
     print(f"  {name:<22} {'oracle':<12} e2e p50 {rows['oracle']['e2e_p50']:6.2f} s  "
           f"makespan {rows['oracle']['makespan']:6.2f} s", flush=True)
     return rows
@@ -425,13 +430,10 @@ def counted(metrics: str) -> dict[str, float]:
     return {key: found.get(key, math.nan) for key in ENGINE_COUNTERS}
 
 
-async def _counted(engine: Engine, run: Callable[[], Awaitable[dict]]) -> dict:
-    """`run()`'s figures, with what the engine counted meanwhile (`engine_counters`)."""
-    before = await engine_counters(engine)
-    row = await run()
+async def _counted_since(engine: Engine, before: dict[str, float]) -> dict[str, float]:
+    """What the engine counted (`engine_counters`) since it counted `before`."""
     after = await engine_counters(engine)
-    row.update({k: after[k] - before[k] for k in ENGINE_COUNTERS})
-    return row
+    return {k: after[k] - before[k] for k in ENGINE_COUNTERS}
 
 
 def _cpu_now(engine: Engine, proxy: Proxy | None) -> dict[str, float]:

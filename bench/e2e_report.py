@@ -48,8 +48,8 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "preheat's admission queue). Held idle: seconds in which preheat held a call while none "
         "was on the engine (an engine with work to do left idle). Prefilled: the prompt tokens the "
         "engine computed (the tokens its steps computed less those it generated, by its own "
-        "counters: prompts prefilled again after a preemption count too), and the calls it "
-        "preempted.",
+        "counters: prompts prefilled again after a preemption count too, and so does what "
+        "preheat warmed in the idle before the run), and the calls it preempted.",
         "",
         "| workload | mode | e2e p50 s | e2e p90 s | makespan s | TTFT p50 s | TTFT p90 s | cached share | calls | working set tok | CPU s engine / preheat | at once | held idle s | prefilled tok / preempted |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
