@@ -357,8 +357,9 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
             counts = await engine_counters(engine)
             await asyncio.sleep(idle)
             before = _cpu_now(engine, proxy)
-            rows[mode] = await run_workload(base, model, instances, sequential)
-            rows[mode].update(await _counted_since(engine, counts))
+            async with GaugeSampler(engine) as gauges:
+                rows[mode] = await run_workload(base, model, instances, sequential)
+            rows[mode].update(await _counted_since(engine, counts), **gauges.means())
             rows[mode].update({k: v - before[k] for k, v in _cpu_now(engine, proxy).items()})
             if proxy:
                 rows[mode].update(await proxy.counters())
@@ -371,6 +372,7 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
               f"{r['cpu_engine']:.1f} proxy {r['cpu_proxy']:.1f} observer {r['cpu_observer']:.1f}"
               f" client {r['cpu_client']:.1f}"
               f"  working set {rows[mode]['working_set']} tokens  {r['engine_load']:.1f} at once"
+              f" ({r['engine_running']:.1f} running in the engine)"
               f"  queued {sum(r['queued'].values()):.1f} s (engine idle {r['held_idle']:.1f} s)"
               f"  prefilled {r['stepped'] - r['generated']:.0f} tokens, preempted "
               f"{r['preempted']:.0f}  {_admission_note(rows[mode])}"
@@ -380,12 +382,14 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
         await reset_cache(oracle_engine)
         counts = await engine_counters(oracle_engine)
         await asyncio.sleep(idle)
-        rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
-                                                 sequential)
-        rows["unpressured"].update(await _counted_since(oracle_engine, counts))
+        async with GaugeSampler(oracle_engine) as gauges:
+            rows["unpressured"] = await run_workload(oracle_engine.base_url, model, instances,
+                                                     sequential)
+        rows["unpressured"].update(await _counted_since(oracle_engine, counts), **gauges.means())
         print(f"  {name:<22} {'unpressured':<12} e2e p50 {rows['unpressured']['e2e_p50']:6.2f} s"
               f"  makespan {rows['unpressured']['makespan']:6.2f} s"
-              f"  {rows['unpressured']['engine_load']:.1f} at once", flush=True)
+              f"  {rows['unpressured']['engine_load']:.1f} at once"
+              f" ({rows['unpressured']['engine_running']:.1f} running in the engine)", flush=True)
     if "oracle" not in modes:
         return rows
     target = oracle_engine or engine
@@ -393,8 +397,9 @@ async def _compare_once(engine: Engine, oracle_engine: Engine | None, name: str,
     # The oracle: run once to fill the cache, then measure the same prompts again.
     await run_workload(target.base_url, model, instances, sequential)
     counts = await engine_counters(target)
-    rows["oracle"] = await run_workload(target.base_url, model, instances, sequential)
-    rows["oracle"].update(await _counted_since(target, counts))
+    async with GaugeSampler(target) as gauges:
+        rows["oracle"] = await run_workload(target.base_url, model, instances, sequential)
+    rows["oracle"].update(await _counted_since(target, counts), **gauges.means())
     print(f"  {name:<22} {'oracle':<12} e2e p50 {rows['oracle']['e2e_p50']:6.2f} s  "
           f"makespan {rows['oracle']['makespan']:6.2f} s", flush=True)
     return rows
@@ -419,15 +424,60 @@ async def engine_counters(engine: Engine) -> dict[str, float]:
         return counted((await client.get(engine.base_url + "/metrics")).text)
 
 
-def counted(metrics: str) -> dict[str, float]:
-    """ENGINE_COUNTERS' totals in a Prometheus page, summed over their labels (NaN for one
-    the page lacks: an engine that does not count it)."""
+def counted(metrics: str, names: dict[str, str] = ENGINE_COUNTERS) -> dict[str, float]:
+    """The totals of `names` (key -> metric) in a Prometheus page, summed over their labels
+    (NaN for one the page lacks: an engine that does not count it)."""
     found: dict[str, float] = {}
     for line in metrics.splitlines():
-        for key, name in ENGINE_COUNTERS.items():
+        for key, name in names.items():
             if line.startswith((name + "{", name + " ")):
                 found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return {key: found.get(key, math.nan) for key in ENGINE_COUNTERS}
+    return {key: found.get(key, math.nan) for key in names}
+
+
+ENGINE_GAUGES = {
+    "engine_running": "vllm:num_requests_running",
+    "engine_waiting": "vllm:num_requests_waiting",
+}
+"""The engine's own gauges a run's figures average (`GaugeSampler`): the calls it runs in its
+steps, and those it keeps waiting (under cache pressure, for KV blocks to free)."""
+SAMPLE_EVERY = 0.5
+"""Seconds between reads of ENGINE_GAUGES during a run."""
+
+
+class GaugeSampler:
+    """Reads ENGINE_GAUGES every SAMPLE_EVERY seconds while a run goes (`async with`);
+    `means()` their averages over the reads, as the run's `engine_load` averages the calls
+    past admission over its makespan."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.url = engine.base_url + "/metrics"
+        self.samples: list[dict[str, float]] = []
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "GaugeSampler":
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _poll(self) -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                try:
+                    self.samples.append(counted((await client.get(self.url)).text,
+                                                ENGINE_GAUGES))
+                except httpx.HTTPError:
+                    pass  # a read missed: the next one counts
+                await asyncio.sleep(SAMPLE_EVERY)
+
+    def means(self) -> dict[str, float]:
+        """Each gauge's mean over the reads (NaN where none read it)."""
+        return {key: (statistics.fmean(s[key] for s in self.samples) if self.samples
+                      else math.nan) for key in ENGINE_GAUGES}
 
 
 async def _counted_since(engine: Engine, before: dict[str, float]) -> dict[str, float]:

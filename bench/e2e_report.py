@@ -45,7 +45,9 @@ def report(results: dict[str, dict[str, dict]], args, engines: str) -> str:
         "CPU s: seconds of CPU the engine (all its processes) and preheat (the proxy + its "
         "observer, which captures and learns) used during the measured run. At once: calls "
         "on the engine at a time, on average over the makespan (each call's time past "
-        "preheat's admission queue). Held idle: seconds in which preheat held a call while none "
+        "preheat's admission queue), and in brackets those of them the engine ran in its "
+        "steps, by its own gauge read every half second (the others waited in it: under "
+        "pressure, for KV blocks). Held idle: seconds in which preheat held a call while none "
         "was on the engine (an engine with work to do left idle). Prefilled: the prompt tokens the "
         "engine computed (the tokens its steps computed less those it generated, by its own "
         "counters: prompts prefilled again after a preemption count too, and so does what "
@@ -152,7 +154,13 @@ def _headroom(direct: float, on: float, best: float) -> str:
 
 
 def _at_once(r: dict) -> str:
-    return f"{r['engine_load']:.1f}" if "engine_load" in r else "-"  # (an older report's)
+    """Calls past admission at once, and of those the calls the engine ran in its steps (its
+    own gauge; the rest waited in it)."""
+    if "engine_load" not in r:
+        return "-"  # (an older report's)
+    running = r.get("engine_running", math.nan)
+    return f"{r['engine_load']:.1f}" + (f" ({running:.1f} running)" if running == running
+                                        else "")
 
 
 def _held_idle(r: dict) -> str:

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 
 from bench import e2e_modes
 from bench.cpu import cpu_seconds
 from bench.e2e import CallResult, _headroom, _median_row, engine_load, held_idle, report
+from engine.process import free_port
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -66,6 +69,54 @@ def test_the_engine_counters_are_read_from_its_metrics_page():
                                        "generated": 9000.0}
     missing = e2e_modes.counted("vllm:num_preemptions_total 1.0")
     assert missing["preempted"] == 1.0 and missing["generated"] != missing["generated"]
+
+
+async def test_the_engine_gauges_are_averaged_over_the_run():
+    # A stand-in for the engine's /metrics: two calls running and one waiting, then four
+    # running and none waiting.
+    pages = iter([(2, 1), (4, 0)])
+    last = [(2, 1)]
+
+    async def metrics(_: web.Request) -> web.Response:
+        last[0] = next(pages, last[0])
+        running, waiting = last[0]
+        return web.Response(text="\n".join([
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}.0',
+            f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}.0',
+            'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9.0',
+        ]))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        engine = SimpleNamespace(base_url=f"http://127.0.0.1:{port}")
+        async with e2e_modes.GaugeSampler(engine) as gauges:
+            while len(gauges.samples) < 2:
+                await asyncio.sleep(0.01)
+        taken = len(gauges.samples)
+        await asyncio.sleep(e2e_modes.SAMPLE_EVERY * 1.5)
+        assert len(gauges.samples) == taken  # it stops reading with the run
+        expected = [(2, 1), (4, 0)] + [(4, 0)] * (taken - 2)
+        assert gauges.means() == pytest.approx({
+            "engine_running": sum(r for r, _ in expected) / taken,
+            "engine_waiting": sum(w for _, w in expected) / taken})
+    finally:
+        await runner.cleanup()
+    nothing = e2e_modes.GaugeSampler(engine)
+    assert all(v != v for v in nothing.means().values())  # no reads: NaN, not 0
+
+
+def test_calls_at_once_say_how_many_the_engine_ran():
+    counted = dict(row(40.0, 50.0), engine_load=7.93, engine_running=4.06, engine_waiting=3.8)
+    older = dict(row(30.0, 50.0), engine_load=4.3)
+    text = report({"loops": {"direct": counted, "preheat-on": older}}, Namespace(idle=3.0), "x")
+    assert "| 7.9 (4.1 running) |" in text
+    assert "| 4.3 |" in text  # a row from before the gauges were read
 
 
 def test_the_report_says_what_the_engine_prefilled_and_preempted():
