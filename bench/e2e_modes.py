@@ -27,7 +27,7 @@ import httpx
 from bench.cpu import cpu_seconds
 from bench.workloads import Call, Instance, working_set_tokens
 from engine.process import free_port
-from engine.supervisor import Engine
+from engine.supervisor import Engine, metric_totals
 from proxy.server import queued_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,13 +426,8 @@ async def engine_counters(engine: Engine) -> dict[str, float]:
 
 def counted(metrics: str, names: dict[str, str] = ENGINE_COUNTERS) -> dict[str, float]:
     """The totals of `names` (key -> metric) in a Prometheus page, summed over their labels
-    (NaN for one the page lacks: an engine that does not count it)."""
-    found: dict[str, float] = {}
-    for line in metrics.splitlines():
-        for key, name in names.items():
-            if line.startswith((name + "{", name + " ")):
-                found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return {key: found.get(key, math.nan) for key in names}
+    (NaN for one the page lacks: an engine that does not count it; `metric_totals`)."""
+    return metric_totals(metrics, names)
 
 
 ENGINE_GAUGES = {

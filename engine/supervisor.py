@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -70,6 +71,31 @@ def cache_info(metrics_text: str) -> CacheInfo | None:
             except (KeyError, ValueError):
                 return None
     return None
+
+
+LOAD_GAUGES = {
+    "calls running": "vllm:num_requests_running",
+    "calls waiting in it": "vllm:num_requests_waiting",
+    "KV cache in use": "vllm:kv_cache_usage_perc",
+}
+"""The gauges of a vLLM server's /metrics that say how loaded it is now: the calls its steps
+run, the calls it keeps waiting (under cache pressure, for KV blocks to free), and the share of
+its KV cache that running calls hold."""
+
+
+def metric_totals(metrics_text: str, names: dict[str, str]) -> dict[str, float]:
+    """The values of `names` (key -> metric name) in a Prometheus page, each summed over its
+    label sets (a server with several engines reports one line each); NaN for a metric the
+    page lacks."""
+    found: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for key, name in names.items():
+            if line.startswith((name + "{", name + " ")):
+                try:
+                    found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    continue
+    return {key: found.get(key, math.nan) for key in names}
 
 
 KV_EVENTS_TOPIC = "kv-events"

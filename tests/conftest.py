@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from proxy.config import Settings
 from proxy.observer_process import ObserverProcess
-from proxy.server import OBSERVER, SERVER_KWARGS, build_app
+from proxy.server import ENGINE, OBSERVER, SERVER_KWARGS, build_app
 from storage.store import Store
 from tests.fake_upstream import FakeUpstream
 
@@ -55,6 +55,21 @@ async def start_proxy(settings: Settings, before=()) -> RunningProxy:
     port = sock.getsockname()[1]
     await web.SockSite(runner, sock).start()
     return RunningProxy(f"http://127.0.0.1:{port}", app, settings.db, runner)
+
+
+class StandInEngine:
+    """The engine preheat runs, as far as the proxy asks: where it is, and whether it is up
+    (a fake upstream plays its server)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url, self.ready, self.state = base_url, True, "ready"
+
+    def embedded(self):
+        """A startup context (`start_proxy`'s `before`) that makes it the proxy's engine."""
+        async def ctx(app: web.Application):
+            app[ENGINE] = self
+            yield
+        return ctx
 
 
 @pytest.fixture

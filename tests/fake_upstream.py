@@ -81,6 +81,7 @@ class FakeUpstream:
         self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_route("*", "/echo{tail:.*}", self.echo)
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -91,6 +92,9 @@ class FakeUpstream:
         self.xargs: list = []
         """Each request's `vllm_xargs` (None where it had none)."""
         self.last_headers: dict[str, str] = {}
+        self.metrics_page: str | None = None
+        """What GET /metrics answers, as a vLLM server's Prometheus page (None: 404, as a
+        server without metrics)."""
 
     @property
     def url(self) -> str:
@@ -329,6 +333,11 @@ class FakeUpstream:
         self.requests += 1
         return web.json_response({"object": "list", "data": [
             {"id": "fake", "object": "model", "created": CREATED, "owned_by": "preheat-tests"}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_page is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=self.metrics_page, content_type="text/plain")
 
     async def echo(self, request: web.Request) -> web.Response:
         self.requests += 1

@@ -12,8 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import httpx
 from aiohttp import web
 
+from engine.supervisor import LOAD_GAUGES, metric_totals
 from proxy.admin import knowledge as kn
 from proxy.admin import queries, views, views_calls
 from proxy.admin.auth import require_token
@@ -33,6 +35,8 @@ class AdminState:
     """Each optimisation's switch and live figures (`proxy.admin.live`; on the event loop)."""
 
 
+ENGINE_READ_TIMEOUT = 1.0
+"""Seconds the overview waits for the engine's /metrics."""
 ADMIN = web.AppKey("admin", AdminState)
 LIVE = "live"
 """Where a page that shows live figures finds them in its data function's arguments."""
@@ -59,6 +63,24 @@ def _engine_state(engine: Any) -> dict:
     cache = getattr(engine, "cache", None)
     if cache is not None and hasattr(cache, "tokens"):
         out["kv_cache_tokens"] = cache.tokens
+    if out.get("ready") is True and isinstance(out.get("base_url"), str):
+        out.update(_engine_load(out["base_url"]))
+    return out
+
+
+def _engine_load(base_url: str) -> dict[str, Any]:
+    """What the engine's own gauges say now (`LOAD_GAUGES`): the calls it runs, those it keeps
+    waiting, and the share of its KV cache in use; nothing where its /metrics cannot be read
+    within ENGINE_READ_TIMEOUT (the page never waits on a busy engine for long)."""
+    try:
+        resp = httpx.get(base_url + "/metrics", timeout=ENGINE_READ_TIMEOUT)
+        text = resp.text if resp.status_code == 200 else ""
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in metric_totals(text, LOAD_GAUGES).items():
+        if value == value:  # (NaN: a gauge this vLLM does not report)
+            out[key] = f"{value:.0%}" if key == "KV cache in use" else int(value)
     return out
 
 

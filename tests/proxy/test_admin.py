@@ -11,7 +11,7 @@ import pytest
 from proxy.admin import ADMIN_TOKEN
 from proxy.admin.graph import NODE_H, NODE_W, Edge, Node, layout, render
 from proxy.config import Settings
-from tests.conftest import start_proxy
+from tests.conftest import StandInEngine, start_proxy
 from tests.proxy.traffic import PAYLOAD, workload
 
 TOKEN = "test-admin-token"
@@ -281,3 +281,34 @@ def test_the_overview_says_how_long_admission_held_calls():
     assert dict(_admission(admission, metrics.waits))["calls held over 10 ms"] == \
         "4 of 10 (half within 0.01 s, 90% within 5 s)"
     assert metrics.waits.at_most(1.0) == 30.0 and metrics.waits.at_most(0.7) == 0.5
+
+
+async def test_the_overview_shows_what_the_engine_runs_and_keeps_waiting(upstream, tmp_path):
+    """Read from the engine's own gauges when the page is asked for: a user sees whether
+    calls wait inside the engine for KV blocks (cache pressure) beside admission's queue."""
+    upstream.metrics_page = "\n".join([
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 5.0',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.968',
+    ])
+    engine = StandInEngine(upstream.url)
+    proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                                       admin_token=TOKEN, prewarm=False),
+                              before=[engine.embedded()])
+    try:
+        shown = (await _get(proxy, "/admin.json", headers=BEARER)).json()["engine"]
+        assert shown["calls running"] == 3 and shown["calls waiting in it"] == 5
+        assert shown["KV cache in use"] == "97%"
+        page = (await _get(proxy, "/admin", headers=BEARER)).text
+        assert "calls waiting in it" in page and "97%" in page
+        # A vLLM without metrics, or an engine restarting: the rest of the page as before.
+        upstream.metrics_page = None
+        shown = (await _get(proxy, "/admin.json", headers=BEARER)).json()["engine"]
+        assert shown["state"] == "ready" and "calls running" not in shown
+        upstream.metrics_page = 'vllm:num_requests_running{engine="0"} 1.0'
+        engine.ready, engine.state = False, "restarting"
+        shown = (await _get(proxy, "/admin.json", headers=BEARER)).json()["engine"]
+        assert shown["state"] == "restarting" and "calls running" not in shown
+    finally:
+        await proxy.runner.cleanup()

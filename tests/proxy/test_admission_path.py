@@ -9,13 +9,11 @@ import time
 import httpx
 import pytest
 
-from aiohttp import web
-
 from engine.admission import Admission, prompt_chain
 from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.server import ADMISSION, ENGINE, _ticket, queued_seconds
-from tests.conftest import start_proxy
+from tests.conftest import StandInEngine, start_proxy
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 20}
 
@@ -202,25 +200,13 @@ async def test_without_pressure_the_engine_gets_requests_as_sent(upstream, tmp_p
         await proxy.runner.cleanup()
 
 
-class Engine:
-    """The engine preheat runs, as far as the proxy asks: where it is, and whether it is up."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url, self.ready, self.state = base_url, True, "ready"
-
-
 async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_path):
     """A call admission let go after the engine died gets the 503 of an engine restarting,
     not the 502 of sending it to a dead engine."""
-    engine = Engine(upstream.url)
-
-    async def embedded(app: web.Application):
-        app[ENGINE] = engine
-        yield
-
+    engine = StandInEngine(upstream.url)
     proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
                                        admission_capacity_tokens=2000, admission_max_wait=1,
-                                       prewarm=False), before=[embedded])
+                                       prewarm=False), before=[engine.embedded()])
     url = proxy.url + "/v1/chat/completions"
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -240,14 +226,9 @@ async def test_calls_held_when_the_engine_dies_are_told_to_retry(upstream, tmp_p
 
 
 async def test_the_prompt_cache_answers_while_the_engine_restarts(upstream, tmp_path):
-    engine = Engine(upstream.url)
-
-    async def embedded(app: web.Application):
-        app[ENGINE] = engine
-        yield
-
+    engine = StandInEngine(upstream.url)
     proxy = await start_proxy(Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
-                                       prewarm=False), before=[embedded])
+                                       prewarm=False), before=[engine.embedded()])
     url = proxy.url + "/v1/chat/completions"
     call = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
     try:
