@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from engine.model import DEMO_MAX_TOKENS
-from engine.supervisor import DEMO_NAME
+from engine.supervisor import DEMO_NAME, LOAD_GAUGES, metric_totals
 from engine.tokenizer import EngineTokenizer
 from engine.warm import Warmer
 
@@ -46,6 +46,21 @@ async def test_started_healthy_with_our_flags(running):
         models = (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]][0] == running.model
     assert any("Application startup complete" in line for line in engine.last_log_lines(200))
+
+
+async def test_the_engine_reports_the_gauges_the_admin_page_and_benchmark_read(running):
+    """vLLM's own names for the calls it runs and keeps waiting, and its KV cache in use
+    (`LOAD_GAUGES`), and for what it computed (`ENGINE_COUNTERS`): renamed in a later vLLM,
+    they would silently read as nothing."""
+    from bench.e2e_modes import ENGINE_COUNTERS
+
+    async with httpx.AsyncClient(base_url=running.engine.base_url, timeout=60) as client:
+        page = (await client.get("/metrics")).text
+    load = metric_totals(page, LOAD_GAUGES)
+    assert all(v == v for v in load.values()), load  # none missing (NaN)
+    assert 0.0 <= load["KV cache in use"] <= 1.0
+    counters = metric_totals(page, ENGINE_COUNTERS)
+    assert all(v == v for v in counters.values()), counters
 
 
 async def test_the_demo_model_has_a_name_and_a_default_output_limit(running):
