@@ -463,8 +463,9 @@ class GaugeSampler:
         async with httpx.AsyncClient(timeout=30) as client:
             while True:
                 try:
-                    self.samples.append(counted((await client.get(self.url)).text,
-                                                ENGINE_GAUGES))
+                    resp = await client.get(self.url)
+                    if resp.status_code == 200:  # (else a read missed: the next one counts)
+                        self.samples.append(metric_totals(resp.text, ENGINE_GAUGES))
                 except httpx.HTTPError:
                     pass  # a read missed: the next one counts
                 await asyncio.sleep(SAMPLE_EVERY)
