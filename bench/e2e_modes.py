@@ -419,15 +419,10 @@ cached, and vLLM's prefix-cache counters count new requests only."""
 
 
 async def engine_counters(engine: Engine) -> dict[str, float]:
-    """ENGINE_COUNTERS' totals so far (`counted`)."""
+    """ENGINE_COUNTERS' totals so far, summed over their labels (`metric_totals`)."""
     async with httpx.AsyncClient(timeout=30) as client:
-        return counted((await client.get(engine.base_url + "/metrics")).text)
-
-
-def counted(metrics: str, names: dict[str, str] = ENGINE_COUNTERS) -> dict[str, float]:
-    """The totals of `names` (key -> metric) in a Prometheus page, summed over their labels
-    (NaN for one the page lacks: an engine that does not count it; `metric_totals`)."""
-    return metric_totals(metrics, names)
+        page = (await client.get(engine.base_url + "/metrics")).text
+    return metric_totals(page, ENGINE_COUNTERS)  # NaN for one this engine does not count
 
 
 ENGINE_GAUGES = {

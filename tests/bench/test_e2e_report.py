@@ -18,6 +18,7 @@ from bench import e2e_modes
 from bench.cpu import cpu_seconds
 from bench.e2e import CallResult, _headroom, _median_row, engine_load, held_idle, report
 from engine.process import free_port
+from engine.supervisor import metric_totals
 
 
 def row(e2e: float, makespan: float, calls: int = 10) -> dict:
@@ -65,9 +66,9 @@ def test_the_engine_counters_are_read_from_its_metrics_page():
         'vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9',
         'vllm:generation_tokens_total{engine="0",model_name="m"} 9000.0',
     ])
-    assert e2e_modes.counted(page) == {"preempted": 3.0, "stepped": 12500.0,
-                                       "generated": 9000.0}
-    missing = e2e_modes.counted("vllm:num_preemptions_total 1.0")
+    assert metric_totals(page, e2e_modes.ENGINE_COUNTERS) == {
+        "preempted": 3.0, "stepped": 12500.0, "generated": 9000.0}
+    missing = metric_totals("vllm:num_preemptions_total 1.0", e2e_modes.ENGINE_COUNTERS)
     assert missing["preempted"] == 1.0 and missing["generated"] != missing["generated"]
 
 
