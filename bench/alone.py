@@ -25,12 +25,12 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu import invocation, machine  # noqa: E402
 from bench.e2e import _shapes_mix, _warm_up, reset_cache, run_workload  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 
 
 async def measure(idle: float) -> tuple[dict, dict[str, float], list]:
     model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
-    engine = Engine(model, kv_cache_bytes=512 << 20, env={"VLLM_SERVER_DEV_MODE": "1"})
+    engine = Engine(model, kv_cache_bytes=kv_bytes(512 << 20), env={"VLLM_SERVER_DEV_MODE": "1"})
     await engine.start()
     instances = _shapes_mix(False, seed=3)
     try:

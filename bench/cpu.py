@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from engine.process import proc_fields, stat_cpu_seconds
+from engine.process import cpu_dtype, engine_flavour, kv_scale, proc_fields, stat_cpu_seconds
 
 
 def cpu_seconds(pid: int | None) -> tuple[float, float]:
@@ -28,21 +28,26 @@ def machine() -> str:
     """The cores and the processor the figures were taken on, for a report's header
     ("2 CPU cores (AMD EPYC, AVX-512 BF16)"): the same benchmark ran twice as fast on one
     machine of this project's kind as on another, so a figure names its processor."""
-    name, flags = "", set()
+    name, flags, text = "", set(), ""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not name:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+            text = f.read()
     except OSError:
         pass
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
     isa = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
     about = ", ".join(x for x in (name, isa) if x)
-    return f"{os.cpu_count()} CPU cores" + (f" ({about})" if about else "")
+    dtype = cpu_dtype(text) if engine_flavour(sys.executable) == "cpu" else None
+    scale = kv_scale(dtype)
+    engine = (f"; the engine in {dtype}, its KV caches {scale}x the bytes named, for the same "
+              "tokens" if dtype and scale != 1 else "")
+    return f"{os.cpu_count()} CPU cores" + (f" ({about}{engine})" if about or engine else "")
 
 
 SETTINGS = ("PREHEAT_", "VLLM_", "ONEDNN_", "DNNL_", "OMP_", "KMP_", "LD_PRELOAD")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cpu import invocation, machine  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096)
 COUNTS = (1, 2, 4, 8, 16, 32)
@@ -50,7 +50,7 @@ async def together(client: httpx.AsyncClient, engine: Engine, prompts: list[list
 
 async def measure(capacity_mib: int) -> list[tuple[int, int, float]]:
     model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
-    engine = Engine(model, kv_cache_bytes=capacity_mib << 20, env={"VLLM_SERVER_DEV_MODE": "1"})
+    engine = Engine(model, kv_cache_bytes=kv_bytes(capacity_mib << 20), env={"VLLM_SERVER_DEV_MODE": "1"})
     await engine.start()
     rng = random.Random(0)
     rows = []

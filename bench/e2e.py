@@ -49,7 +49,7 @@ from bench.e2e_report import _headroom, plot, report  # noqa: E402,F401
 from bench.workloads import (Instance, agent_loops, generated, interleave,  # noqa: E402
                              map_reduce, tau_bench)
 from engine.model import ensure_default_model  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 from proxy.config import Settings, options  # noqa: E402
 
 
@@ -107,7 +107,7 @@ async def main_async(args) -> None:
         plot(results, args.out.with_suffix(".png"))
         return text
 
-    big = Engine(model, kv_cache_bytes=args.big_cache << 20, env=env)
+    big = Engine(model, kv_cache_bytes=kv_bytes(args.big_cache << 20), env=env)
     print(f"engine: {model}, KV cache {args.big_cache} MiB", flush=True)
     await big.start()
     await _warm_up(big)
@@ -115,7 +115,7 @@ async def main_async(args) -> None:
         # Cache pressure first: the workloads where admission matters most. Each cache size
         # is its own engine; the oracle runs on the big one.
         for size in sorted({w[3] for w in workloads if w[3]}, reverse=True):
-            engine = Engine(model, kv_cache_bytes=size << 20, env=env, max_model_len=7168)
+            engine = Engine(model, kv_cache_bytes=kv_bytes(size << 20), env=env, max_model_len=7168)
             await engine.start()
             await _warm_up(engine)
             try:

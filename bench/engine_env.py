@@ -4,6 +4,7 @@ offline model: the basis for running vLLM's worker inside its engine process
 allocator's memory.
 
     .venv/bin/python bench/engine_env.py [--repeat 2] [--out bench/results/engine-env.md]
+    .venv/bin/python bench/engine_env.py --dtype [--out bench/results/engine-dtype.md]
 
 Each variant starts its own engine with preheat's flags and only its environment changed,
 the variants taking turns `--repeat` times. It then measures start-up (to /health), the
@@ -12,7 +13,9 @@ by eight calls at once and by one (prompts cached first), and sixteen 512-token 
 sent together, 64 tokens each. Prompts are random token ids. Figures are medians over the
 repeats. The first two variants run on glibc's malloc, as preheat's engine does; the
 tcmalloc variant only where it is installed (Debian's libtcmalloc-minimal4: vLLM's CPU build
-asks for it in LD_PRELOAD and bundles none in its wheel).
+asks for it in LD_PRELOAD and bundles none in its wheel). With `--dtype` the variants are the
+model's dtype instead (bfloat16, float32; `engine.process.cpu_dtype` chooses), each with a
+KV cache holding the same tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu import machine  # noqa: E402
 from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.process import kv_scale  # noqa: E402
+from engine.supervisor import Engine, default_dtype  # noqa: E402
 
 GLIBC = {"LD_PRELOAD": ""}
 """An engine on glibc's malloc, whatever the shell preloads."""
@@ -51,7 +55,13 @@ def tcmalloc() -> str | None:
     return next((p for pattern in TCMALLOC for p in sorted(glob.glob(pattern))), None)
 
 
-def variants() -> dict[str, dict[str, str]]:
+DTYPES = ("bfloat16", "float32")
+
+
+def variants(dtype: bool = False) -> dict[str, dict[str, str]]:
+    """Each variant's environment; with `dtype`, the dtypes (`measure` passes `--dtype`)."""
+    if dtype:
+        return {name: GLIBC for name in DTYPES}
     out = {"worker in the engine process": GLIBC,
            "vLLM's default: worker in its own process": {
                **GLIBC, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
@@ -60,8 +70,12 @@ def variants() -> dict[str, dict[str, str]]:
     return out
 
 
-async def measure(model: str, env: dict[str, str], seed: int) -> dict[str, float]:
-    engine = Engine(model, kv_cache_bytes=256 << 20, env={"VLLM_SERVER_DEV_MODE": "1", **env})
+async def measure(model: str, env: dict[str, str], seed: int,
+                  dtype: str | None = None) -> dict[str, float]:
+    """One variant's figures; `dtype` runs the model in it (else preheat's choice)."""
+    args = ["--dtype", dtype] if dtype else []
+    engine = Engine(model, kv_cache_bytes=kv_scale(dtype or default_dtype()) * (256 << 20),
+                    env={"VLLM_SERVER_DEV_MODE": "1", **env}, engine_args=args)
     start = time.perf_counter()
     await engine.start()
     out = {"start s": time.perf_counter() - start}
@@ -86,16 +100,19 @@ async def measure(model: str, env: dict[str, str], seed: int) -> dict[str, float
     return out
 
 
-def report(runs: dict[str, list[dict[str, float]]], repeat: int) -> str:
+def report(runs: dict[str, list[dict[str, float]]], repeat: int, dtype: bool = False) -> str:
     medians = {name: {m: statistics.median(r[m] for r in rs) for m, _ in METRICS}
                for name, rs in runs.items()}
     base = next(iter(medians.values()))
     lines = [
+        "# The model's dtype and the engine's speed" if dtype else
         "# The engine's process setup and its speed",
         "",
-        f"`.venv/bin/python bench/engine_env.py --repeat {repeat}` on {machine()}, "
+        f"`.venv/bin/python bench/engine_env.py --repeat {repeat}{' --dtype' if dtype else ''}`"
+        f" on {machine()}, "
         f"{time.strftime('%Y-%m-%d')}; model tiny-llama-512x8 (random weights), vLLM CPU build, "
-        "KV cache 256 MiB, preheat's engine flags. Medians of the runs (variants taking "
+        "KV cache 256 MiB (at bfloat16: the same tokens in each variant), preheat's engine "
+        "flags. Medians of the runs (variants taking "
         "turns); in brackets, the ratio to the first row (> 1: better).",
         "",
         "| variant | " + " | ".join(m for m, _ in METRICS) + " |",
@@ -112,10 +129,10 @@ def report(runs: dict[str, list[dict[str, float]]], repeat: int) -> str:
 
 async def main_async(args) -> dict[str, list[dict[str, float]]]:
     model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants()}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants(args.dtype)}
     for i in range(args.repeat):
-        for name, env in variants().items():
-            result = await measure(model, env, seed=i)
+        for name, env in variants(args.dtype).items():
+            result = await measure(model, env, seed=i, dtype=name if args.dtype else None)
             runs[name].append(result)
             print(name, {k: round(v, 2) for k, v in result.items()}, flush=True)
     return runs
@@ -124,9 +141,12 @@ async def main_async(args) -> dict[str, list[dict[str, float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/engine-env.md")
+    parser.add_argument("--dtype", action="store_true",
+                        help="compare the model's dtypes instead of process setups")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = report(asyncio.run(main_async(args)), args.repeat)
+    args.out = args.out or ROOT / f"bench/results/engine-{'dtype' if args.dtype else 'env'}.md"
+    text = report(asyncio.run(main_async(args)), args.repeat, args.dtype)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu import machine  # noqa: E402
 from bench.engine_env import GLIBC, VOCAB, tcmalloc  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 
 AGENTS = 8
 HEAD, STEP, LONGEST = 1024, 200, 3000
@@ -123,7 +123,7 @@ async def agent(client: httpx.AsyncClient, engine: Engine, seed: int, until: flo
 
 
 async def measure(model: str, env: dict[str, str], minutes: float) -> dict:
-    engine = Engine(model, kv_cache_bytes=64 << 20, max_model_len=4096,
+    engine = Engine(model, kv_cache_bytes=kv_bytes(64 << 20), max_model_len=4096,
                     env={"VLLM_SERVER_DEV_MODE": "1", **env})
     await engine.start()
     samples: list[tuple[float, float]] = []

@@ -41,7 +41,7 @@ from bench.e2e_modes import engine_counters  # noqa: E402
 from bench.workloads import CHARS_PER_TOKEN, Instance  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
 from engine.runs import PREFILL_WEIGHT  # noqa: E402
-from engine.supervisor import Engine  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 
 STEP = 0.03
 """Seconds a decoded token takes on the loaded engine (2 CPU cores, 512 x 8 model: ~11.5 ms
@@ -151,7 +151,7 @@ async def main_async(args) -> None:
         if args.only and not any(o in name for o in args.only):
             continue
         kw = {"max_model_len": max_len} if max_len else {}
-        engine = Engine(model, kv_cache_bytes=mib << 20, env=env, **kw)
+        engine = Engine(model, kv_cache_bytes=kv_bytes(mib << 20), env=env, **kw)
         print(f"{name}: engine {model}, KV cache {mib} MiB", flush=True)
         await engine.start()
         try:

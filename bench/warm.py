@@ -30,7 +30,7 @@ import httpx
 
 from engine.mirror import KVMirror
 from engine.model import default_model_dir, is_built
-from engine.supervisor import Engine
+from engine.supervisor import Engine, kv_bytes
 from engine.warm import Warmer
 
 SIZES = (1024, 2048, 4096)
@@ -79,7 +79,7 @@ async def run(trials: int) -> dict:
         print("building the 512 x 8 offline model ...", flush=True)
         subprocess.run([sys.executable, "-m", "engine.model", "--hidden", "512", "--layers", "8"],
                        check=True, capture_output=True)
-    engine = Engine(str(model_dir), kv_cache_bytes=512 << 20, health_timeout=300)
+    engine = Engine(str(model_dir), kv_cache_bytes=kv_bytes(512 << 20), health_timeout=300)
     mirror = KVMirror.for_engine(engine)
     await mirror.start()
     print("starting the engine ...", flush=True)

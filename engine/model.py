@@ -51,10 +51,14 @@ DEMO_MAX_TOKENS = 128
 turn, and an agent sending no limit would otherwise wait for the whole context."""
 
 
+def cache_dir() -> Path:
+    """preheat's cache: $XDG_CACHE_HOME or ~/.cache, /preheat."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "preheat"
+
+
 def default_model_dir(hidden: int = 256, layers: int = 4) -> Path:
-    """Where the offline model of this shape lives: $XDG_CACHE_HOME or ~/.cache, /preheat/models."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "preheat" / "models" / f"tiny-llama-{hidden}x{layers}"
+    """Where the offline model of this shape lives: `cache_dir()`/models."""
+    return cache_dir() / "models" / f"tiny-llama-{hidden}x{layers}"
 
 
 def is_built(model_dir: Path) -> bool:

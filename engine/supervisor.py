@@ -107,6 +107,18 @@ START_TRIES = 3
 Listener = Callable[["Engine", str], None]
 
 
+def default_dtype(python: str | None = None) -> str | None:
+    """The dtype preheat runs the engine installed in `python` in (`Engine.dtype`)."""
+    cpu = process.engine_flavour(python or sys.executable) == "cpu"
+    return process.cpu_dtype() if cpu else None
+
+
+def kv_bytes(bf16_bytes: int, python: str | None = None) -> int:
+    """KV cache bytes that hold in the engine's dtype the tokens `bf16_bytes` hold at
+    bfloat16: benchmarks and tests size their caches by the tokens they hold."""
+    return bf16_bytes * process.kv_scale(default_dtype(python))
+
+
 class Engine:
     """One supervised vLLM server. Not thread-safe: drive it from one event loop."""
 
@@ -183,13 +195,28 @@ class Engine:
     def served_model_name(self) -> str:
         """The name clients put in "model" (vLLM's default: the --model argument; preheat's
         offline demo model: `preheat-demo`, its folder's path being no name a client knows)."""
+        name = self._arg("--served-model-name")
+        if name is not None:
+            return name
+        return DEMO_NAME if self.demo else self.model
+
+    def _arg(self, name: str) -> str | None:
+        """The value `engine_args` give an option (`--name value` or `--name=value`)."""
         args = list(self.engine_args)
         for i, arg in enumerate(args):
-            if arg.startswith("--served-model-name="):
+            if arg.startswith(name + "="):
                 return arg.split("=", 1)[1]
-            if arg == "--served-model-name" and i + 1 < len(args):
+            if arg == name and i + 1 < len(args):
                 return args[i + 1]
-        return DEMO_NAME if self.demo else self.model
+        return None
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the model runs in and its KV cache is kept in: one `engine_args` give,
+        else on the CPU build the processor's (`process.cpu_dtype`: bfloat16 where it is
+        native, float32 elsewhere); None where vLLM chooses (a GPU: the model's own)."""
+        given = self._arg("--dtype")
+        return given if given is not None else default_dtype(self.python)
 
     @property
     def demo(self) -> bool:
@@ -236,7 +263,9 @@ class Engine:
         ]
         kv_bytes = self.kv_cache_bytes
         if process.engine_flavour(self.python) == "cpu":
-            argv += ["--dtype", "bfloat16", "--enforce-eager"]
+            argv += ["--enforce-eager"]
+            if self._arg("--dtype") is None:
+                argv += ["--dtype", self.dtype]
             sized = any(a.startswith(("--kv-cache-memory", "--gpu-memory-utilization"))
                         for a in self.engine_args)
             if kv_bytes is None and not sized:

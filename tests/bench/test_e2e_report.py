@@ -245,6 +245,24 @@ def test_the_report_names_the_processor_its_figures_came_from(monkeypatch, tmp_p
     assert " on 2 CPU cores (AMD EPYC, AVX-512 BF16), " in text.splitlines()[2]
 
 
+def test_the_report_says_the_engine_ran_in_float32_where_bfloat16_is_not_native(
+        monkeypatch, tmp_path):
+    # An AVX2 processor runs the engine in float32 (engine.process.cpu_dtype), whose KV cache
+    # takes twice the bytes for the tokens a report's "128 MiB cache" names.
+    from bench import cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **kw: real_open(
+        info if path == "/proc/cpuinfo" else path, *a, **kw))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu, "engine_flavour", lambda python: "cpu")
+    text = report({"loops": {"direct": row(42.0, 52.0)}}, Namespace(idle=3.0), "x")
+    assert (" on 2 CPU cores (AMD EPYC, AVX2; the engine in float32, its KV caches 2x the "
+            "bytes named, for the same tokens), ") in text.splitlines()[2]
+
+
 def test_the_report_names_the_settings_it_ran_under_and_no_secret(monkeypatch):
     # A variant measured by setting PREHEAT_ADMISSION_MAX_WAIT=5 must not read as the
     # defaults; the environment the benchmark passes on may also hold secrets.

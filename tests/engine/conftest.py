@@ -3,7 +3,8 @@
 Engine tests are marked `engine` and skipped with PREHEAT_SKIP_ENGINE=1. They share the
 session's event loop, because the engine's watcher and the KV mirror are tasks on it. The
 engine runs as a subprocess, so vLLM's import-time warnings never reach pytest. Its KV cache
-is 32 MiB (16,384 tokens, 128 blocks of 128): small enough that a few prompts evict others.
+holds 16,384 tokens (128 blocks of 128: 32 MiB at bfloat16, 64 MiB in float32): small enough
+that a few prompts evict others.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import pytest_asyncio
 
 from engine.model import ensure_default_model
-from engine.supervisor import Engine
+from engine.supervisor import Engine, kv_bytes
 
-KV_CACHE_BYTES = 32 << 20
+KV_CACHE_BYTES = kv_bytes(32 << 20)
+"""16,384 tokens in the engine's dtype: 32 MiB at bfloat16, 64 MiB where it runs in float32."""
 SKIP = os.environ.get("PREHEAT_SKIP_ENGINE") == "1"
 
 

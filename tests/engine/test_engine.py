@@ -9,9 +9,11 @@ import httpx
 import pytest
 
 from engine.model import DEMO_MAX_TOKENS
+from engine.process import kv_scale
 from engine.supervisor import DEMO_NAME, LOAD_GAUGES, metric_totals
 from engine.tokenizer import EngineTokenizer
 from engine.warm import Warmer
+from tests.engine.conftest import KV_CACHE_BYTES
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.timeout(300)]
@@ -40,7 +42,9 @@ async def test_started_healthy_with_our_flags(running):
     assert engine.state == "ready" and engine.ready and engine.pid
     assert engine.base_url.startswith("http://127.0.0.1:")
     assert engine.cache is not None and engine.cache.block_size == BLOCK
-    assert engine.cache.num_blocks == (32 << 20) // (2048 * BLOCK)  # 2 KiB a token
+    # 16,384 tokens: 2 KiB a token at bfloat16, 4 KiB in float32 (the cache's bytes doubled)
+    assert engine.cache.num_blocks == KV_CACHE_BYTES // (kv_scale(engine.dtype) * 2048 * BLOCK)
+    assert engine.cache.num_blocks * BLOCK == 16_384
     async with httpx.AsyncClient(base_url=engine.base_url) as client:
         assert (await client.get("/health")).status_code == 200
         models = (await client.get("/v1/models")).json()

@@ -28,3 +28,28 @@ def test_the_cpu_engine_keeps_few_onednn_primitives_unless_told_otherwise(tmp_pa
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # one's own
     cpu = process.engine_env(tmp_path / "work", cpu=True)
     assert cpu["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+
+
+def test_vllms_cache_outlives_the_engine_in_preheats_cache_or_the_users(tmp_path, monkeypatch):
+    """What vLLM learns of the model's class (15 s of each start to work out again) is kept
+    across starts, where the user put vLLM's cache or in preheat's own."""
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for work in ("first", "second"):  # each engine start has a work folder of its own
+        env = process.engine_env(tmp_path / work, cpu=True)
+        assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "xdg/preheat/vllm")
+    assert (tmp_path / "xdg/preheat/vllm").is_dir()
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "mine"))
+    assert process.engine_env(tmp_path / "w", cpu=False)["VLLM_CACHE_ROOT"] == str(
+        tmp_path / "mine")
+
+
+def test_vllms_cache_falls_back_to_the_work_folder_where_preheats_cannot_be_made(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    (tmp_path / "file").write_text("")  # a cache home that is a file: no folder under it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    env = process.engine_env(tmp_path / "work", cpu=True)
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "work/cache/vllm")
+    assert (tmp_path / "work/cache/vllm").is_dir()

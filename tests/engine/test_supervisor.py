@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from engine.errors import EngineError, diagnose
-from engine.supervisor import Engine
+from engine import process
+from engine.supervisor import Engine, kv_bytes
+from tests.engine.conftest import KV_CACHE_BYTES
 
 async def start_error(engine: Engine) -> EngineError:
     with pytest.raises(EngineError) as info:
@@ -33,6 +35,37 @@ async def test_model_path_that_does_not_exist(tmp_path):
 async def test_model_folder_without_config(tmp_path):
     error = await start_error(Engine(str(tmp_path)))
     assert "holds no config.json" in error.advice
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nmodel name\t: AMD EPYC\n"
+
+
+@pytest.mark.parametrize("cpuinfo, dtype", [
+    (AVX2_ONLY, "float32"),
+    (AVX2_ONLY.replace("avx2", "avx2 avx512f avx512_bf16"), "bfloat16"),
+    (AVX2_ONLY.replace("avx2", "avx2 amx_bf16 amx_tile"), "bfloat16"),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", "bfloat16"),  # Arm
+    ("processor\t: 0\nFeatures\t: fp asimd\n", "float32"),
+    ("", "bfloat16"),  # nothing known of it: vLLM's own choice for such a model
+])
+def test_bfloat16_only_where_the_processor_computes_it(cpuinfo, dtype):
+    assert process.cpu_dtype(cpuinfo) == dtype
+    assert process.kv_scale(dtype) == (2 if dtype == "float32" else 1)
+
+
+def test_the_cpu_engine_runs_in_the_processors_dtype_unless_told(monkeypatch):
+    if process.engine_flavour(sys.executable) != "cpu":
+        pytest.skip("the CPU build is not installed here")
+    monkeypatch.setattr(process, "cpu_dtype", lambda: "float32")
+    engine = Engine("m")
+    argv = engine.command()
+    assert engine.dtype == "float32" and argv[argv.index("--dtype") + 1] == "float32"
+    assert kv_bytes(32 << 20) == 64 << 20  # as many tokens as 32 MiB at bfloat16
+    for told in (["--dtype", "bfloat16"], ["--dtype=bfloat16"]):
+        engine = Engine("m", engine_args=told)
+        argv = engine.command()
+        assert engine.dtype == "bfloat16"
+        assert sum(a.startswith("--dtype") for a in argv) == 1  # the user's alone
 
 
 @pytest.fixture
@@ -202,7 +235,6 @@ async def test_a_port_taken_before_the_engine_binds_it_costs_one_more_try(
         tiny_model, monkeypatch, caplog):
     # The race a free port is open to: preheat chooses the KV-event replay port free, and
     # another process binds it before vLLM does.
-    from engine import process
     from engine.mirror import KVMirror
 
     with socket.socket() as busy:
@@ -218,7 +250,7 @@ async def test_a_port_taken_before_the_engine_binds_it_costs_one_more_try(
             return [taken] if len(chosen) == 3 else ports  # init, HTTP, then replay
 
         monkeypatch.setattr(process, "free_ports", free_ports)
-        engine = Engine(str(tiny_model), kv_cache_bytes=32 << 20, health_timeout=200)
+        engine = Engine(str(tiny_model), kv_cache_bytes=KV_CACHE_BYTES, health_timeout=200)
         mirror = KVMirror.for_engine(engine)
         await mirror.start()
         try:
