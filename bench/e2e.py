@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,9 @@ async def main_async(args) -> None:
     workloads = [w for w in workloads if not args.only or any(o in w[0] for o in args.only)]
     if args.cold:  # nothing learned first
         workloads = [(name, instances, [], *rest) for name, instances, _, *rest in workloads]
+    if args.time_scale != 1.0:
+        workloads = [(name, slowed(instances, args.time_scale), slowed(train, args.time_scale),
+                      *rest) for name, instances, train, *rest in workloads]
 
     engines = (f"model {Path(model).name} (random weights), vLLM CPU build, KV cache "
                f"{args.big_cache} MiB (pressure runs: {medium} and {small} MiB)")
@@ -162,6 +166,15 @@ async def _warm_up(engine: Engine) -> None:
     await run_workload(engine.base_url, engine.served_model_name, warm)
 
 
+def slowed(instances: list[Instance], scale: float) -> list[Instance]:
+    """The instances with every tool gap and start `scale` times as long: on an engine
+    `scale` times slower, the same share of each agent's time in the engine as on a faster
+    one (what admission's trade between waits and recompute turns on)."""
+    return [replace(inst, start=inst.start * scale,
+                    calls=[replace(c, gap=c.gap * scale) for c in inst.calls])
+            for inst in instances]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer instances (a smoke run)")
@@ -175,6 +188,10 @@ def main() -> None:
                         help="tau-bench agents at once in the cache-pressure workload")
     parser.add_argument("--idle", type=float, default=3.0,
                         help="seconds the engine sits idle, its cache empty, before each mode")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="tool gaps and start times this many times as long (on an "
+                        "engine N times slower than another, N gives the other's ratio of "
+                        "engine time to tool time)")
     parser.add_argument("--only", nargs="*", help="run the workloads whose names contain these")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
                         help="direct, preheat-off and preheat-on run in the order given (the "

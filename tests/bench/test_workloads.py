@@ -6,7 +6,8 @@ import pytest
 
 from bench import workloads
 from bench.shapes import SHAPES, generate
-from bench.workloads import Call, Instance, generated, map_reduce, working_set_tokens
+from bench.workloads import (Call, Instance, agent_loops, generated, map_reduce,
+                             working_set_tokens)
 
 
 def fake_outputs(instance: Instance) -> dict[str, str]:
@@ -80,3 +81,20 @@ def test_working_set_counts_a_shared_prefix_once_and_only_what_is_held_at_once()
     assert working_set_tokens(instances) == 100 + 2 * (200 + 10)
     one_after_the_other = {("a", "c0"): (0.0, 1.0), ("b", "c0"): (2.0, 3.0)}
     assert working_set_tokens(instances, one_after_the_other) == 100 + 200 + 10
+
+
+def test_a_time_scale_lengthens_the_tool_gaps_and_starts_and_nothing_else():
+    # `bench/e2e.py --time-scale N`: on an engine N times slower, agents whose tool time is N
+    # times as long spend the same share of their time in the engine.
+    from bench.e2e import slowed
+
+    loops = agent_loops(3, 4, seed=4)
+    gaps = [[c.gap for c in inst.calls] for inst in loops]
+    slow = slowed(loops, 5.0)
+    for before, after, were in zip(loops, slow, gaps):
+        assert after.start == pytest.approx(5.0 * before.start)
+        assert [c.gap for c in after.calls] == pytest.approx([5.0 * g for g in were])
+        assert [c.messages for c in after.calls] == [c.messages for c in before.calls]
+        assert [c.key for c in after.calls] == [c.key for c in before.calls]
+        assert [c.gap for c in before.calls] == were  # the originals are left as they were
+    assert any(g > 0 for inst in gaps for g in inst) and any(i.start > 0 for i in loops)
