@@ -50,7 +50,8 @@ async def together(client: httpx.AsyncClient, engine: Engine, prompts: list[list
 
 async def measure(capacity_mib: int) -> list[tuple[int, int, float]]:
     model = str(await asyncio.to_thread(ensure_default_model, 512, 8))
-    engine = Engine(model, kv_cache_bytes=kv_bytes(capacity_mib << 20), env={"VLLM_SERVER_DEV_MODE": "1"})
+    engine = Engine(model, kv_cache_bytes=kv_bytes(capacity_mib << 20),
+                    env={"VLLM_SERVER_DEV_MODE": "1"})
     await engine.start()
     rng = random.Random(0)
     rows = []
