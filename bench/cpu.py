@@ -7,7 +7,8 @@ import os
 import shlex
 import sys
 
-from engine.process import cpu_dtype, engine_flavour, kv_scale, proc_fields, stat_cpu_seconds
+from engine.process import (cpu_dtype, cpu_flags, engine_flavour, kv_scale, proc_fields,
+                            stat_cpu_seconds)
 
 
 def cpu_seconds(pid: int | None) -> tuple[float, float]:
@@ -28,18 +29,15 @@ def machine() -> str:
     """The cores and the processor the figures were taken on, for a report's header
     ("2 CPU cores (AMD EPYC, AVX-512 BF16)"): the same benchmark ran twice as fast on one
     machine of this project's kind as on another, so a figure names its processor."""
-    name, flags, text = "", set(), ""
+    text = ""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
         pass
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not name:
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+    name = next((line.partition(":")[2].strip() for line in text.splitlines()
+                 if line.partition(":")[0].strip() == "model name"), "")
+    flags = cpu_flags(text)
     isa = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
     about = ", ".join(x for x in (name, isa) if x)

@@ -221,12 +221,19 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             return "bfloat16"
+    flags = cpu_flags(cpuinfo)
+    return "bfloat16" if flags & NATIVE_BF16 or not flags else "float32"
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The processor's feature flags in the text of /proc/cpuinfo (x86 "flags", Arm
+    "Features")."""
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
-    return "bfloat16" if flags & NATIVE_BF16 or not flags else "float32"
+    return flags
 
 
 def kv_scale(dtype: str | None) -> int:
