@@ -119,6 +119,12 @@ class Settings:
         "instead); true where the upstream is a vLLM started from preheat's environment with "
         "PREHEAT_EVICTION_HINTS=1. Needs admission."
     )
+    admission_guest_busy_below: float = _opt(
+        0.9, "Guests go in only while the engine was busy less than this share of the last "
+        "20 s: a guest's calls prefill their history again, which an engine never idle takes "
+        "from the resident sessions (a guest whose prompt the resident sessions mostly hold "
+        "goes in regardless); 1 lets them in whenever they fit."
+    )
     admission_evict_done: bool = _opt(
         True, "A session's call that admission expects to be its last (it has made as many "
         "calls as nearly all finished sessions of its agent) asks the engine to evict its "

@@ -131,6 +131,7 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
                 guests=guests, evict_done=settings.admission_evict_done and hints,
                 handoff=settings.admission_handoff,
+                guest_busy_below=settings.admission_guest_busy_below,
             )
             keeper = None
             if OBSERVER in app:

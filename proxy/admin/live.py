@@ -42,7 +42,9 @@ def optimisations(app: web.Application) -> list[dict[str, Any]]:
              admission is not None and admission.guests,
              "needs admission, and preheat's own engine or PREHEAT_ADMISSION_GUESTS=1",
              [("guest calls let in", admission.admitted.get("guest", 0)),
-              ("guest calls on the engine now", admission.guest_calls)]
+              ("guest calls on the engine now", admission.guest_calls),
+              (f"engine busy share, last 20 s (guests go in below {admission.guest_busy_below:g})",
+               admission.busy_share())]
              if admission is not None and admission.guests else []),
         _row("finished sessions evicted first", "admission_evict_done",
              settings.admission_evict_done, admission is not None and admission.evict_done,

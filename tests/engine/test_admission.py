@@ -594,7 +594,7 @@ async def test_waiting_sessions_that_share_a_prompt_head_go_in_together():
 
 
 async def test_a_session_that_does_not_fit_runs_as_a_guest_while_its_prompt_fits():
-    adm = make(1000, hold=60, max_wait=30, guests=True)
+    adm = make(1000, hold=60, max_wait=30, guests=True, guest_busy_below=1.0)  # however busy
     head = "S" * 100
     kind = ticket(adm, body(head)).kind
     adm.restore({"version": 1, "finished": [[700, 4, kind]] * 5, "gaps": [],
@@ -619,7 +619,7 @@ async def test_a_session_that_does_not_fit_runs_as_a_guest_while_its_prompt_fits
 
 
 async def test_a_guest_comes_back_as_the_same_session_and_goes_in_when_it_fits_whole():
-    adm = make(1000, hold=60, max_wait=30, guests=True)
+    adm = make(1000, hold=60, max_wait=30, guests=True, guest_busy_below=1.0)
     head = "S" * 100
     kind = ticket(adm, body(head)).kind
     adm.restore({"version": 1, "finished": [[700, 4, kind]] * 5, "gaps": [],
@@ -641,6 +641,43 @@ async def test_a_guest_comes_back_as_the_same_session_and_goes_in_when_it_fits_w
     await adm.enter(last)
     assert last.group == guest.group and last.how == "returned"  # a session under way
     assert adm.stats().resident_groups == 1 and adm._groups[last.group].calls == 3
+
+
+async def test_guests_go_in_only_on_an_engine_that_was_idle_some_of_the_time(monkeypatch):
+    # A guest's history goes first, so each of its calls prefills again: on an engine busy
+    # all the time that is taken from the resident sessions, and the guest waits instead,
+    # unless the resident sessions hold most of its prompt (a long shared head).
+    clock = Clock()
+    monkeypatch.setattr(admission_module, "time", clock)
+    adm = make(2000, hold=60, max_wait=30, guests=True)  # busy share below 0.9, the default
+    head = "S" * 400
+    kind = ticket(adm, body(head)).kind
+    adm.restore({"version": 1, "finished": [[1500, 4, kind]] * 5, "gaps": [],
+                 "chars_per_token": CPT, "runs": []})  # one session at a time fits
+    a = ticket(adm, body(head, "a" * 150))
+    await adm.enter(a)
+    clock.now += 10  # A's call has kept the engine busy all the while
+    dear = ticket(adm, body(head, "b" * 600))  # most of its prompt its own: prefilled again
+    waiting = asyncio.create_task(adm.enter(dear))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and adm.busy_share() == 1.0 and adm.guest_calls == 0
+    cheap = ticket(adm, body(head, "c" * 100))  # mostly the head A holds
+    await asyncio.wait_for(adm.enter(cheap), 2)  # at the next look at the queue
+    assert cheap.how == "guest" and not waiting.done()
+    adm.leave(cheap, 10)
+    waiting.cancel()  # (its client gave up)
+    await asyncio.gather(waiting, return_exceptions=True)
+    adm.leave(a, 10)
+    clock.now += 10  # A in its tool call: the engine idle half of the last 20 s
+    a = ticket(adm, body(head, "a" * 150, "tool result"))
+    await adm.enter(a)
+    assert a.how == "resident"
+    clock.now += 1
+    dear = ticket(adm, body(head, "d" * 600))
+    await asyncio.wait_for(adm.enter(dear), 0.5)
+    assert dear.how == "guest" and adm.busy_share() == 0.5
+    adm.leave(dear, 10)
+    adm.leave(a, 10)
 
 
 async def test_a_sessions_last_call_is_sent_to_be_evicted_first_under_pressure():

@@ -315,7 +315,7 @@ async def _debate_beside_a_filler(fill: float = 1.0, sizes: tuple[int, int] = (2
     (a run of its own) with two debaters of `sizes` tokens (by default the first fits, the
     second will not)."""
     adm = Admission(1000, fill=fill, ordering=True, running=100, hold=0.05, max_wait=10.0,
-                    guests=guests)
+                    guests=guests, guest_busy_below=1.0)  # guests however busy the engine
     adm.chars_per_token = 1.0
     adm.runs.together = 0.5
 
@@ -460,7 +460,7 @@ async def test_a_hand_off_its_idle_run_waits_for_goes_in_at_once(guests, handoff
     leaving makes: it goes in at once, while a session of another run waits (and so does
     the critic, with the switch off)."""
     adm = Admission(1000, fill=1.0, ordering=True, running=100, hold=30.0, max_wait=10.0,
-                    guests=guests, handoff=handoff)
+                    guests=guests, handoff=handoff, guest_busy_below=1.0)
     adm.chars_per_token = 1.0
     adm.runs.together = 0.0  # every root a run of its own
 

@@ -215,7 +215,8 @@ async def test_the_overview_counts_the_guests_and_says_when_they_cannot_run(upst
     assert rows[name]["switch"] == "--no-admission-guests / PREHEAT_ADMISSION_GUESTS"
     assert rows["finished sessions evicted first"]["state"].startswith("inactive (needs")
 
-    adm = Admission(1000, fill=1.0, hold=60, max_wait=30, guests=True, evict_done=True)
+    adm = Admission(1000, fill=1.0, hold=60, max_wait=30, guests=True, evict_done=True,
+                    guest_busy_below=1.0)
     adm.chars_per_token = 1.0
 
     def ticket(*contents: str):
@@ -231,11 +232,13 @@ async def test_the_overview_counts_the_guests_and_says_when_they_cannot_run(upst
     app = {SETTINGS: Settings(upstream=upstream.url, admission_guests=True), ADMISSION: adm}
     row = {r["name"]: r for r in optimisations(app)}[name]
     assert row["state"] == "on"
-    assert dict(row["figures"]) == {"guest calls let in": 1, "guest calls on the engine now": 1}
+    figures = dict(row["figures"])
+    busy = figures.pop("engine busy share, last 20 s (guests go in below 1)")
+    assert figures == {"guest calls let in": 1, "guest calls on the engine now": 1}
+    assert 0 < busy <= 1  # (the resident's call has run all the while: a few ms)
     adm.leave(guest, 10)
     rows = {r["name"]: r for r in optimisations(app)}
-    assert dict(rows[name]["figures"]) == {"guest calls let in": 1,
-                                           "guest calls on the engine now": 0}
+    assert dict(rows[name]["figures"])["guest calls on the engine now"] == 0
     done = rows["finished sessions evicted first"]
     assert done["state"] == "on" and done["figures"] == [["last calls sent to be evicted "
                                                          "first", 0]]

@@ -359,7 +359,7 @@ async def test_guests_run_at_once_with_their_blocks_marked_to_go_first(upstream,
     the last call of a resident session, as the learned sessions make four."""
     settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/g.db",
                         admission_capacity_tokens=1500, admission_max_wait=30.0,
-                        admission_guests=True, prewarm=False)
+                        admission_guests=True, admission_guest_busy_below=1.0, prewarm=False)
     proxy = await start_proxy(settings)
     try:
         # As if learned: these sessions grow to 500 tokens of their own, so three fit.
