@@ -37,8 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cpu import machine  # noqa: E402
 from bench.decode_load import together  # noqa: E402
 from engine.model import ensure_default_model  # noqa: E402
-from engine.process import kv_scale  # noqa: E402
-from engine.supervisor import Engine, default_dtype  # noqa: E402
+from engine.supervisor import Engine, kv_bytes  # noqa: E402
 
 GLIBC = {"LD_PRELOAD": ""}
 """An engine on glibc's malloc, whatever the shell preloads."""
@@ -74,7 +73,7 @@ async def measure(model: str, env: dict[str, str], seed: int,
                   dtype: str | None = None) -> dict[str, float]:
     """One variant's figures; `dtype` runs the model in it (else preheat's choice)."""
     args = ["--dtype", dtype] if dtype else []
-    engine = Engine(model, kv_cache_bytes=kv_scale(dtype or default_dtype()) * (256 << 20),
+    engine = Engine(model, kv_cache_bytes=kv_bytes(256 << 20, dtype=dtype),
                     env={"VLLM_SERVER_DEV_MODE": "1", **env}, engine_args=args)
     start = time.perf_counter()
     await engine.start()

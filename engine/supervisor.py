@@ -113,10 +113,11 @@ def default_dtype(python: str | None = None) -> str | None:
     return process.cpu_dtype() if cpu else None
 
 
-def kv_bytes(bf16_bytes: int, python: str | None = None) -> int:
-    """KV cache bytes that hold in the engine's dtype the tokens `bf16_bytes` hold at
-    bfloat16: benchmarks and tests size their caches by the tokens they hold."""
-    return bf16_bytes * process.kv_scale(default_dtype(python))
+def kv_bytes(bf16_bytes: int, python: str | None = None, dtype: str | None = None) -> int:
+    """KV cache bytes that hold in the engine's dtype (`dtype`, else preheat's choice for
+    this machine) the tokens `bf16_bytes` hold at bfloat16: benchmarks and tests size their
+    caches by the tokens they hold."""
+    return bf16_bytes * process.kv_scale(dtype or default_dtype(python))
 
 
 class Engine:

@@ -61,6 +61,7 @@ def test_the_cpu_engine_runs_in_the_processors_dtype_unless_told(monkeypatch):
     argv = engine.command()
     assert engine.dtype == "float32" and argv[argv.index("--dtype") + 1] == "float32"
     assert kv_bytes(32 << 20) == 64 << 20  # as many tokens as 32 MiB at bfloat16
+    assert kv_bytes(32 << 20, dtype="bfloat16") == 32 << 20  # a dtype named wins
     for told in (["--dtype", "bfloat16"], ["--dtype=bfloat16"]):
         engine = Engine("m", engine_args=told)
         argv = engine.command()
