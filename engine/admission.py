@@ -267,10 +267,7 @@ class Admission:
         t._future = asyncio.get_running_loop().create_future()
         t._seq = next(self._seq)
         self._waiting.append(t)
-        if self.runs is not None:
-            self._release_ready()
-        else:
-            self._schedule()
+        self._release_ready()  # it may go at once behind one that waits (backfill, a guest)
         try:
             await t._future
         except asyncio.CancelledError:
