@@ -108,7 +108,9 @@ with the tool gaps five times as long 1.75x against 1.47x and 1.22x (makespan 1.
 either way, makespan 1.18x against 1.09x. Guests that prefill little go in regardless
 (`GUEST_CHEAP`): the tau-bench agents under pressure, whose guests share a 4,608-token head
 with the residents, gave 1.17x with this rule alone against 1.50x (bench/NOTEBOOK.md,
-"Guests on an engine with idle time only")."""
+"Guests on an engine with idle time only"). A second turn of each gave the loops 2.30x
+against 1.89x, the mixed workload 2.45x against 1.67x, the tau-bench agents 1.32x against
+1.35x ("The guest rule, second turns")."""
 GUEST_CHEAP = 0.5
 """A guest whose prompt is mostly held by the resident sessions (all but at most this share:
 the tau-bench agents' 4,608-token head) prefills little of it, and goes in however busy the
