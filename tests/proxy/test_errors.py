@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import random
 
 import httpx
 import pytest
 
 from engine.process import free_port
 from proxy.config import Settings
+from proxy.server import ADMISSION
 from tests.conftest import start_proxy
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -280,3 +284,82 @@ async def test_a_stream_whose_model_is_not_text_is_captured_whole(upstream, prox
     assert ex.request_json["model"] == {"name": "m"}
     assert 'preheat_captures_dropped_total{reason="store_error"} 0' in metrics
 
+
+
+def _junk(rng: random.Random, depth: int = 0):
+    """A JSON value of any shape, with the keys and roles a chat body has."""
+    keys = ["role", "content", "type", "text", "name", "tool_calls", "function", "arguments",
+            "image_url", "id"]
+    pick = rng.randrange(10 if depth < 3 else 6)
+    if pick < 6:
+        return [None, True, rng.randint(-2**70, 2**70), rng.random() * 1e308,
+                "x" * rng.randrange(50), "\ud800 lone surrogate"][pick]
+    if pick == 6:
+        return [_junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if pick == 7:
+        return {rng.choice(keys): _junk(rng, depth + 1) for _ in range(rng.randrange(4))}
+    if pick == 8:
+        return {"role": rng.choice(["system", "user", "assistant", "tool", 1, None]),
+                "content": _junk(rng, depth + 1)}
+    return [{"type": rng.choice(["text", "image_url", 3]), "text": _junk(rng, depth + 1)}]
+
+
+def _junk_body(rng: random.Random) -> bytes:
+    body = {"model": rng.choice(["m", 3, None, ["m"]]), "messages": _junk(rng)}
+    if rng.random() < 0.5:
+        body["messages"] = [{"role": "user", "content": _junk(rng)} if rng.random() < 0.5
+                            else _junk(rng) for _ in range(rng.randrange(5))]
+    for key in ("temperature", "seed", "stream", "tools", "max_tokens", "n", "stream_options",
+                "tool_choice", "response_format", "user", "input", "prompt"):
+        if rng.random() < 0.3:
+            body[key] = _junk(rng)
+    raw = json.dumps(body).encode()  # (a lone surrogate goes as its \u escape)
+    return raw[:rng.randrange(len(raw) + 1)] if rng.random() < 0.1 else raw
+
+
+async def test_junk_through_every_stage_is_answered_and_costs_the_other_clients_nothing(
+        upstream, tmp_path, caplog):
+    # Bodies of every shape, valid JSON or cut short, on each route, through admission under
+    # pressure, ordering and the prompt cache, beside well-formed agent sessions.
+    settings = Settings(upstream=upstream.url, db=f"sqlite:///{tmp_path}/p.db",
+                        admission_capacity_tokens=1500, admission_max_wait=1.0, prewarm=False)
+    proxy = await start_proxy(settings)
+    rng = random.Random(7)
+    junk = [(rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/responses"]),
+             _junk_body(rng)) for _ in range(240)]
+    statuses: list[int] = []
+    answers: list[str] = []
+
+    async def junk_client(client: httpx.AsyncClient, share: list) -> None:
+        for route, body in share:
+            r = await client.post(proxy.url + route, content=body,
+                                  headers={"content-type": "application/json"})
+            statuses.append(r.status_code)
+
+    async def agent(client: httpx.AsyncClient, i: int) -> None:
+        messages = [{"role": "system", "content": "You are a careful agent. " * 20},
+                    {"role": "user", "content": f"task {i} " + "detail " * 60}]
+        for step in range(4):
+            r = await client.post(proxy.url + "/v1/chat/completions",
+                                  json={"model": "m", "messages": messages})
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["choices"][0]["message"]["content"])
+            messages += [{"role": "assistant", "content": answers[-1]},
+                         {"role": "user", "content": f"tool output {step}"}]
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            async with httpx.AsyncClient(timeout=30) as client:
+                await asyncio.gather(*(junk_client(client, junk[k::8]) for k in range(8)),
+                                     *(agent(client, i) for i in range(6)))
+                health = await client.get(proxy.url + "/healthz")
+        assert len(statuses) == len(junk) and max(statuses) < 500  # the upstream's answers
+        assert 200 in statuses and 400 in statuses  # (both kinds were sent)
+        assert len(answers) == 24 and all(answers)
+        assert health.status_code == 200
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        stats = proxy.app[ADMISSION].stats()
+        assert stats.waiting == 0 and stats.max_wait_seen < 1.0 + 0.5  # none left, none starved
+        assert len(list((await proxy.store()).exchanges())) == len(junk) + 24  # all captured
+    finally:
+        await proxy.runner.cleanup()
