@@ -198,7 +198,7 @@ async def test_without_load_sizes_or_ordering_nothing_waits():
         await asyncio.gather(*(adm.enter(t) for t in tickets))
         waited[case] = (max(t.waited for t in tickets), adm.held_for_smaller,
                         sum(t.how == "timeout" for t in tickets))
-    longest, held, timeouts = waited.pop("loaded, sized")
+    longest, held, _ = waited.pop("loaded, sized")
     assert longest > 0.15 and held > 0  # big runs wait for the small ones
     # The others go at once: none held, none let go by its bound (counted, not timed: on a
     # loaded machine the event loop itself takes milliseconds to run them)
