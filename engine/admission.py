@@ -145,13 +145,10 @@ class Admission:
         evict_done: bool = False,
         handoff: bool = True,
         guest_busy_below: float = GUEST_BUSY_BELOW,
-        stalled: bool = True,
     ) -> None:
         self.capacity_tokens = capacity_tokens
         self.handoff = handoff
         """A new session its idle run waits for goes in at once (`_awaited`)."""
-        self.stalled = stalled
-        """A new session of a run stalled on admission goes in (`_stalled`)."""
         self.evict_done = evict_done
         """Under pressure, a session's call expected to be its last asks the engine to evict
         its blocks first once answered (`Ticket.evict_first`; all but the head other sessions
@@ -504,35 +501,6 @@ class Admission:
         mates = [g for g in self._groups.values() if self.runs.run_of(g.id) == rid]
         return bool(mates) and not any(g.in_flight for g in mates)
 
-    def _stalled(self, t: Ticket, now: float) -> bool:
-        """A new session of a run under way that waits on admission: the run has had no
-        call on the engine (none in flight, all its calls arrived since waiting here) for
-        longer than the usual tool time, so its sessions under way wait for this one, as a
-        debater's next round waits for the debaters launched with it. (On the mixed
-        workload under pressure, a debate's first debater went in and its two co-starters
-        waited out the 60 s bound while the first sat between calls, held and then
-        released, and the room it left went to sessions under way of other runs.) Only
-        new sessions: a session under way waiting for room is what admission is for. One
-        at a time: once one goes in, the run has a call in flight again."""
-        if not self.stalled or self.runs is None or not t.run or t.group in self._sessions:
-            return False
-        run = self.runs.get(t.run)
-        if run is None or not run.admitted or now - run.last < self._gap_p90():
-            return False
-        waiting = sum(1 for w in self._waiting
-                      if w.run and w._pending and self.runs.find(w.run) == run.id)
-        return run.pending <= waiting
-
-    def _stall_ends(self, now: float) -> list[float]:
-        """When runs with new sessions waiting here pass their tool time (`_stalled`)."""
-        if not self.stalled or self.runs is None:
-            return []
-        gap = self._gap_p90()
-        rids = {self.runs.find(t.run) for t in self._waiting
-                if t.run and t.group not in self._sessions}
-        return [r.last + gap for r in map(self.runs.get, rids)
-                if r is not None and r.admitted and r.last + gap > now]
-
     def _admit_guest(self, t: Ticket, how: str = "guest") -> None:
         """Let a call go as a guest: counted as load, not as a resident session."""
         self._count_in(t, how)
@@ -750,12 +718,6 @@ class Admission:
                     self._admit_guest(awaited, "handoff")
                 else:
                     self._admit(awaited, "handoff")
-            elif stalled := next((t for t in ranked if self._stalled(t, now)), None):
-                self._waiting.remove(stalled)
-                if self.guests:
-                    self._admit_guest(stalled, "stalled")
-                else:
-                    self._admit(stalled, "stalled")
             elif guest := next((t for t in ranked if self._fits_guest(t)), None):
                 self._waiting.remove(guest)
                 self._admit_guest(guest)
@@ -848,7 +810,6 @@ class Admission:
                       if not g.in_flight]
         if self.runs is not None:  # a run's tool time ends: larger runs may go
             deadlines += tool_time_ends(self.runs, now, self._gap_p90())
-        deadlines += self._stall_ends(now)  # a run waiting on admission stalls
         if self._in_flight < max(1, self.spare_below):  # its recent load falls meanwhile
             deadlines.append(now + IDLE_RECHECK)
         delay = max(0.0, min(deadlines) - now) + 0.001

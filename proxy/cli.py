@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-OPTIMISATIONS = ("admission", "admission_suspend", "admission_guests", "admission_evict_done", "admission_handoff", "admission_stalled", "admission_priority", "ordering", "prompt_cache", "prewarm", "prewarm_static")
+OPTIMISATIONS = ("admission", "admission_suspend", "admission_guests", "admission_evict_done", "admission_handoff", "admission_priority", "ordering", "prompt_cache", "prewarm", "prewarm_static")
 
 
 class CliError(Exception):

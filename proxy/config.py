@@ -138,12 +138,6 @@ class Settings:
         "step) goes in at once, as a guest where guests are on: those sessions keep the room "
         "it would wait for. Needs admission and ordering (which tells the runs)."
     )
-    admission_stalled: bool = _opt(
-        True, "Under pressure, a new session of a workflow run that has had no call on the "
-        "engine for longer than the usual tool time, its other calls all waiting for room (a "
-        "debater launched with one that went in, whose next round waits for it), goes in, as "
-        "a guest where guests are on. Needs admission and ordering (which tells the runs)."
-    )
     admission_priority: bool = _opt(
         True, "Under pressure, send admission's order to the engine as vLLM's `priority` "
         "(sessions under way before new ones; needs --scheduling-policy priority, as "

@@ -130,7 +130,7 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 ordering=settings.ordering, running=settings.ordering_running,
                 suspend=settings.admission_suspend, spare_below=settings.admission_spare_below,
                 guests=guests, evict_done=settings.admission_evict_done and hints,
-                handoff=settings.admission_handoff, stalled=settings.admission_stalled,
+                handoff=settings.admission_handoff,
                 guest_busy_below=settings.admission_guest_busy_below,
             )
             keeper = None

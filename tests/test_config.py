@@ -41,7 +41,7 @@ def test_every_optimisation_has_a_flag_that_switches_it_off():
 
     args = cli.build_parser().parse_args(
         ["serve", "--no-admission", "--no-admission-suspend", "--no-admission-guests",
-         "--no-admission-evict-done", "--no-admission-handoff", "--no-admission-stalled", "--no-admission-priority", "--no-ordering", "--no-prompt-cache", "--no-prewarm",
+         "--no-admission-evict-done", "--no-admission-handoff", "--no-admission-priority", "--no-ordering", "--no-prompt-cache", "--no-prewarm",
          "--no-prewarm-static"])
     settings = cli._settings(args, **{n: getattr(args, n) for n in cli.OPTIMISATIONS})
     assert all(getattr(settings, n) is False for n in cli.OPTIMISATIONS)

@@ -18,7 +18,7 @@ MAX_WAIT = 0.6
 SLACK = 0.35
 """Past `max_wait`: the timer's own delay and the event loop's lag on a busy runner."""
 HOWS = {"resident", "fits", "returned", "waited", "backfill", "spare", "idle", "timeout",
-        "oversize", "guest", "handoff", "stalled"}
+        "oversize", "guest", "handoff"}
 
 
 class Crowd:

@@ -364,40 +364,6 @@ async def test_the_agents_of_a_run_under_way_go_before_a_run_not_begun():
     assert order == ["debater-2", "other-workflow"]
 
 
-@pytest.mark.parametrize("stalled", [True, False])
-async def test_a_run_stalled_on_admission_lets_its_new_session_in(stalled):
-    """Two debaters launched together: the first fits, the second does not, not even as a
-    guest. While the first's call runs, the second waits. Once the first has answered and
-    its run has had nothing on the engine for the tool time, the run waits on the second
-    (its next round needs it): the second goes in, while a session of a run not begun still
-    waits (and, with the switch off, the debater waits with it)."""
-    adm, call, filler, first, second = await _debate_beside_a_filler(guests=True)
-    adm.stalled = stalled
-    await adm.enter(first)
-    debater = asyncio.create_task(adm.enter(second))
-    await asyncio.sleep(0.6)  # the tool time (`hold`) passes many times over
-    assert not debater.done()  # the first debater's call is on the engine: the run moves
-    other = call("O" * 450, "other-workflow")  # fits beside the filler no more than it
-    assert adm.runs.find(other.run) != adm.runs.find(first.run)
-    waiting = asyncio.create_task(adm.enter(other))
-    adm.leave(first, 10)
-    answered = time.monotonic()
-    await asyncio.sleep(0.01)
-    assert not debater.done()  # answered just now: within its tool time
-    if not stalled:
-        await asyncio.sleep(0.3)
-        assert not debater.done() and not waiting.done()
-        debater.cancel()
-        waiting.cancel()
-        return
-    await asyncio.wait_for(debater, 0.5)
-    assert second.how == "stalled" and second.admitted - answered < 0.45
-    assert adm.guest_calls == 1  # its blocks evicted first, as any guest's
-    await asyncio.sleep(0.1)
-    assert not waiting.done()  # a run not begun is not stalled
-    waiting.cancel()
-
-
 async def test_a_run_begun_by_a_guest_is_under_way():
     """A debater that went in as a guest began its run as much as one that went in resident:
     the second debater, waiting, goes before a smaller session of a run not begun."""
