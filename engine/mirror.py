@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import zmq
@@ -83,6 +83,7 @@ class KVMirror:
         self._ready = asyncio.Event()
         self._engine: Engine | None = None
         self._generation: int | None = None  # of the engine process last seen ready
+        self._loss_listeners: list[Callable[[], None]] = []
 
     @classmethod
     def for_engine(cls, engine: Engine, **kw: Any) -> KVMirror:
@@ -154,12 +155,27 @@ class KVMirror:
             last_seq=None if self._expected is None else self._expected - 1,
         )
 
+    def on_loss(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) whenever the engine's cache is seen to lose
+        blocks: evicted, cleared, or a fresh engine's empty cache. The warm planner waits on
+        it to put a learned head back at once, not at its next look."""
+        self._loss_listeners.append(callback)
+
+    def _lost(self) -> None:
+        for callback in self._loss_listeners:
+            try:
+                callback()
+            except Exception:  # a listener's fault must not stop the mirror
+                log.exception("KV mirror loss listener failed")
+
     def reset(self, known: bool, expect_seq: int | None = None) -> None:
         """Forget everything. `known`: the engine's cache is empty now (a fresh engine)."""
         self.index.clear()
         self.known = known
         self._expected = expect_seq
         self._resets += 1
+        if known:
+            self._lost()
 
     async def quiesce(self, idle: float = 0.15, timeout: float = 5.0) -> None:
         """Wait until no event has arrived for `idle` s (tests and benchmarks: let the
@@ -255,6 +271,7 @@ class KVMirror:
         self._last_ts = ts
         self._batches += 1
         index = self.index
+        removed = False
         for raw in batch[1]:
             event = _as_map(raw)
             kind = event.get("type")
@@ -268,8 +285,11 @@ class KVMirror:
                              event["token_ids"], event["block_size"], group, plain)
             elif kind == "BlockRemoved":
                 index.removed(event["block_hashes"], group)
+                removed = True
             elif kind == "AllBlocksCleared":
-                self.reset(known=True, expect_seq=self._expected)
+                self.reset(known=True, expect_seq=self._expected)  # (listeners told)
+        if removed:
+            self._lost()
 
     def _engine_state(self, engine: Engine, state: str) -> None:
         if state == "ready":

@@ -158,6 +158,23 @@ async def test_all_blocks_cleared_empties_it(wire):
     assert mirror.cached_prefix_tokens([5, 6, 7, 8, 0]) == 4
 
 
+async def test_listeners_hear_of_blocks_lost_and_not_of_blocks_stored(wire):
+    """What the warm planner wakes on: an eviction, a cleared cache (once for the batch)."""
+    mirror, pub = wire
+    heard: list[int] = []
+    mirror.on_loss(lambda: heard.append(mirror.stats().batches))
+    mirror.on_loss(lambda: 1 / 0)  # a faulty listener costs the others nothing
+    await pub.publish(stored([11], None, [1, 2, 3, 4]), stored([12], 11, [5, 6, 7, 8]))
+    await settle(mirror, 1)
+    assert heard == []
+    await pub.publish(removed([12]), removed([11]))
+    await settle(mirror, 2)
+    assert heard == [2]  # once for the batch, while it was applied
+    await pub.publish({"type": "AllBlocksCleared"})
+    await settle(mirror, 3)
+    assert heard == [2, 3] and mirror.known
+
+
 async def test_late_mirror_catches_up_by_replay():
     endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     pub = FakePublisher(endpoint, replay)

@@ -169,6 +169,42 @@ async def test_a_missing_head_is_warmed_on_an_idle_engine_once_in_whole_blocks()
     await p.aclose()
 
 
+class ListeningMirror(CountingMirror):
+    def __init__(self, cached: int | None = 0) -> None:
+        super().__init__(cached)
+        self.listeners = []
+
+    def on_loss(self, callback) -> None:
+        self.listeners.append(callback)
+
+    def lose(self, cached: int) -> None:
+        self.cached = cached
+        for callback in self.listeners:
+            callback()
+
+
+async def test_a_head_the_cache_loses_is_warmed_at_once_not_at_the_next_look():
+    """A reset or an eviction the mirror sees wakes the keeper: with a look every 10 s, the
+    head is sent again within a fraction of a second (and not without the mirror's word)."""
+    tok, warmer, mirror = FakeTokenizer(), FakeWarmer(), ListeningMirror(cached=256)
+    p = planner(warmer, tok, mirror, idle=lambda: True, keep_every=10.0)
+    p.keep_warm([HEAD])
+    await asyncio.sleep(0.05)
+    mirror.cached = 0  # gone, unseen: nothing until the next look
+    await asyncio.sleep(0.2)
+    assert warmer.warmed == []
+    mirror.lose(0)
+    for _ in range(100):
+        if warmer.warmed:
+            break
+        await asyncio.sleep(0.01)
+    assert warmer.warmed == [tuple(range(256))]
+    mirror.lose(256)  # an eviction elsewhere: the head is there, nothing is sent
+    await asyncio.sleep(0.1)
+    assert len(warmer.warmed) == 1 and mirror.asked >= 2
+    await p.aclose()
+
+
 async def test_heads_wait_for_an_idle_unpressured_engine_and_a_known_cache():
     busy = planner(idle=lambda: False, keep_every=0.01)
     pressured = planner(idle=lambda: True, pressure=lambda: True, keep_every=0.01)
