@@ -323,16 +323,22 @@ class WarmPlanner:
                 continue
             if not self.idle() or self.pressure():
                 return
+            log.debug("warming head %s: %d tokens, %d cached", key, whole, cached)
+            started = time.monotonic()
             task = asyncio.ensure_future(self._timed(tokens[:whole]))
             self._running[key] = task
             try:
                 computed = await task
             except asyncio.CancelledError:
                 if task.cancelled() and self._keeper is not None and not self._keeper.cancelling():
+                    log.debug("head %s taken over by a request after %.2f s", key,
+                              time.monotonic() - started)
                     continue  # a real request with this head arrived and took over
                 raise
             finally:
                 self._running.pop(key, None)
+            log.debug("head %s warmed in %.2f s (%d tokens computed)", key,
+                      time.monotonic() - started, computed)
             if computed:
                 self._counts["static_sent"] += 1
                 self._counts["static_tokens"] += computed
