@@ -27,11 +27,12 @@ it competes with real decodes and evicts other sessions' blocks (p90 53 s -> 80 
 Static heads (`learn/heads.py`: the system prompt, tools and fixed messages that sessions of
 an agent start with) are kept warm too: every `keep_every` seconds, and at once when the
 mirror sees the cache lose blocks, while the engine is idle and unpressured, each head the
-mirror shows missing (after a restart, a cache reset, or eviction) is rendered by the engine's chat template and warmed, the most shared first, within
-`static_share` of the cache (a head every session starts with is worth more than any one
-session's history, but a cache filled with heads serves nobody). The notes measured this
-case: warming an idle engine before work arrives gave map-reduce 1.48x. A real request that
-starts with a head cancels its warm and takes over from where it got to.
+mirror shows missing (after a restart, a cache reset, or eviction) is rendered by the
+engine's chat template and warmed, the most shared first, within `static_share` of the
+cache (a head every session starts with is worth more than any one session's history, but
+a cache filled with heads serves nobody). The notes measured this case: warming an idle
+engine before work arrives gave map-reduce 1.48x. A real request that starts with a head
+cancels its warm and takes over from where it got to.
 
 Counters: warms sent, tokens warmed, warms hit (the next call reported at least the warmed
 prefix as cached), warms in vain, warms skipped because the engine was busy, because the
