@@ -70,7 +70,7 @@ def eval_tau(train: int = 150, test: int = 50) -> dict:
             t = time.perf_counter()
             learner.observe(ex)
             costs.append(time.perf_counter() - t)
-    right = total = covered_n = 0
+    right = total = 0
     covered = []
     for stream in streams[train:]:
         preds = [learner.observe(ex) for ex in stream]
@@ -84,7 +84,6 @@ def eval_tau(train: int = 150, test: int = 50) -> dict:
             if top is not None and top.prefix:
                 ids = learner.tokenizer.prompt(nxt.messages, None, nxt.tools)
                 covered.append(common_length(top.prefix, ids, 0) / len(ids))
-                covered_n += 1
     system = runs[0]["traj"][0]
     truth = learner.tokenizer.tools(tools) + learner.tokenizer.message(system)
     best = max((p.tokens for p in learner.static_prefixes()), key=lambda p: common_length(p, truth, 0), default=())

@@ -145,6 +145,7 @@ class Admission:
         evict_done: bool = False,
         handoff: bool = True,
         guest_busy_below: float = GUEST_BUSY_BELOW,
+        bound_guests: bool = False,
     ) -> None:
         self.capacity_tokens = capacity_tokens
         self.handoff = handoff
@@ -165,6 +166,9 @@ class Admission:
         self.guest_busy_below = guest_busy_below
         """Guests go in only while the engine's busy share is below this (`GUEST_BUSY_BELOW`;
         1 or more: whenever they fit)."""
+        self.bound_guests = bound_guests
+        """With guests on, a call let go at `max_wait` whose session is not resident goes in
+        as a guest (`_let_go`)."""
         self._guest_calls: dict[int, int] = {}
         """The guests' calls in flight (by ticket id) and their estimated prompt tokens."""
         self._guest_sessions: dict[str, None] = {}
@@ -660,7 +664,7 @@ class Admission:
         while self._waiting:
             overdue = [t for t in self._waiting if now - t.arrived >= self.max_wait]
             if overdue:
-                self._take(overdue[0], "timeout")
+                self._let_go(overdue[0])
                 continue
             heads: dict[str, Ticket] = {}
             for t in self._waiting:  # calls of one group keep their order
@@ -788,6 +792,19 @@ class Admission:
         self._release(g, between_calls=not calling)
         self._aside.aside(g.id)
         self.suspended += 1
+
+    def _let_go(self, t: Ticket) -> None:
+        """A call at the wait bound goes in whatever the cache holds. Let in as a resident
+        session, it stays one, and with the cache full its history evicts those of the
+        sessions that fit, call after call (at 4x pressure on the AVX2 machine, the
+        sessions let go at the bound joined the three resident ones and all thrashed). As a
+        guest (`bound_guests`), its blocks go first once it is answered, and its session's
+        next call waits first in line, as a session under way, until it fits."""
+        if self.bound_guests and self.guests and t.group not in self._groups:
+            self._waiting.remove(t)
+            self._admit_guest(t, "timeout-guest")
+        else:
+            self._take(t, "timeout")
 
     def _take(self, t: Ticket, how: str) -> None:
         self._waiting.remove(t)

@@ -125,6 +125,13 @@ class Settings:
         "from the resident sessions (a guest whose prompt the resident sessions mostly hold "
         "goes in regardless); 1 lets them in whenever they fit."
     )
+    admission_bound_guests: bool = _opt(
+        False, "A call let go at the wait bound (PREHEAT_ADMISSION_MAX_WAIT) whose session is "
+        "not resident goes in as a guest, its blocks evicted first, where guests are on: the "
+        "bound lets the call run without making its session one more resident that the cache "
+        "cannot hold; the session's next call waits first in line, as a session under way. "
+        "Needs admission."
+    )
     admission_evict_done: bool = _opt(
         True, "A session's call that admission expects to be its last (it has made as many "
         "calls as nearly all finished sessions of its agent) asks the engine to evict its "

@@ -132,6 +132,7 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
                 guests=guests, evict_done=settings.admission_evict_done and hints,
                 handoff=settings.admission_handoff,
                 guest_busy_below=settings.admission_guest_busy_below,
+                bound_guests=settings.admission_bound_guests,
             )
             keeper = None
             if OBSERVER in app:

@@ -210,6 +210,3 @@ def templates_of(k: Knowledge, exchange_ids: list[str]) -> dict[str, str]:
 
     return k.read(read, {})
 
-
-def workflow_of_template(k: Knowledge, template_id: str) -> str | None:
-    return k.read(lambda learner: learner.graph.workflow_of(template_id), None)

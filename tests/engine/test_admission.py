@@ -726,6 +726,43 @@ async def test_guests_are_off_unless_asked():
     assert b.how == "timeout" and b.evict_first is None
 
 
+async def test_a_call_let_go_at_the_bound_runs_as_a_guest_and_its_session_waits_first():
+    # Let in as a resident, a session the cache cannot hold would stay one, and its history
+    # would evict the resident session's at every call; as a guest, its blocks go first, and
+    # its next call waits first in line, ahead of a session not begun, until there is room.
+    async def run(bound_guests: bool) -> tuple:
+        adm = make(1000, hold=60, max_wait=0.2, guests=True, guest_busy_below=1.0,
+                   bound_guests=bound_guests)
+        a = ticket(adm, body("A" * 600))
+        await adm.enter(a)
+        b = ticket(adm, body("B" * 600))  # fits neither beside A nor as a guest
+        start = time.monotonic()
+        await asyncio.wait_for(adm.enter(b), 2)
+        assert 0.18 < time.monotonic() - start < 0.6  # the bound holds either way
+        resident = adm.stats().resident_groups
+        adm.leave(b, 10)
+        c = ticket(adm, body("C" * 600))  # a session not begun, waiting first
+        c_in = asyncio.create_task(adm.enter(c))
+        await asyncio.sleep(0.02)
+        b2 = ticket(adm, body("B" * 600, "tool result"))
+        b2_in = asyncio.create_task(adm.enter(b2))
+        await asyncio.sleep(0.02)
+        adm.leave(a, 10)
+        adm._release(adm._groups[a.group])  # A has finished
+        adm._release_ready()
+        done, _ = await asyncio.wait({c_in, b2_in}, timeout=1,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        first = "b" if b2_in in done else "c"
+        for task in (c_in, b2_in):
+            task.cancel()
+        await asyncio.gather(c_in, b2_in, return_exceptions=True)
+        return b.how, b.evict_first, resident, b2.group == b.group, first
+
+    assert await run(True) == ("timeout-guest", 0, 1, True, "b")
+    how, hint, resident, same, _ = await run(False)
+    assert (how, hint, resident, same) == ("timeout", None, 2, True)  # one more resident
+
+
 async def test_every_wait_is_bounded():
     adm = make(100, hold=60, max_wait=0.2)
     a = ticket(adm, body("A" * 90))
