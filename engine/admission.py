@@ -799,7 +799,11 @@ class Admission:
         sessions that fit, call after call (at 4x pressure on the AVX2 machine, the
         sessions let go at the bound joined the three resident ones and all thrashed). As a
         guest (`bound_guests`), its blocks go first once it is answered, and its session's
-        next call waits first in line, as a session under way, until it fits."""
+        next call waits first in line, as a session under way, until it fits. Off by
+        default: on the AVX2 machine it gave the loops at 4x 2.22x and 2.36x of direct
+        against 2.09x and 1.39x, and the mixed workload 1.72x and 2.08x against 2.02x and
+        2.75x, where the dear sessions let go at the bound (reflections, a debate) end the
+        run, and as guests waited again at each call (bench/results/e2e-avx2-bound-guest.md)."""
         if self.bound_guests and self.guests and t.group not in self._groups:
             self._waiting.remove(t)
             self._admit_guest(t, "timeout-guest")
