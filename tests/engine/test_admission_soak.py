@@ -18,7 +18,7 @@ MAX_WAIT = 0.6
 SLACK = 0.35
 """Past `max_wait`: the timer's own delay and the event loop's lag on a busy runner."""
 HOWS = {"resident", "fits", "returned", "waited", "backfill", "spare", "idle", "timeout",
-        "oversize", "guest", "handoff"}
+        "timeout-guest", "oversize", "guest", "handoff"}
 
 
 class Crowd:
@@ -90,7 +90,7 @@ class Crowd:
 async def test_a_crowd_of_agents_with_every_option_on_loses_nothing(seed):
     adm = Admission(CAPACITY, fill=1.25, max_wait=MAX_WAIT, hold=0.05, max_hold=0.5,
                     ordering=True, running=3, order_wait=0.3, suspend=True, guests=True,
-                    evict_done=True)
+                    evict_done=True, bound_guests=True)
     adm.chars_per_token = 1.0
     crowd = Crowd(adm, random.Random(seed))
     start = time.monotonic()
