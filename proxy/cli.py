@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OPTIMISATIONS = ("admission", "admission_suspend", "admission_guests", "admission_evict_done", "admission_handoff", "admission_priority", "ordering", "prompt_cache", "prewarm", "prewarm_static")
+OPT_IN = ("admission_bound_guests",)
+"""Switches off by default: each has a flag that switches it on."""
 
 
 class CliError(Exception):
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in OPTIMISATIONS:  # each optimisation has its switch, to compare them in one run
         serve.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
                            default=None, help=f"switch off (PREHEAT_{name.upper()}=0)")
+    for name in OPT_IN:
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true",
+                           default=None, help=f"switch on (PREHEAT_{name.upper()}=1)")
     serve.set_defaults(func=cmd_serve)
 
     sessions = sub.add_parser("sessions", help="list captured sessions")
@@ -119,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         capture=args.capture,
         admin_token=args.admin_token,
-        **{name: getattr(args, name) for name in OPTIMISATIONS},
+        **{name: getattr(args, name) for name in OPTIMISATIONS + OPT_IN},
     )
     if settings.upstream and settings.model:
         raise CliError("give either --upstream (an existing server) or --model (run vLLM), not both")

@@ -50,3 +50,15 @@ def test_every_optimisation_has_a_flag_that_switches_it_off():
     flags = {n: getattr(untouched, n) for n in cli.OPTIMISATIONS}
     assert flags == dict.fromkeys(cli.OPTIMISATIONS)  # no flag: the environment decides
     assert not cli.Settings.from_env(env, **flags).prewarm_static
+
+
+def test_a_switch_off_by_default_has_a_flag_that_switches_it_on():
+    from proxy import cli
+
+    on = cli.build_parser().parse_args(["serve", "--admission-bound-guests"])
+    assert cli._settings(on, admission_bound_guests=on.admission_bound_guests).admission_bound_guests
+    off = cli.build_parser().parse_args(["serve"])
+    assert off.admission_bound_guests is None  # no flag: the environment decides
+    env = {"PREHEAT_ADMISSION_BOUND_GUESTS": "1"}
+    assert cli.Settings.from_env(env, admission_bound_guests=None).admission_bound_guests
+    assert not cli.Settings.from_env({}, admission_bound_guests=None).admission_bound_guests
