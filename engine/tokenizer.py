@@ -110,6 +110,12 @@ class EngineTokenizer:
 
     async def aclose(self) -> None:
         self._closed = True
+        # A fetch outlives the callers it was shielded from: one still posting when the
+        # client closes could leave its connection behind, unclosed.
+        pending = list(self._inflight.values())
+        for fetch in pending:
+            fetch.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None

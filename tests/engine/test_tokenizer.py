@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import tracemalloc
 
@@ -17,11 +18,14 @@ class FakeTokenize:
     def __init__(self) -> None:
         self.asked = 0
         self.url = ""
+        self.gate: asyncio.Event | None = None  # set: each answer waits until it opens
         self._runner: web.AppRunner | None = None
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.asked += 1
+        if self.gate is not None:
+            await self.gate.wait()
         text = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
         count = int(text.split()[0])
         return web.json_response({"count": count, "tokens": list(range(1000, 1000 + count))})
@@ -38,6 +42,8 @@ class FakeTokenize:
         return self
 
     async def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
         await self._runner.cleanup()
 
 
@@ -97,3 +103,17 @@ async def test_hits_are_the_ids_of_the_miss_and_a_huge_prompt_is_not_kept(engine
         assert engine.asked == 3 and tok.stats().size == 1  # the small one is still there
     finally:
         await tok.aclose()
+
+
+async def test_closing_ends_a_fetch_still_in_flight_and_its_callers_hear_of_it(engine):
+    """A fetch is shielded from its callers (one cancelled must not cancel it for the
+    others), so closing must end it itself: none outlives the client it posts with."""
+    engine.gate = asyncio.Event()
+    tok = EngineTokenizer(engine.url, "m")
+    caller = asyncio.ensure_future(tok.encode_prompt("300 words"))
+    while engine.asked == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(tok.aclose(), 5)
+    assert tok._inflight == {} and tok._client is None
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 5)
