@@ -765,8 +765,8 @@ async def test_a_call_let_go_at_the_bound_runs_as_a_guest_and_its_session_waits_
 
 async def test_a_session_larger_than_a_residents_place_goes_in_at_the_bound_as_a_resident():
     # As a guest it would wait again at each call, for room that comes only as the cache
-    # empties: a session that fits once one resident has gone takes that place as a guest,
-    # one larger than that goes in as a resident.
+    # empties: a session no larger than a resident's place goes as a guest, to take the
+    # place one leaves; one larger than that goes in as a resident.
     adm = make(1000, hold=60, max_wait=0.2, guests=True, guest_busy_below=1.0,
                bound_guests=True)
     for name in "AD":
@@ -774,7 +774,7 @@ async def test_a_session_larger_than_a_residents_place_goes_in_at_the_bound_as_a
     like = ticket(adm, body("E" * 400))  # fits neither beside them nor as a guest
     await asyncio.wait_for(adm.enter(like), 2)
     assert like.how == "timeout-guest" and adm.stats().resident_groups == 2
-    dear = ticket(adm, body("B" * 900))  # over the 600 tokens one of them leaves
+    dear = ticket(adm, body("B" * 900))  # larger than the place either of them holds
     start = time.monotonic()
     await asyncio.wait_for(adm.enter(dear), 2)
     assert 0.18 < time.monotonic() - start < 0.6  # the bound holds either way
