@@ -800,13 +800,13 @@ class Admission:
         sessions let go at the bound joined the three resident ones and all thrashed). As a
         guest (`bound_guests`), its blocks go first once it is answered, and its session's
         next call waits first in line, as a session under way, until it fits: so only where
-        it can take the place one resident session leaves (`_takes_a_place`). One larger
-        than that waits at every call for room that comes only as the cache empties (on the
-        mixed workload, the dear sessions let go at the bound, reflections and a debate,
-        end the run: as guests they waited again at each call, and the switch lost 1.72x
-        and 2.08x of direct against 2.02x and 2.75x, while on the loops at 4x it gave 2.22x
-        and 2.36x against 2.09x and 1.39x: bench/results/e2e-avx2-bound-guest.md); it goes
-        in as a resident. Off by default."""
+        it can take the place a resident session of its agent leaves (`_takes_a_place`).
+        Another waits at every call for room that may come only as the cache empties (on
+        the mixed workload the switch without that rule lost, 1.72x and 2.08x of direct
+        against 2.02x and 2.75x: the dear sessions let go at the bound, reflections and a
+        debate, end the run, and as guests they waited again at each call; on the loops at
+        4x it gave 2.22x and 2.36x against 2.09x and 1.39x,
+        bench/results/e2e-avx2-bound-guest.md): it goes in as a resident. Off by default."""
         if (self.bound_guests and self.guests and t.group not in self._groups
                 and self._takes_a_place(t)):
             self._waiting.remove(t)
@@ -815,19 +815,19 @@ class Admission:
             self._take(t, "timeout")
 
     def _takes_a_place(self, t: Ticket) -> bool:
-        """The session, at all it is expected to grow to, is no larger than the place one
-        resident session holds or is expected to grow to: it can take the place one leaves.
-        (Not that it fits once one has gone, growth reserved: on the loops at 4x the three
-        resident loops reserve past the cache's share, and no call went as a guest.)"""
-        if not self._groups:
-            return True
-        largest = max(max(g.own_tokens, self.expected_footprint(g.kind))
-                      for g in self._groups.values())
+        """A resident session is of the same agent (`kind`), and the session, at all it is
+        expected to grow to, is no larger than the place such a one holds or is expected
+        to grow to: it can take the place one leaves, as the agents of one fleet do. (That it
+        fits once one has gone, growth reserved, is too strict: on the loops at 4x the
+        three resident loops reserve past the cache's share, and no call went as a guest.)"""
+        places = [max(g.own_tokens, self.expected_footprint(g.kind))
+                  for g in self._groups.values() if g.kind == t.kind]
         need = max(self._resident.increment(t), self.expected_footprint(t.kind))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s at the bound needs %d tokens; the largest place of %d resident "
-                      "sessions is %d", t.group, need, len(self._groups), largest)
-        return need <= largest
+            log.debug("%s (kind %s) at the bound needs %d tokens; %d of %d resident sessions "
+                      "are of its kind, the largest place %d", t.group, t.kind[:8], need,
+                      len(places), len(self._groups), max(places, default=0))
+        return bool(places) and need <= max(places)
 
     def _take(self, t: Ticket, how: str) -> None:
         self._waiting.remove(t)

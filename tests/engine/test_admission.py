@@ -730,21 +730,22 @@ async def test_a_call_let_go_at_the_bound_runs_as_a_guest_and_its_session_waits_
     # Let in as a resident, a session the cache cannot hold would stay one, and its history
     # would evict the resident session's at every call; as a guest, its blocks go first, and
     # its next call waits first in line, ahead of a session not begun, until there is room.
+    # (All of one agent, its tools: the place a resident leaves is one a guest can take.)
     async def run(bound_guests: bool) -> tuple:
         adm = make(1000, hold=60, max_wait=0.2, guests=True, guest_busy_below=1.0,
                    bound_guests=bound_guests)
-        a = ticket(adm, body("A" * 600))
+        a = ticket(adm, body("A" * 600, tools=True))
         await adm.enter(a)
-        b = ticket(adm, body("B" * 600))  # fits neither beside A nor as a guest
+        b = ticket(adm, body("B" * 600, tools=True))  # fits neither beside A nor as a guest
         start = time.monotonic()
         await asyncio.wait_for(adm.enter(b), 2)
         assert 0.18 < time.monotonic() - start < 0.6  # the bound holds either way
         resident = adm.stats().resident_groups
         adm.leave(b, 10)
-        c = ticket(adm, body("C" * 600))  # a session not begun, waiting first
+        c = ticket(adm, body("C" * 600, tools=True))  # a session not begun, waiting first
         c_in = asyncio.create_task(adm.enter(c))
         await asyncio.sleep(0.02)
-        b2 = ticket(adm, body("B" * 600, "tool result"))
+        b2 = ticket(adm, body("B" * 600, "tool result", tools=True))
         b2_in = asyncio.create_task(adm.enter(b2))
         await asyncio.sleep(0.02)
         adm.leave(a, 10)
@@ -758,28 +759,29 @@ async def test_a_call_let_go_at_the_bound_runs_as_a_guest_and_its_session_waits_
         await asyncio.gather(c_in, b2_in, return_exceptions=True)
         return b.how, b.evict_first, resident, b2.group == b.group, first
 
-    assert await run(True) == ("timeout-guest", 0, 1, True, "b")
+    how, hint, resident, same, first = await run(True)
+    assert (how, resident, same, first) == ("timeout-guest", 1, True, "b")
+    assert 0 < hint < 100  # all but the tools A holds goes first
     how, hint, resident, same, _ = await run(False)
     assert (how, hint, resident, same) == ("timeout", None, 2, True)  # one more resident
 
 
-async def test_a_session_larger_than_a_residents_place_goes_in_at_the_bound_as_a_resident():
-    # As a guest it would wait again at each call, for room that comes only as the cache
-    # empties: a session no larger than a resident's place goes as a guest, to take the
-    # place one leaves; one larger than that goes in as a resident.
+async def test_at_the_bound_only_a_session_that_can_take_a_residents_place_is_a_guest():
+    # As a guest it would wait again at each call, for room that may come only as the cache
+    # empties: a session of the residents' agent, no larger than one's place, goes as a
+    # guest, to take the place one leaves; a larger one, or another agent's, as a resident.
     adm = make(1000, hold=60, max_wait=0.2, guests=True, guest_busy_below=1.0,
                bound_guests=True)
-    for name in "AD":
-        await adm.enter(ticket(adm, body(name * 400)))
-    like = ticket(adm, body("E" * 400))  # fits neither beside them nor as a guest
-    await asyncio.wait_for(adm.enter(like), 2)
-    assert like.how == "timeout-guest" and adm.stats().resident_groups == 2
-    dear = ticket(adm, body("B" * 900))  # larger than the place either of them holds
-    start = time.monotonic()
-    await asyncio.wait_for(adm.enter(dear), 2)
-    assert 0.18 < time.monotonic() - start < 0.6  # the bound holds either way
-    assert dear.how == "timeout" and dear.evict_first is None
-    assert adm.stats().resident_groups == 3
+    for name in "AD":  # two sessions of one agent (its tools) fill the cache
+        await adm.enter(ticket(adm, body(name * 400, tools=True)))
+    hows = []
+    for name, size, tools in (("E", 400, True), ("B", 900, True), ("F", 400, False)):
+        t = ticket(adm, body(name * size, tools=tools))  # fits neither beside them nor as a guest
+        start = time.monotonic()
+        await asyncio.wait_for(adm.enter(t), 2)
+        assert 0.18 < time.monotonic() - start < 0.6  # the bound holds either way
+        hows.append((t.how, t.evict_first is not None, adm.stats().resident_groups))
+    assert hows == [("timeout-guest", True, 2), ("timeout", False, 3), ("timeout", False, 4)]
 
 
 async def test_every_wait_is_bounded():
